@@ -1,0 +1,510 @@
+//! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
+//!
+//! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (CUSTOM_EXECUTOR.md §2–§6), not
+//! through shortcuts: a per-attempt temporary directory as working directory, stdin from
+//! `/dev/null`, each executable leading its own process group, the fixed variables
+//! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,
+//! `JOB_RESPONSE_FILE`, `TMPDIR`), `job_env` from `config`'s JSON, every job variable as
+//! `CUSTOM_ENV_*`, one fresh `script<random>/script` (0700) per `run` with the stage name as the
+//! last argument, bash scripts shaped like gitlab-runner's, the stage order and failure
+//! branches, and cleanup output kept out of the job log. Output is collected as it arrives, so a
+//! caller can watch the job log while a stage is still running.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// The four executables gitlab-runner is configured with (`config_exec` … `cleanup_exec`).
+#[derive(Debug, Clone)]
+pub struct Executables {
+    /// `config_exec`.
+    pub config: PathBuf,
+    /// `prepare_exec`.
+    pub prepare: PathBuf,
+    /// `run_exec`.
+    pub run: PathBuf,
+    /// `cleanup_exec`.
+    pub cleanup: PathBuf,
+    /// Arguments placed before everything else on every command line (`*_args`).
+    pub args: Vec<String>,
+}
+
+impl Executables {
+    /// The stage binaries installed beside `dir` (as `cargo install` lays them out).
+    pub fn in_dir(dir: &Path) -> Executables {
+        Executables {
+            config: dir.join("config"),
+            prepare: dir.join("prepare"),
+            run: dir.join("run"),
+            cleanup: dir.join("cleanup"),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// A job log that can be read while it is being written.
+#[derive(Clone, Default)]
+pub struct Log {
+    inner: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl Log {
+    /// Appends text.
+    pub fn push(&self, text: &str) {
+        let (m, c) = &*self.inner;
+        m.lock().unwrap_or_else(|e| e.into_inner()).push_str(text);
+        c.notify_all();
+    }
+
+    /// Everything so far.
+    pub fn text(&self) -> String {
+        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the log contains `needle`; false when `timeout` passes first.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let (m, c) = &*self.inner;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if g.contains(needle) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = c.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+/// How one executable ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl Exit {
+    /// True for exit code 0.
+    pub fn success(&self) -> bool {
+        *self == Exit::Code(0)
+    }
+}
+
+/// A job as GitLab hands it to the runner: variables and the stage bodies to run.
+#[derive(Debug, Clone, Default)]
+pub struct Job {
+    /// Job variables; each reaches the driver as `CUSTOM_ENV_<key>`.
+    pub variables: Vec<(String, String)>,
+    /// `(stage name, bash body)` in execution order, as gitlab-runner would generate them;
+    /// see [`Job::standard_stages`].
+    pub stages: Vec<(String, String)>,
+    /// Stage bodies that run only when an earlier user stage failed (`after_script`, …).
+    pub after_script: Option<String>,
+}
+
+impl Job {
+    /// The CI variables gitlab-runner always sets, for a job with these ids.
+    pub fn ci_variables(
+        runner_id: &str,
+        project_id: &str,
+        job_id: &str,
+        builds_dir: &str,
+    ) -> Vec<(String, String)> {
+        let project_dir = format!("{builds_dir}/group/project");
+        [
+            ("CI_RUNNER_ID", runner_id.to_string()),
+            ("CI_RUNNER_SHORT_TOKEN", format!("t{runner_id}short")),
+            ("CI_PROJECT_ID", project_id.to_string()),
+            ("CI_PROJECT_PATH", "group/project".to_string()),
+            ("CI_PROJECT_NAME", "project".to_string()),
+            ("CI_JOB_ID", job_id.to_string()),
+            ("CI_JOB_NAME", "build".to_string()),
+            ("CI_PIPELINE_ID", format!("9{job_id}")),
+            ("CI_CONCURRENT_ID", "0".to_string()),
+            ("CI_CONCURRENT_PROJECT_ID", "0".to_string()),
+            ("CI_BUILDS_DIR", builds_dir.to_string()),
+            ("CI_PROJECT_DIR", project_dir),
+            ("CI_SERVER", "yes".to_string()),
+            ("CI_JOB_STATUS", "running".to_string()),
+            ("CI_JOB_TIMEOUT", "3600".to_string()),
+            ("CI_JOB_TOKEN", "glcbt-64_jobtokenNEVERPRINTED".to_string()),
+            ("CI_SHARED_ENVIRONMENT", "true".to_string()),
+            ("CI_JOB_SERVICES", String::new()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// The stages gitlab-runner runs for a plain job with this `script` body.
+    pub fn standard_stages(project_dir: &str, script: &str) -> Vec<(String, String)> {
+        vec![
+            ("prepare_script".into(), "echo \"Running on $(hostname) via aliyun-spot-executor...\"".into()),
+            (
+                "get_sources".into(),
+                format!("mkdir -p '{project_dir}' && cd '{project_dir}' && echo 'Fetching changes...'"),
+            ),
+            ("build_script".into(), format!("cd '{project_dir}'\n{script}")),
+            ("cleanup_file_variables".into(), format!("rm -rf '{project_dir}.tmp'")),
+        ]
+    }
+}
+
+/// The result of a whole job.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// How `config` ended.
+    pub config: Exit,
+    /// How `prepare` ended (None when config failed).
+    pub prepare: Option<Exit>,
+    /// Each `run` invocation: stage name and how it ended.
+    pub stages: Vec<(String, Exit)>,
+    /// How `cleanup` ended.
+    pub cleanup: Option<Exit>,
+    /// The job log (config's stderr, prepare's and run's output).
+    pub job_log: String,
+    /// The runner's own log (cleanup's output).
+    pub runner_log: String,
+    /// The status left in `BUILD_EXIT_CODE_FILE`, if any.
+    pub build_exit_code: Option<String>,
+    /// The JSON config printed (parsed), when config succeeded.
+    pub config_json: Option<serde_json::Value>,
+}
+
+impl JobOutcome {
+    /// True when every stage and cleanup exited 0.
+    pub fn passed(&self) -> bool {
+        self.config.success()
+            && self.prepare.as_ref().is_some_and(Exit::success)
+            && self.stages.iter().all(|(_, e)| e.success())
+            && self.cleanup.as_ref().is_some_and(Exit::success)
+    }
+}
+
+/// One preparation attempt's world: the temporary directory and the environment.
+pub struct Attempt {
+    exes: Executables,
+    tmp: tempfile::TempDir,
+    base_env: BTreeMap<String, String>,
+    job_env: BTreeMap<String, String>,
+    custom_env: Vec<(String, String)>,
+    /// The job log of this attempt.
+    pub log: Log,
+    /// The runner's own log (cleanup output).
+    pub runner_log: Log,
+}
+
+impl Attempt {
+    /// A new attempt: `mkdtemp("custom-executor")`, `response.json`, the fixed variables.
+    /// `base_env` stands for the runner process's own environment.
+    pub fn new(exes: Executables, base_env: BTreeMap<String, String>, job: &Job) -> Result<Attempt> {
+        let tmp = tempfile::Builder::new()
+            .prefix("custom-executor")
+            .tempdir()
+            .context("failed to create the job's temporary directory")?;
+        let response = serde_json::json!({
+            "id": job.variables.iter().find(|(k, _)| k == "CI_JOB_ID").map(|(_, v)| v.clone()).unwrap_or_default(),
+            "token": "glcbt-64_jobtokenNEVERPRINTED",
+            "variables": job.variables.iter().map(|(k, v)| serde_json::json!({"key": k, "value": v, "public": true})).collect::<Vec<_>>(),
+        });
+        let path = tmp.path().join("response.json");
+        std::fs::write(&path, format!("{response}\n")).context("failed to write `response.json`")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Attempt {
+            exes,
+            tmp,
+            base_env,
+            job_env: BTreeMap::new(),
+            custom_env: job.variables.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())).collect(),
+            log: Log::default(),
+            runner_log: Log::default(),
+        })
+    }
+
+    /// The attempt's temporary directory (the executables' working directory).
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// `BUILD_EXIT_CODE_FILE`'s path.
+    pub fn build_exit_code_file(&self) -> PathBuf {
+        self.tmp.path().join("build_exit_code")
+    }
+
+    /// The environment gitlab-runner gives an executable: inherited, fixed, job_env, CUSTOM_ENV_*.
+    fn env(&self) -> BTreeMap<String, String> {
+        let mut env = self.base_env.clone();
+        let dir = self.tmp.path().display().to_string();
+        env.insert("TMPDIR".into(), dir.clone());
+        env.insert("BUILD_FAILURE_EXIT_CODE".into(), "1".into());
+        env.insert("SYSTEM_FAILURE_EXIT_CODE".into(), "2".into());
+        env.insert("BUILD_EXIT_CODE_FILE".into(), self.build_exit_code_file().display().to_string());
+        env.insert("JOB_RESPONSE_FILE".into(), format!("{dir}/response.json"));
+        env.extend(self.job_env.clone());
+        env.extend(self.custom_env.iter().cloned());
+        env
+    }
+
+    fn command(&self, exe: &Path, extra: &[String]) -> Command {
+        let mut cmd = Command::new(exe);
+        cmd.args(&self.exes.args)
+            .args(extra)
+            .env_clear()
+            .envs(self.env())
+            .current_dir(self.tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        cmd
+    }
+
+    /// Starts an executable whose stdout and stderr both go to `log` as they arrive.
+    pub fn spawn(&self, exe: &Path, extra: &[String], log: &Log) -> Result<Running> {
+        let mut child = self
+            .command(exe, extra)
+            .spawn()
+            .with_context(|| format!("failed to start `{}`", exe.display()))?;
+        let readers = [
+            pump(child.stdout.take().expect("piped stdout"), log.clone()),
+            pump(child.stderr.take().expect("piped stderr"), log.clone()),
+        ];
+        Ok(Running { child, readers: readers.into_iter().collect() })
+    }
+
+    /// `config_exec`: stdout is parsed as JSON, stderr goes to the job log; `job_env` is kept.
+    pub fn config(&mut self) -> Result<(Exit, Option<serde_json::Value>)> {
+        let mut child = self.command(&self.exes.config, &[]).spawn().context("failed to start `config`")?;
+        let mut stdout_pipe = child.stdout.take().expect("piped stdout");
+        let err_reader = pump(child.stderr.take().expect("piped stderr"), self.log.clone());
+        let mut stdout = String::new();
+        stdout_pipe.read_to_string(&mut stdout).context("failed to read `config` stdout")?;
+        let status = child.wait()?;
+        let _ = err_reader.join();
+        let exit = exit_of(status);
+        if !exit.success() || stdout.is_empty() {
+            return Ok((exit, None));
+        }
+        let json: serde_json::Value = match serde_json::from_str(&stdout) {
+            Ok(v) => v,
+            Err(e) => {
+                self.log.push(&format!("error while parsing JSON output: {e}\n"));
+                return Ok((Exit::Code(-1), None));
+            }
+        };
+        if let Some(obj) = json.get("job_env").and_then(|v| v.as_object()) {
+            for (k, v) in obj {
+                self.job_env.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+            }
+        }
+        Ok((exit, Some(json)))
+    }
+
+    /// `prepare_exec`, to completion.
+    pub fn prepare(&self) -> Result<Exit> {
+        self.spawn(&self.exes.prepare, &[], &self.log)?.wait()
+    }
+
+    /// Writes a stage script as gitlab-runner does and starts `run <script> <stage>`.
+    pub fn start_stage(&self, stage: &str, body: &str) -> Result<Running> {
+        let dir = tempfile::Builder::new().prefix("script").tempdir_in(self.tmp.path())?.keep();
+        let script = dir.join("script");
+        std::fs::write(&script, bash_script(body))?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
+        self.spawn(&self.exes.run, &[script.display().to_string(), stage.to_string()], &self.log)
+    }
+
+    /// `run` for one stage, to completion.
+    pub fn run_stage(&self, stage: &str, body: &str) -> Result<Exit> {
+        self.start_stage(stage, body)?.wait()
+    }
+
+    /// `cleanup_exec`, output to the runner log.
+    pub fn cleanup(&self) -> Result<Exit> {
+        self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
+    }
+
+    /// Runs the whole job the way gitlab-runner's `Build.Run` does for one attempt.
+    pub fn run_job(mut self, job: &Job) -> Result<JobOutcome> {
+        let (config, config_json) = self.config()?;
+        let mut outcome = JobOutcome {
+            config: config.clone(),
+            prepare: None,
+            stages: Vec::new(),
+            cleanup: None,
+            job_log: String::new(),
+            runner_log: String::new(),
+            build_exit_code: None,
+            config_json,
+        };
+        if config.success() {
+            let prepare = self.prepare()?;
+            outcome.prepare = Some(prepare.clone());
+            if prepare.success() {
+                let mut failed = false;
+                for (stage, body) in &job.stages {
+                    let is_last = stage == "cleanup_file_variables";
+                    if failed && !is_last {
+                        continue;
+                    }
+                    let exit = self.run_stage(stage, body)?;
+                    let ok = exit.success();
+                    outcome.stages.push((stage.clone(), exit));
+                    if !ok {
+                        failed = true;
+                        if stage == "prepare_script" {
+                            break;
+                        }
+                        if stage == "build_script" || stage.starts_with("step_") {
+                            if let Some(after) = &job.after_script {
+                                let exit = self.run_stage("after_script", after)?;
+                                outcome.stages.push(("after_script".into(), exit));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        outcome.cleanup = Some(self.cleanup()?);
+        outcome.job_log = self.log.text();
+        outcome.runner_log = self.runner_log.text();
+        outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
+        Ok(outcome)
+    }
+}
+
+/// A started executable.
+pub struct Running {
+    child: Child,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Running {
+    /// The process id (also its process group id).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the whole process group, as gitlab-runner's killer does.
+    pub fn signal_group(&self, sig: i32) {
+        // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
+        unsafe {
+            libc::kill(-self.pid(), sig);
+        }
+    }
+
+    /// Waits for exit and for EOF on both pipes (gitlab-runner waits for both).
+    pub fn wait(mut self) -> Result<Exit> {
+        let status = self.child.wait()?;
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Ok(exit_of(status))
+    }
+
+    /// gitlab-runner's kill sequence: SIGTERM to the group, up to `grace`, then SIGKILL.
+    pub fn terminate(mut self, grace: Duration) -> Result<Exit> {
+        self.signal_group(libc::SIGTERM);
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return Ok(exit_of(status));
+            }
+            if Instant::now() >= deadline {
+                self.signal_group(libc::SIGKILL);
+                return self.wait();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn pump(mut r: impl Read + Send + 'static, log: Log) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => log.push(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+}
+
+fn exit_of(status: std::process::ExitStatus) -> Exit {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Exit::Code(c),
+        (None, Some(s)) => Exit::Signal(s),
+        _ => Exit::Code(-1),
+    }
+}
+
+/// A stage script shaped like gitlab-runner 18.11.4's bash output (CUSTOM_EXECUTOR.md §7.1).
+pub fn bash_script(body: &str) -> String {
+    format!(
+        "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",
+        ansi_c_quote(&format!("{body}\n"))
+    )
+}
+
+/// Bash `$'…'` quoting, as gitlab-runner's shell writer does.
+fn ansi_c_quote(s: &str) -> String {
+    let mut out = String::from("$'");
+    for ch in s.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bash_script_round_trips_quotes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, bash_script("echo 'a \\ b' \"$((1+2))\"\necho done")).unwrap();
+        let out = Command::new("bash").arg(&p).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a \\ b 3\ndone\n");
+        std::fs::write(&p, bash_script("false\necho unreachable")).unwrap();
+        let out = Command::new("bash").arg(&p).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty());
+    }
+
+    #[test]
+    fn log_wait_for_sees_text() {
+        let log = Log::default();
+        let l2 = log.clone();
+        let t = thread::spawn(move || l2.push("hello marker\n"));
+        assert!(log.wait_for("marker", Duration::from_secs(10)));
+        t.join().unwrap();
+        assert!(!log.wait_for("absent", Duration::from_millis(10)));
+    }
+}
