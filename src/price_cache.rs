@@ -239,3 +239,184 @@ impl FlockGuard {
         Ok(FlockGuard { _file: file })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selection::{Arch, PricePoint, TypeInfo, ZoneStock};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    fn cat(fetched_at: OffsetDateTime, spot: f64) -> Catalogue {
+        Catalogue {
+            region: "cn-hangzhou".into(),
+            arch: Arch::Amd64,
+            types: vec![TypeInfo {
+                id: "ecs.c7.2xlarge".into(),
+                family: "ecs.c7".into(),
+                cores: 8,
+                memory_gib: 16.0,
+                arch: Arch::Amd64,
+            }],
+            stock: vec![ZoneStock {
+                instance_type: "ecs.c7.2xlarge".into(),
+                zone: "cn-hangzhou-h".into(),
+                available: true,
+            }],
+            prices: vec![PricePoint {
+                instance_type: "ecs.c7.2xlarge".into(),
+                zone: "cn-hangzhou-h".into(),
+                spot,
+                on_demand: Some(5.0),
+                timestamp: fetched_at,
+            }],
+            fetched_at,
+        }
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    const KEY: &str = "cn-hangzhou-amd64-0123456789abcdef";
+
+    #[test]
+    fn miss_then_hit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PriceCache::new(dir.path().join("prices"), Duration::from_secs(300));
+        let first = cache.get_or_fetch(KEY, || Ok(cat(now(), 0.5))).unwrap();
+        let second = cache.get_or_fetch(KEY, || panic!("fresh entry must not be fetched again")).unwrap();
+        assert_eq!(first, second);
+
+        let path = cache.path_for(KEY);
+        assert_eq!(path, dir.path().join("prices").join(format!("{KEY}.json")));
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(cache.dir()).unwrap().permissions().mode() & 0o777, 0o700);
+        let stored: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert_eq!(stored["version"], 1);
+        assert_eq!(stored["key"], KEY);
+        // Other keys are other entries.
+        let other = cache.get_or_fetch("cn-hangzhou-arm64-x", || Ok(cat(now(), 0.7))).unwrap();
+        assert_eq!(other.prices[0].spot, 0.7);
+    }
+
+    #[test]
+    fn stale_and_future_entries_are_refetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PriceCache::new(dir.path(), Duration::from_secs(300));
+        let old = now() - time::Duration::minutes(6);
+        cache.get_or_fetch(KEY, || Ok(cat(old, 0.5))).unwrap();
+        let fetched = AtomicUsize::new(0);
+        let got = cache
+            .get_or_fetch(KEY, || {
+                fetched.fetch_add(1, Ordering::SeqCst);
+                Ok(cat(now() + time::Duration::hours(1), 0.6))
+            })
+            .unwrap();
+        assert_eq!((fetched.load(Ordering::SeqCst), got.prices[0].spot), (1, 0.6));
+        // That entry claims to come from the future: not trusted either.
+        let got = cache.get_or_fetch(KEY, || Ok(cat(now(), 0.7))).unwrap();
+        assert_eq!(got.prices[0].spot, 0.7);
+        let got = cache.get_or_fetch(KEY, || panic!("fresh")).unwrap();
+        assert_eq!(got.prices[0].spot, 0.7);
+    }
+
+    #[test]
+    fn corrupt_wrong_version_and_foreign_key_files_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PriceCache::new(dir.path(), Duration::from_secs(300));
+        let path = cache.path_for(KEY);
+        for junk in [
+            "{not json".to_string(),
+            String::new(),
+            r#"{"version": 1, "key": "cn-hangzhou-amd64-0123456789abcdef"}"#.to_string(),
+            serde_json::json!({"version": 2, "key": KEY, "catalogue": cat(now(), 0.1)}).to_string(),
+            serde_json::json!({"version": 1, "key": "other", "catalogue": cat(now(), 0.1)}).to_string(),
+        ] {
+            fs::write(&path, &junk).unwrap();
+            let got = cache.get_or_fetch(KEY, || Ok(cat(now(), 0.9))).unwrap();
+            assert_eq!(got.prices[0].spot, 0.9, "after {junk}");
+            let stored: CacheFile = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+            assert_eq!((stored.version, stored.key.as_str()), (CACHE_FORMAT_VERSION, KEY));
+        }
+    }
+
+    #[test]
+    fn fetch_errors_are_returned_and_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PriceCache::new(dir.path(), Duration::from_secs(300));
+        let err = cache
+            .get_or_fetch(KEY, || Err(anyhow::anyhow!("ECS `DescribeSpotPriceHistory` failed")))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "ECS `DescribeSpotPriceHistory` failed");
+        assert!(!cache.path_for(KEY).exists());
+    }
+
+    #[test]
+    fn zero_ttl_disables_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = PriceCache::new(dir.path().join("never"), Duration::ZERO);
+        let n = AtomicUsize::new(0);
+        for _ in 0..3 {
+            cache
+                .get_or_fetch(KEY, || {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok(cat(now(), 0.5))
+                })
+                .unwrap();
+        }
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+        assert!(!dir.path().join("never").exists());
+    }
+
+    #[test]
+    fn unusable_directory_falls_back_to_fetching() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        fs::write(&file, "").unwrap();
+        let cache = PriceCache::new(file.join("sub"), Duration::from_secs(300));
+        let got = cache.get_or_fetch(KEY, || Ok(cat(now(), 0.5))).unwrap();
+        assert_eq!(got.prices[0].spot, 0.5);
+    }
+
+    #[test]
+    fn racing_threads_fetch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(PriceCache::new(dir.path(), Duration::from_secs(300)));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(8));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (cache, fetches, barrier) = (cache.clone(), fetches.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    cache
+                        .get_or_fetch(KEY, || {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            // Hold the lock long enough for every other thread to queue on it.
+                            std::thread::sleep(Duration::from_millis(100));
+                            Ok(cat(now(), 0.5))
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<Catalogue> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert!(results.iter().all(|c| *c == results[0]));
+    }
+
+    #[test]
+    fn keys_are_sanitised_and_shape_sensitive() {
+        assert_eq!(sanitize("../etc/passwd"), "_._etc_passwd");
+        assert_eq!(sanitize(""), "_");
+        assert_eq!(sanitize(&"x".repeat(500)).len(), 120);
+        let shape = Shape::defaults(Arch::Arm64);
+        let k = cache_key("cn-hangzhou", "", &shape);
+        assert!(k.starts_with("cn-hangzhou-arm64-") && k.len() == "cn-hangzhou-arm64-".len() + 16, "{k}");
+        assert_eq!(k, cache_key("cn-hangzhou", "", &shape));
+        assert_ne!(k, cache_key("cn-hangzhou", "http://127.0.0.1:9470", &shape));
+        assert_ne!(k, cache_key("cn-hangzhou", "", &Shape { min_cpu: 16, ..shape }));
+        assert_eq!(sanitize(&k), k);
+    }
+}
