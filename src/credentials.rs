@@ -103,7 +103,10 @@ pub fn provider_from_spec(spec: &CredentialSpec) -> anyhow::Result<Arc<dyn Crede
             })));
         }
         (Some(id), _) if !id.trim().is_empty() => {
-            bail!("the AccessKey id `{}` is given without its AccessKey secret: give both, or neither", id.trim())
+            bail!(
+                "the AccessKey id `{}` is given without its AccessKey secret: give both, or neither",
+                id.trim()
+            )
         }
         (_, Some(secret)) if !secret.expose().is_empty() => {
             bail!("an AccessKey secret is given without its AccessKey id: give both, or neither")
@@ -114,7 +117,10 @@ pub fn provider_from_spec(spec: &CredentialSpec) -> anyhow::Result<Arc<dyn Crede
         return provider_from_profile_file(path, spec.profile_name.as_deref(), &spec.metadata_endpoint);
     }
     if spec.use_instance_role || spec.instance_ram_role.is_some() {
-        return Ok(Arc::new(InstanceRoleProvider::new(&spec.metadata_endpoint, spec.instance_ram_role.clone())?));
+        return Ok(Arc::new(InstanceRoleProvider::new(
+            &spec.metadata_endpoint,
+            spec.instance_ram_role.clone(),
+        )?));
     }
     bail!(
         "no Aliyun credentials configured: give an AccessKey pair, an aliyun CLI profile file \
@@ -173,7 +179,12 @@ pub fn provider_from_profile_file(
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read the aliyun profile file `{}`", path.display()))?;
     let doc: Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow!("the aliyun profile file `{}` is not valid JSON (line {}, column {})", path.display(), e.line(), e.column())
+        anyhow!(
+            "the aliyun profile file `{}` is not valid JSON (line {}, column {})",
+            path.display(),
+            e.line(),
+            e.column()
+        )
     })?;
     let wanted = profile_name
         .map(str::to_string)
@@ -184,24 +195,29 @@ pub fn provider_from_profile_file(
         .iter()
         .find(|p| p.get("name").and_then(Value::as_str) == Some(wanted.as_str()))
         .ok_or_else(|| {
-            let names: Vec<&str> = profiles.iter().filter_map(|p| p.get("name").and_then(Value::as_str)).collect();
+            let names: Vec<&str> =
+                profiles.iter().filter_map(|p| p.get("name").and_then(Value::as_str)).collect();
             anyhow!(
                 "the aliyun profile file `{}` has no profile `{wanted}` (it has: {})",
                 path.display(),
-                if names.is_empty() { "none".to_string() } else { names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                }
             )
         })?;
     let field = |k: &str| profile.get(k).and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
     let mode = field("mode").unwrap_or("AK");
     let source = format!("profile `{wanted}` of `{}`", path.display());
     let need = |k: &str| {
-        field(k).ok_or_else(|| {
-            anyhow!("profile `{wanted}` in `{}` (mode `{mode}`) has no `{k}`", path.display())
-        })
+        field(k)
+            .ok_or_else(|| anyhow!("profile `{wanted}` in `{}` (mode `{mode}`) has no `{k}`", path.display()))
     };
     match mode {
         "AK" | "StsToken" => {
-            let security_token = if mode == "StsToken" { Some(Secret::new(need("sts_token")?.to_string())) } else { None };
+            let security_token =
+                if mode == "StsToken" { Some(Secret::new(need("sts_token")?.to_string())) } else { None };
             let creds = Credentials {
                 access_key_id: need("access_key_id")?.to_string(),
                 access_key_secret: Secret::new(need("access_key_secret")?.to_string()),
@@ -251,7 +267,11 @@ impl InstanceRoleProvider {
     }
 
     /// The same over any transport (tests).
-    pub fn with_transport(base: &str, role: Option<String>, transport: Box<dyn Transport>) -> anyhow::Result<Self> {
+    pub fn with_transport(
+        base: &str,
+        role: Option<String>,
+        transport: Box<dyn Transport>,
+    ) -> anyhow::Result<Self> {
         let base = base.trim().trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("metadata endpoint `{base}` is not an http:// URL: use e.g. `{DEFAULT_METADATA_ENDPOINT}`");
@@ -274,10 +294,8 @@ impl InstanceRoleProvider {
     fn get(&self, path: &str, token: &str) -> anyhow::Result<String> {
         let url = format!("{}/latest/meta-data/{path}", self.base);
         let req = HttpRequest::new("GET", url.clone()).header("X-aliyun-ecs-metadata-token", token);
-        let resp = self
-            .transport
-            .send(&req)
-            .map_err(|e| anyhow!("the metadata service did not answer: {e}"))?;
+        let resp =
+            self.transport.send(&req).map_err(|e| anyhow!("the metadata service did not answer: {e}"))?;
         if !(200..300).contains(&resp.status) {
             bail!("the metadata service answered HTTP {} to GET `{url}`", resp.status);
         }
@@ -292,18 +310,19 @@ impl InstanceRoleProvider {
             anyhow!("the metadata service did not answer: {e} (is this runner host an ECS instance?)")
         })?;
         if !(200..300).contains(&resp.status) {
-            bail!("the metadata service answered HTTP {} to PUT `{token_url}` (hardened mode token)", resp.status);
+            bail!(
+                "the metadata service answered HTTP {} to PUT `{token_url}` (hardened mode token)",
+                resp.status
+            );
         }
         let token = Secret::new(resp.body.trim().to_string());
         let role = match &self.role {
             Some(r) => r.clone(),
             None => {
                 let list = self.get("ram/security-credentials/", token.expose())?;
-                list.lines()
-                    .map(str::trim)
-                    .find(|l| !l.is_empty())
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("this ECS instance has no RAM role attached (the metadata service lists none)"))?
+                list.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string).ok_or_else(|| {
+                    anyhow!("this ECS instance has no RAM role attached (the metadata service lists none)")
+                })?
             }
         };
         let body = self.get(&format!("ram/security-credentials/{role}"), token.expose())?;
@@ -315,12 +334,12 @@ impl InstanceRoleProvider {
                 bail!("the metadata service refused credentials for RAM role `{role}`: `Code` is `{code}`");
             }
         }
-        let missing = |k: &str| anyhow!("the metadata service's credentials for RAM role `{role}` have no `{k}`");
+        let missing =
+            |k: &str| anyhow!("the metadata service's credentials for RAM role `{role}` have no `{k}`");
         let expiration = match s("Expiration") {
-            Some(e) => Some(
-                crate::ecs::types::parse_time(&e)
-                    .ok_or_else(|| anyhow!("RAM role `{role}` credentials have an unreadable `Expiration` `{e}`"))?,
-            ),
+            Some(e) => Some(crate::ecs::types::parse_time(&e).ok_or_else(|| {
+                anyhow!("RAM role `{role}` credentials have an unreadable `Expiration` `{e}`")
+            })?),
             None => None,
         };
         Ok(Credentials {
@@ -428,7 +447,8 @@ mod tests {
             provider_from_spec(&spec).err().unwrap().to_string(),
             "the AccessKey id `LTAIonly` is given without its AccessKey secret: give both, or neither"
         );
-        let spec = CredentialSpec { access_key_secret: Some(Secret::new(SECRET.into())), ..Default::default() };
+        let spec =
+            CredentialSpec { access_key_secret: Some(Secret::new(SECRET.into())), ..Default::default() };
         let e = provider_from_spec(&spec).err().unwrap().to_string();
         assert!(!e.contains(SECRET));
         assert_eq!(e, "an AccessKey secret is given without its AccessKey id: give both, or neither");
@@ -449,16 +469,27 @@ mod tests {
         assert_eq!(c.access_key_id, "STS.workKey0002");
         assert_eq!(c.security_token.map(|t| t.expose().clone()), Some(TOKEN.to_string()));
 
-        let spec = CredentialSpec { profile_file: Some(path.clone()), profile_name: Some("default".into()), ..Default::default() };
+        let spec = CredentialSpec {
+            profile_file: Some(path.clone()),
+            profile_name: Some("default".into()),
+            ..Default::default()
+        };
         let p = provider_from_spec(&spec).unwrap();
         let c = p.credentials().unwrap();
         assert_eq!(c.access_key_id, "LTAIdefaultKey0001");
         assert_eq!(c.security_token, None);
         assert_eq!(p.describe(), format!("profile `default` of `{}`", path.display()));
 
-        let spec = CredentialSpec { profile_file: Some(path.clone()), profile_name: Some("ecs".into()), ..Default::default() };
+        let spec = CredentialSpec {
+            profile_file: Some(path.clone()),
+            profile_name: Some("ecs".into()),
+            ..Default::default()
+        };
         let p = provider_from_spec(&spec).unwrap();
-        assert_eq!(p.describe(), "instance RAM role `runner-role` (metadata service `http://100.100.100.200`)");
+        assert_eq!(
+            p.describe(),
+            "instance RAM role `runner-role` (metadata service `http://100.100.100.200`)"
+        );
     }
 
     #[test]
@@ -466,7 +497,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, &profiles());
         let err = |name: &str| {
-            let spec = CredentialSpec { profile_file: Some(path.clone()), profile_name: Some(name.into()), ..Default::default() };
+            let spec = CredentialSpec {
+                profile_file: Some(path.clone()),
+                profile_name: Some(name.into()),
+                ..Default::default()
+            };
             let e = provider_from_spec(&spec).err().unwrap();
             let s = format!("{e:#}");
             assert!(!s.contains(SECRET));
@@ -477,7 +512,10 @@ mod tests {
             err("arn"),
             format!("profile `arn` in `{p}` uses mode `RamRoleArn`, which is not supported: use a profile with mode `AK`, `StsToken` or `EcsRamRole`, or give an AccessKey pair")
         );
-        assert_eq!(err("broken"), format!("profile `broken` in `{p}` (mode `AK`) has no `access_key_secret`"));
+        assert_eq!(
+            err("broken"),
+            format!("profile `broken` in `{p}` (mode `AK`) has no `access_key_secret`")
+        );
         assert_eq!(
             err("nope"),
             format!("the aliyun profile file `{p}` has no profile `nope` (it has: `default`, `work`, `arn`, `ecs`, `broken`)")
@@ -485,13 +523,19 @@ mod tests {
         let missing = dir.path().join("missing.json");
         let spec = CredentialSpec { profile_file: Some(missing.clone()), ..Default::default() };
         let e = format!("{:#}", provider_from_spec(&spec).err().unwrap());
-        assert!(e.starts_with(&format!("failed to read the aliyun profile file `{}`: ", missing.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("failed to read the aliyun profile file `{}`: ", missing.display())),
+            "{e}"
+        );
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, format!("{{\"x\": \"{SECRET}\" oops")).unwrap();
         let spec = CredentialSpec { profile_file: Some(bad.clone()), ..Default::default() };
         let e = format!("{:#}", provider_from_spec(&spec).err().unwrap());
         assert!(!e.contains(SECRET));
-        assert!(e.starts_with(&format!("the aliyun profile file `{}` is not valid JSON", bad.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("the aliyun profile file `{}` is not valid JSON", bad.display())),
+            "{e}"
+        );
     }
 
     /// A scripted metadata service: records requests, answers by method and path.
@@ -505,7 +549,10 @@ mod tests {
         fn send(&self, req: &HttpRequest) -> Result<HttpResponse, TransportError> {
             self.calls.lock().unwrap().push(req.clone());
             if self.fail.load(Ordering::SeqCst) {
-                return Err(TransportError { message: format!("{} `{}`: connection refused", req.method, req.url), retriable: true });
+                return Err(TransportError {
+                    message: format!("{} `{}`: connection refused", req.method, req.url),
+                    retriable: true,
+                });
             }
             let path = req.url.trim_start_matches("http://meta.test");
             let ok = |body: String| Ok(HttpResponse { status: 200, body });
@@ -548,7 +595,8 @@ mod tests {
         assert_eq!(c.access_key_id, "STS.roleKey0003");
         assert_eq!(c.security_token.as_ref().unwrap().expose(), TOKEN);
         assert_eq!(c.expiration, Some(datetime!(2025-01-01 06:00 UTC)));
-        let seen: Vec<String> = meta.calls.lock().unwrap().iter().map(|r| format!("{} {}", r.method, r.url)).collect();
+        let seen: Vec<String> =
+            meta.calls.lock().unwrap().iter().map(|r| format!("{} {}", r.method, r.url)).collect();
         assert_eq!(
             seen,
             vec![
@@ -585,11 +633,18 @@ mod tests {
     #[test]
     fn configured_role_skips_discovery() {
         let meta = fake();
-        let p = InstanceRoleProvider::with_transport("http://meta.test", Some("runner-role".into()), Box::new(meta.clone())).unwrap();
+        let p = InstanceRoleProvider::with_transport(
+            "http://meta.test",
+            Some("runner-role".into()),
+            Box::new(meta.clone()),
+        )
+        .unwrap();
         p.credentials().unwrap();
         let urls: Vec<String> = meta.calls.lock().unwrap().iter().map(|r| r.url.clone()).collect();
         assert!(!urls.iter().any(|u| u.ends_with("security-credentials/")), "{urls:?}");
-        let p = InstanceRoleProvider::with_transport("http://meta.test", Some("other".into()), Box::new(meta)).unwrap();
+        let p =
+            InstanceRoleProvider::with_transport("http://meta.test", Some("other".into()), Box::new(meta))
+                .unwrap();
         let e = format!("{:#}", p.credentials().unwrap_err());
         assert!(e.ends_with("the metadata service answered HTTP 404 to GET `http://meta.test/latest/meta-data/ram/security-credentials/other`"), "{e}");
     }

@@ -110,7 +110,11 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
     let is = |c: &str| code == c;
     if starts("Throttling") {
         ErrorKind::Throttled
-    } else if is("ServiceUnavailable") || is("InternalError") || is("UnknownError") || starts("InternalError.") {
+    } else if is("ServiceUnavailable")
+        || is("InternalError")
+        || is("UnknownError")
+        || starts("InternalError.")
+    {
         ErrorKind::ServerError
     } else if code.ends_with("NoStock")
         || code.ends_with("NoSpotStock")
@@ -132,7 +136,8 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
         ErrorKind::Auth
     } else if starts("Forbidden") || is("NoPermission") || starts("NoPermission.") {
         ErrorKind::Permission
-    } else if starts("QuotaExceed") || is("Account.Arrearage") || is("InvalidAccountStatus.NotEnoughBalance") {
+    } else if starts("QuotaExceed") || is("Account.Arrearage") || is("InvalidAccountStatus.NotEnoughBalance")
+    {
         ErrorKind::Quota
     } else if is("InvalidInstanceId.NotFound") {
         ErrorKind::NotFound
@@ -297,7 +302,10 @@ mod tests {
         assert!(e.is_retriable());
         let e = decode_error("DescribeZones", 429, "", &[]);
         assert_eq!(e.kind(), ErrorKind::Throttled);
-        assert_eq!(e.to_string(), "ECS `DescribeZones` failed: HTTP 429: empty answer (HTTP 429, no RequestId)");
+        assert_eq!(
+            e.to_string(),
+            "ECS `DescribeZones` failed: HTTP 429: empty answer (HTTP 429, no RequestId)"
+        );
     }
 
     #[test]
@@ -307,7 +315,8 @@ mod tests {
             "Specified signature is not matched with our calculation. server string to sign is:POST&%2F&SecurityToken%3D{}",
             crate::ecs::sign::percent_encode(&crate::ecs::sign::percent_encode(token))
         );
-        let body = serde_json::json!({"RequestId": "R1", "Code": "SignatureDoesNotMatch", "Message": msg}).to_string();
+        let body = serde_json::json!({"RequestId": "R1", "Code": "SignatureDoesNotMatch", "Message": msg})
+            .to_string();
         let e = decode_error("DescribeRegions", 400, &body, &[token]);
         assert_eq!(
             e.to_string(),
@@ -320,7 +329,10 @@ mod tests {
         let secret = "s3cr3t/Value+x";
         let body = serde_json::json!({"RequestId": "R", "Code": "InvalidParameter", "Message": format!("bad {secret}\nand {}", crate::ecs::sign::percent_encode(secret))}).to_string();
         let e = decode_error("RunInstances", 400, &body, &[secret]);
-        assert_eq!(e.to_string(), "ECS `RunInstances` failed: InvalidParameter: bad REDACTED and REDACTED (RequestId: R)");
+        assert_eq!(
+            e.to_string(),
+            "ECS `RunInstances` failed: InvalidParameter: bad REDACTED and REDACTED (RequestId: R)"
+        );
         assert_eq!(e.kind(), ErrorKind::Parameter);
     }
 
@@ -372,7 +384,11 @@ mod tests {
 
     #[test]
     fn transport_errors_carry_their_retriability() {
-        let e = EcsError::Transport { action: "DescribeRegions".into(), message: "timed out".into(), retriable: true };
+        let e = EcsError::Transport {
+            action: "DescribeRegions".into(),
+            message: "timed out".into(),
+            retriable: true,
+        };
         assert!(e.is_retriable());
         assert_eq!(e.kind(), ErrorKind::Transport);
         assert_eq!(e.to_string(), "ECS `DescribeRegions` failed: timed out");

@@ -15,8 +15,8 @@ pub mod transport;
 pub mod types;
 
 pub use client::{
-    resolve_endpoint, run_instances_params, signed_params, validate_region_id, ClientConfig, EcsClient, RequestStamp,
-    SystemStamp, API_VERSION,
+    resolve_endpoint, run_instances_params, signed_params, validate_region_id, ClientConfig, EcsClient,
+    RequestStamp, SystemStamp, API_VERSION,
 };
 pub use error::{classify, EcsError, ErrorKind};
 pub use retry::{Backoff, Clock, FakeClock, RetryPolicy, SystemClock};

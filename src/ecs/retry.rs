@@ -142,7 +142,10 @@ impl Default for RetryPolicy {
         RetryPolicy {
             max_attempts: 6,
             max_elapsed: Duration::from_secs(60),
-            backoff: Backoff::ExponentialJitter { base: Duration::from_millis(200), max: Duration::from_secs(5) },
+            backoff: Backoff::ExponentialJitter {
+                base: Duration::from_millis(200),
+                max: Duration::from_secs(5),
+            },
             clock: Arc::new(SystemClock),
         }
     }
@@ -156,7 +159,12 @@ impl RetryPolicy {
 
     /// For tests: `max_attempts` attempts, fixed sleeps of `delay` on `clock`.
     pub fn fixed(max_attempts: u32, delay: Duration, clock: Arc<dyn Clock>) -> Self {
-        RetryPolicy { max_attempts, max_elapsed: Duration::from_secs(3600), backoff: Backoff::Fixed(delay), clock }
+        RetryPolicy {
+            max_attempts,
+            max_elapsed: Duration::from_secs(3600),
+            backoff: Backoff::Fixed(delay),
+            clock,
+        }
     }
 
     /// The sleep before retry number `retry` (1-based).
@@ -177,7 +185,11 @@ impl RetryPolicy {
 
     /// Runs `op` (given the 1-based attempt number) until it succeeds, fails fatally, or the
     /// policy's attempt or time budget is spent; returns the last error then.
-    pub fn run<T>(&self, action: &str, mut op: impl FnMut(u32) -> Result<T, EcsError>) -> Result<T, EcsError> {
+    pub fn run<T>(
+        &self,
+        action: &str,
+        mut op: impl FnMut(u32) -> Result<T, EcsError>,
+    ) -> Result<T, EcsError> {
         let start = self.clock.now();
         let max_attempts = self.max_attempts.max(1);
         let mut attempt = 1;
@@ -208,10 +220,9 @@ impl RetryPolicy {
 /// The code and `RequestId` (or the transport message) of a retriable error, for the log.
 fn describe_for_log(err: &EcsError) -> String {
     match err {
-        EcsError::Api { code, request_id, http_status, .. } => format!(
-            "{code}, HTTP {http_status}, RequestId: {}",
-            request_id.as_deref().unwrap_or("none")
-        ),
+        EcsError::Api { code, request_id, http_status, .. } => {
+            format!("{code}, HTTP {http_status}, RequestId: {}", request_id.as_deref().unwrap_or("none"))
+        }
         other => other.to_string(),
     }
 }
@@ -295,7 +306,10 @@ mod tests {
     #[test]
     fn jittered_sleeps_stay_under_the_exponential_bound_and_the_cap() {
         let p = RetryPolicy {
-            backoff: Backoff::ExponentialJitter { base: Duration::from_millis(200), max: Duration::from_secs(1) },
+            backoff: Backoff::ExponentialJitter {
+                base: Duration::from_millis(200),
+                max: Duration::from_secs(1),
+            },
             ..RetryPolicy::default()
         };
         for retry in 1..=12 {

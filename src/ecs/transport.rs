@@ -125,9 +125,7 @@ impl Transport for UreqTransport {
 /// endpoint) and TLS errors will not.
 fn map_transport_error(method: &str, url: &str, t: &ureq::Transport) -> TransportError {
     use ureq::ErrorKind as K;
-    let io_kind = std::error::Error::source(t)
-        .and_then(|s| s.downcast_ref::<io::Error>())
-        .map(|e| e.kind());
+    let io_kind = std::error::Error::source(t).and_then(|s| s.downcast_ref::<io::Error>()).map(|e| e.kind());
     let retriable = match t.kind() {
         K::ConnectionFailed => true,
         K::Io => io_kind.is_none_or(is_retriable_io),

@@ -684,7 +684,9 @@ mod tests {
         let r = flatten_available_resource(&v);
         assert_eq!(r.len(), 3);
         assert_eq!(
-            r.iter().map(|z| (z.zone_id.as_str(), z.instance_type.as_str(), z.is_available())).collect::<Vec<_>>(),
+            r.iter()
+                .map(|z| (z.zone_id.as_str(), z.instance_type.as_str(), z.is_available()))
+                .collect::<Vec<_>>(),
             vec![
                 ("cn-hangzhou-b", "ecs.c7.large", true),
                 ("cn-hangzhou-b", "ecs.c7.xlarge", false),
@@ -701,7 +703,10 @@ mod tests {
         assert_eq!(p.spot_price, 0.05);
         assert_eq!(p.origin_price, Some(0.4));
         let t = parse_instance_type(&json!({"InstanceTypeId": "ecs.c8y.2xlarge", "CpuCoreCount": 8, "MemorySize": 16.0, "CpuArchitecture": "ARM"})).unwrap();
-        assert_eq!((t.family.as_str(), t.cores, t.memory_gib, t.arch.as_str(), t.gpu_amount), ("ecs.c8y", 8, 16.0, "ARM", 0));
+        assert_eq!(
+            (t.family.as_str(), t.cores, t.memory_gib, t.arch.as_str(), t.gpu_amount),
+            ("ecs.c8y", 8, 16.0, "ARM", 0)
+        );
     }
 
     #[test]
