@@ -356,7 +356,8 @@ impl EcsClient {
             .opt("MaximumCpuCoreCount", f.max_cores.map(|x| x.to_string()))
             .opt("MinimumMemorySize", f.min_memory_gib.map(format_number))
             .opt("MaximumMemorySize", f.max_memory_gib.map(format_number))
-            .set("MaxResults", "1600");
+            // At most 100 since November 2023 (Aliyun's `DescribeInstanceTypes` usage notes).
+            .set("MaxResults", "100");
         for (i, t) in f.instance_types.iter().enumerate() {
             base.set(&format!("InstanceTypes.{}", i + 1), t.clone());
         }
@@ -816,6 +817,12 @@ mod tests {
     }
 
     #[test]
+    fn client_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<EcsClient>();
+    }
+
+    #[test]
     fn requests_are_signed_posts_with_the_common_parameters() {
         let (c, seen) = client_with(
             vec![Ok(ok(json!({"Regions": {"Region": [{"RegionId": "cn-hangzhou", "LocalName": "华东1"}]}})))],
@@ -1157,6 +1164,8 @@ mod tests {
         assert_eq!(fs[0]["CpuArchitecture"], "ARM");
         assert_eq!(fs[0]["MinimumCpuCoreCount"], "8");
         assert_eq!(fs[0]["MaximumMemorySize"], "64");
+        assert_eq!(fs[0]["MaxResults"], "100");
+        assert_eq!(fs[1]["NextToken"], "t2");
     }
 
     #[test]
