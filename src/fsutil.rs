@@ -39,9 +39,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
             .with_context(|| format!("failed to set the mode of `{}`", tmp_path.display()))?;
         file.sync_all().with_context(|| format!("failed to sync `{}`", tmp_path.display()))?;
         drop(file);
-        fs::rename(&tmp_path, path).with_context(|| {
-            format!("failed to rename `{}` to `{}`", tmp_path.display(), path.display())
-        })?;
+        fs::rename(&tmp_path, path)
+            .with_context(|| format!("failed to rename `{}` to `{}`", tmp_path.display(), path.display()))?;
         Ok(())
     })();
     if result.is_err() {

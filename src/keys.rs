@@ -36,10 +36,8 @@ pub fn generate_ed25519(comment: &str) -> Result<KeyPair> {
     let private = key
         .to_openssh(LineEnding::LF)
         .map_err(|e| anyhow!("failed to encode an ed25519 private key: {e}"))?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .map_err(|e| anyhow!("failed to encode an ed25519 public key: {e}"))?;
+    let public =
+        key.public_key().to_openssh().map_err(|e| anyhow!("failed to encode an ed25519 public key: {e}"))?;
     Ok(KeyPair { private_openssh: Secret::new(private.to_string()), public_openssh: public })
 }
 
@@ -79,7 +77,8 @@ pub fn public_from_private(private_openssh: &Secret<String>) -> Result<String> {
 /// (nobody can type a passphrase in a CI stage) and anything that is not a PEM private key.
 /// The error never contains key material.
 pub fn load_private_key_file(path: &Path) -> Result<Secret<String>> {
-    let meta = fs::metadata(path).with_context(|| format!("failed to read private key `{}`", path.display()))?;
+    let meta =
+        fs::metadata(path).with_context(|| format!("failed to read private key `{}`", path.display()))?;
     if !meta.is_file() {
         bail!("private key `{}` is not a regular file", path.display());
     }
@@ -99,10 +98,7 @@ pub fn load_private_key_file(path: &Path) -> Result<Secret<String>> {
         let key = PrivateKey::from_openssh(trimmed.as_bytes())
             .map_err(|_| anyhow!("private key `{}` is not a valid OpenSSH private key", path.display()))?;
         if key.is_encrypted() {
-            bail!(
-                "private key `{}` is protected by a passphrase; use a key without one",
-                path.display()
-            );
+            bail!("private key `{}` is protected by a passphrase; use a key without one", path.display());
         }
     } else if !(trimmed.starts_with("-----BEGIN ") && trimmed.contains("PRIVATE KEY-----")) {
         bail!("`{}` does not hold a PEM or OpenSSH private key", path.display());

@@ -371,8 +371,10 @@ fn sh_quote(s: &str) -> String {
 fn upload(c: &Connection, script: &[u8]) -> Result<String, SshError> {
     let command = "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/aliyun-spot.XXXXXXXXXX\") && \
                    cat > \"$d/script\" && chmod 700 \"$d/script\" && printf '%s\\n' \"$d\"";
-    let (status, out, err) = exec_blocking(c, command, script)
-        .map_err(|e| SshError::Lost { addr: c.addr.clone(), message: format!("uploading the script: {e}") })?;
+    let (status, out, err) = exec_blocking(c, command, script).map_err(|e| SshError::Lost {
+        addr: c.addr.clone(),
+        message: format!("uploading the script: {e}"),
+    })?;
     let dir = out.trim();
     if status != 0 || !dir.starts_with('/') || dir.contains(['\n', '\'']) {
         return Err(SshError::Io {
@@ -433,13 +435,19 @@ fn wait_socket(c: &Connection, timeout: Duration) {
 }
 
 /// Copies what one stream has ready to `sink` (flushed); true when something was copied.
-fn pump(stream: &mut ssh2::Stream, sink: &mut dyn Write, buf: &mut [u8], addr: &str) -> Result<bool, SshError> {
+fn pump(
+    stream: &mut ssh2::Stream,
+    sink: &mut dyn Write,
+    buf: &mut [u8],
+    addr: &str,
+) -> Result<bool, SshError> {
     match stream.read(buf) {
         Ok(0) => Ok(false),
         Ok(n) => {
-            sink.write_all(&buf[..n])
-                .and_then(|()| sink.flush())
-                .map_err(|e| SshError::Io { addr: addr.to_string(), message: format!("writing output: {e}") })?;
+            sink.write_all(&buf[..n]).and_then(|()| sink.flush()).map_err(|e| SshError::Io {
+                addr: addr.to_string(),
+                message: format!("writing output: {e}"),
+            })?;
             Ok(true)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -465,7 +473,10 @@ pub fn run_script(
 ) -> Result<RunOutcome, SshError> {
     let c = connect(t, t.connect_timeout)?;
     let addr = c.addr.clone();
-    let lost = |what: &str, e: &ssh2::Error| SshError::Lost { addr: addr.clone(), message: format!("{what}: {}", msg(e)) };
+    let lost = |what: &str, e: &ssh2::Error| SshError::Lost {
+        addr: addr.clone(),
+        message: format!("{what}: {}", msg(e)),
+    };
     // Blocking steps after the handshake may take longer than a connect (a large script).
     c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
     c.session.set_keepalive(true, KEEPALIVE_SECS);
@@ -585,7 +596,10 @@ mod tests {
         let n = SshError::NotReady {
             addr: "127.0.0.9:22".into(),
             waited: Duration::from_millis(120_400),
-            last: Box::new(SshError::Connect { addr: "127.0.0.9:22".into(), message: "Connection refused".into() }),
+            last: Box::new(SshError::Connect {
+                addr: "127.0.0.9:22".into(),
+                message: "Connection refused".into(),
+            }),
         };
         assert_eq!(
             n.to_string(),

@@ -144,9 +144,11 @@ impl StateStore {
     /// `<root>/<runner>/<project>-<job>`, each component sanitised so that no job variable can
     /// escape the root or collide with another job.
     pub fn job_dir(&self, key: &JobKey) -> PathBuf {
-        self.root
-            .join(sanitize(&key.runner_id))
-            .join(format!("{}-{}", sanitize(&key.project_id), sanitize(&key.job_id)))
+        self.root.join(sanitize(&key.runner_id)).join(format!(
+            "{}-{}",
+            sanitize(&key.project_id),
+            sanitize(&key.job_id)
+        ))
     }
 
     /// The state file path of a job.
@@ -326,8 +328,8 @@ mod tests {
             ip: Some("127.0.3.4".into()),
             ssh_port: 22,
             ssh_user: "root".into(),
-            host_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOpKOENaBPHgx95EGK6IKMUf3e5bRLygfN5TbJx2rGjj h"
-                .into(),
+            host_public_key:
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOpKOENaBPHgx95EGK6IKMUf3e5bRLygfN5TbJx2rGjj h".into(),
             created_at: time::macros::datetime!(2025-01-02 03:04:05 UTC),
             ready_at: Some(time::macros::datetime!(2025-01-02 03:05:00 UTC)),
             released_at: None,

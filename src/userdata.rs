@@ -338,9 +338,12 @@ mod tests {
             Yaml::Seq(items)
         } else {
             let mut entries = Vec::new();
-            while *i < lines.len() && indent_of(&lines[*i]) == indent && !lines[*i][indent..].starts_with("- ")
+            while *i < lines.len()
+                && indent_of(&lines[*i]) == indent
+                && !lines[*i][indent..].starts_with("- ")
             {
-                let (key, rest) = split_key(&lines[*i][indent..]).unwrap_or_else(|| panic!("{:?}", lines[*i]));
+                let (key, rest) =
+                    split_key(&lines[*i][indent..]).unwrap_or_else(|| panic!("{:?}", lines[*i]));
                 *i += 1;
                 let value = if rest.is_empty() {
                     let child = indent_of(&lines[*i]);
@@ -441,7 +444,8 @@ mod tests {
         };
         let client = KeyPair {
             private_openssh: Secret::new(String::new()),
-            public_openssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient aliyun-spot-executor job 1".to_string(),
+            public_openssh: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient aliyun-spot-executor job 1"
+                .to_string(),
         };
         (host, client)
     }
@@ -480,7 +484,10 @@ mod tests {
                 owner: Some("root:root".into()),
                 content: "#!/bin/sh\necho hi\n".into(),
             }],
-            runcmd: vec![RunCmd::Shell("systemctl start w".into()), RunCmd::Argv(vec!["a".into(), "b c".into()])],
+            runcmd: vec![
+                RunCmd::Shell("systemctl start w".into()),
+                RunCmd::Argv(vec!["a".into(), "b c".into()]),
+            ],
             ..Default::default()
         };
         assert_eq!(
@@ -529,7 +536,10 @@ mod tests {
                     content: c.to_string(),
                 })
                 .collect(),
-            runcmd: vec![RunCmd::Shell("echo \"$(date)\" > /tmp/x # c".into()), RunCmd::Argv(vec!["- a".into()])],
+            runcmd: vec![
+                RunCmd::Shell("echo \"$(date)\" > /tmp/x # c".into()),
+                RunCmd::Argv(vec!["- a".into()]),
+            ],
         };
         let ud = cfg.render().unwrap();
         let doc = parse(ud.text.expose());
@@ -564,12 +574,15 @@ mod tests {
             ..Default::default()
         };
         let err = big.render().unwrap_err().to_string();
-        let text_len = "#cloud-config\nwrite_files:\n  - path: /big\n    permissions: \"0600\"\n    content: |\n"
-            .len()
-            + 13_000 * "      x\n".len();
+        let text_len =
+            "#cloud-config\nwrite_files:\n  - path: /big\n    permissions: \"0600\"\n    content: |\n".len()
+                + 13_000 * "      x\n".len();
         assert_eq!(
             err,
-            format!("user data is {} bytes after base64, over the ECS limit of 32768", text_len.div_ceil(3) * 4)
+            format!(
+                "user data is {} bytes after base64, over the ECS limit of 32768",
+                text_len.div_ceil(3) * 4
+            )
         );
         let bad_mode = CloudConfig {
             write_files: vec![WriteFile {
@@ -585,7 +598,10 @@ mod tests {
             "write_files permissions `rwx` for `/f` are not an octal mode like 0700"
         );
         let two_lines = CloudConfig { authorized_keys: vec!["a\nb".into()], ..Default::default() };
-        assert_eq!(two_lines.render().unwrap_err().to_string(), "an authorized key must be one non-empty line");
+        assert_eq!(
+            two_lines.render().unwrap_err().to_string(),
+            "an authorized key must be one non-empty line"
+        );
     }
 
     #[test]

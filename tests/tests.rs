@@ -1,1 +1,3 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
+
+mod ssh;
