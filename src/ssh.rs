@@ -498,6 +498,21 @@ pub fn run_script(
     let mut give_up_at: Option<Instant> = None;
 
     let result = loop {
+        // Checked first on every turn, so a script that floods output can still be cancelled.
+        if killer.is_none() && cancel.load(Ordering::SeqCst) {
+            log::debug!("cancelling the script on {addr}");
+            let (t2, dir2) = (t.clone(), dir.clone());
+            killer = Some(thread::spawn(move || kill_remote(&t2, &dir2)));
+            give_up_at = Some(
+                Instant::now()
+                    + t.connect_timeout
+                    + Duration::from_millis(u64::from(CANCEL_GRACE_TENTHS) * 100)
+                    + Duration::from_secs(10),
+            );
+        }
+        if give_up_at.is_some_and(|g| Instant::now() >= g) {
+            break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
+        }
         let progressed = match pump(&mut out_stream, stdout, &mut buf, &addr)
             .and_then(|a| Ok(pump(&mut err_stream, stderr, &mut buf, &addr)? | a))
         {
@@ -520,20 +535,6 @@ pub fn run_script(
                 Err(e) if is_eagain(&e) => {}
                 Err(e) => break Err(lost("waiting for the exit status", &e)),
             }
-        }
-        if killer.is_none() && cancel.load(Ordering::SeqCst) {
-            log::debug!("cancelling the script on {addr}");
-            let (t2, dir2) = (t.clone(), dir.clone());
-            killer = Some(thread::spawn(move || kill_remote(&t2, &dir2)));
-            give_up_at = Some(
-                Instant::now()
-                    + t.connect_timeout
-                    + Duration::from_millis(u64::from(CANCEL_GRACE_TENTHS) * 100)
-                    + Duration::from_secs(10),
-            );
-        }
-        if give_up_at.is_some_and(|g| Instant::now() >= g) {
-            break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
         }
         match c.session.keepalive_send() {
             Ok(_) => {}

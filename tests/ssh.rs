@@ -437,16 +437,24 @@ fn cancel_kills_the_remote_process_group() {
 fn sshd_dying_mid_script_is_lost() {
     let sshd = SshdSetup::new().start();
     let pid = sshd.child.id();
-    let mut out = Tap::new().on("started\n", move || kill_tree(pid));
+    // The script names its upload directory on stderr first; everything is SIGKILLed, so
+    // nobody else removes it.
     let mut err = Tap::new();
+    let mut out = Tap::new().on("started\n", move || kill_tree(pid));
     let r = run_script(
         &sshd.target(),
-        b"echo started\nsleep 60\necho end\n",
+        b"dirname \"$0\" >&2\nsleep 0.2\necho started\nsleep 60\necho end\n",
         "bash",
         &mut out,
         &mut err,
         &AtomicBool::new(false),
     );
+    let upload_dir = PathBuf::from(err.text().trim());
+    if upload_dir.starts_with("/tmp")
+        && upload_dir.file_name().is_some_and(|n| n.to_string_lossy().starts_with("aliyun-spot."))
+    {
+        let _ = fs::remove_dir_all(&upload_dir);
+    }
     match r {
         Err(e @ SshError::Lost { .. }) => {
             let prefix = format!("SSH connection to {} was lost: ", sshd.target().addr());
@@ -469,4 +477,45 @@ fn private_key_is_never_in_errors() {
     assert!(matches!(e, SshError::Auth { .. }), "{e}");
     assert!(!e.to_string().contains("xx") && !format!("{e:?}").contains("BEGIN"), "{e}");
     assert!(!format!("{t:?}").contains("BEGIN"));
+}
+
+/// Counts bytes and raises the cancel flag once a megabyte has arrived.
+struct FloodSink {
+    seen: usize,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Write for FloodSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.seen += buf.len();
+        if self.seen > 1 << 20 {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn cancel_works_while_output_floods() {
+    let sshd = SshdSetup::new().start();
+    let word = format!("flood-{}", rand::random::<u32>());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut out = FloodSink { seen: 0, cancel: Arc::clone(&cancel) };
+    let mut err = Tap::new();
+    let script = format!("yes {word}\n");
+    let r = run_script(&sshd.target(), script.as_bytes(), "bash", &mut out, &mut err, &cancel).unwrap();
+    let left = live_processes(&["yes", &word]);
+    for p in &left {
+        // SAFETY: plain syscall; do not leave them behind if the assertion below fails.
+        unsafe {
+            libc::kill(*p as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    assert_eq!(left, Vec::<u32>::new(), "remote processes survived the cancel");
+    assert_eq!(r, RunOutcome { exit_status: Some(143), signal: None, cancelled: true });
+    assert!(out.seen > 1 << 20);
 }
