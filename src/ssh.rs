@@ -1,1 +1,625 @@
-//! (in progress)
+//! The SSH session to a job's instance: readiness for `prepare`, one stage script for `run`.
+//!
+//! Why this is more than "ssh host script":
+//! - **The host key is pinned.** The driver generated the instance's host key itself (see
+//!   [`crate::keys`]), so the key the server presents must be exactly that one; anything else is
+//!   [`SshError::HostKeyMismatch`] with both fingerprints. There is no "accept anything" mode
+//!   (the reference custom executor's biggest weakness).
+//! - **The script never travels on the job's stdin.** It is uploaded first into a private
+//!   `mktemp -d` directory over its own channel, then run as `<interpreter> <file> </dev/null`,
+//!   so a job step that reads stdin sees EOF instead of the rest of its own script.
+//! - **Output streams live.** The session is non-blocking; stdout and stderr are polled together
+//!   and every chunk is written and flushed to the job log as it arrives.
+//! - **Cancel stops the remote work.** The script runs under `setsid` in its own process group
+//!   whose id is recorded next to it; on cancel (SIGTERM from gitlab-runner sets a flag) a
+//!   second connection sends TERM to the whole group, then KILL after a short grace.
+//! - **A dead peer is noticed.** SSH keepalives plus TCP keepalive and `TCP_USER_TIMEOUT` turn a
+//!   vanished instance (e.g. a reclaimed spot instance) into [`SshError::Lost`] rather than a
+//!   hang.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ssh2::{BlockDirections, ErrorCode, MethodType, Session};
+
+use crate::keys::{fingerprint_sha256, fingerprint_sha256_of_blob, public_key_blob};
+use crate::secret::Secret;
+
+/// Seconds between SSH keepalives while a script runs.
+const KEEPALIVE_SECS: u32 = 10;
+/// Unacknowledged data older than this kills the TCP connection (`TCP_USER_TIMEOUT`).
+const TCP_USER_TIMEOUT_MS: u32 = 30_000;
+/// How long the remote process group gets between TERM and KILL on cancel.
+const CANCEL_GRACE_TENTHS: u32 = 50;
+/// Consecutive host-key or authentication failures tolerated while sshd may still be starting.
+const STRICT_FAILURES_TOLERATED: u32 = 3;
+/// Longest pause between readiness attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+// libssh2 error codes (libssh2.h); ssh2 does not re-export its `-sys` crate.
+const LIBSSH2_ERROR_FILE: i32 = -16;
+const LIBSSH2_ERROR_AUTHENTICATION_FAILED: i32 = -18;
+const LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED: i32 = -19;
+const LIBSSH2_ERROR_METHOD_NOT_SUPPORTED: i32 = -33;
+const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+
+/// Where and how to reach a job's instance.
+#[derive(Debug, Clone)]
+pub struct SshTarget {
+    /// IP address or host name.
+    pub host: String,
+    /// TCP port, normally 22.
+    pub port: u16,
+    /// Login user, normally `root`.
+    pub user: String,
+    /// The client private key (OpenSSH or PEM).
+    pub private_key: Secret<String>,
+    /// The pinned host public key, OpenSSH format (`ssh-ed25519 AAAA... comment`).
+    pub host_key: String,
+    /// Bound on one TCP connect, and on each blocking step of the handshake.
+    pub connect_timeout: Duration,
+}
+
+impl SshTarget {
+    /// `host:port`, with brackets around an IPv6 address.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What went wrong talking to an instance; callers branch on the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// The TCP connection could not be made (refused, timed out, unreachable).
+    #[error("cannot connect to {addr}: {message}")]
+    Connect {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The SSH protocol handshake failed (often: sshd still starting).
+    #[error("SSH handshake with {addr} failed: {message}")]
+    Handshake {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The server presented a different host key than the pinned one.
+    #[error("host key of {addr} does not match the pinned key: expected {expected}, got {got}")]
+    HostKeyMismatch {
+        /// `host:port`.
+        addr: String,
+        /// SHA256 fingerprint of the pinned key.
+        expected: String,
+        /// SHA256 fingerprint of the key the server presented.
+        got: String,
+    },
+    /// The server refused the client key.
+    #[error("SSH authentication as `{user}` on {addr} failed: {message}")]
+    Auth {
+        /// `host:port`.
+        addr: String,
+        /// Login user.
+        user: String,
+        /// Why.
+        message: String,
+    },
+    /// The connection broke after it was established (no exit status was received).
+    #[error("SSH connection to {addr} was lost: {message}")]
+    Lost {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// Anything else: a local writer failed, the remote helper commands failed.
+    #[error("SSH session with {addr} failed: {message}")]
+    Io {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// The target itself is unusable (the pinned host key does not parse).
+    #[error("invalid SSH target {addr}: {message}")]
+    Config {
+        /// `host:port`.
+        addr: String,
+        /// Why.
+        message: String,
+    },
+    /// [`wait_until_ready`] ran out of time; `last` is the last attempt's error.
+    #[error("SSH on {addr} was not ready after {}s: {last}", waited.as_secs())]
+    NotReady {
+        /// `host:port`.
+        addr: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The last attempt's error.
+        last: Box<SshError>,
+    },
+}
+
+impl SshError {
+    /// True for failures that may go away when sshd finishes starting.
+    fn is_transient(&self) -> bool {
+        matches!(self, SshError::Connect { .. } | SshError::Handshake { .. } | SshError::Lost { .. })
+    }
+}
+
+/// How a script run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// The script's exit status (for a script killed by signal N the shell reports 128+N).
+    pub exit_status: Option<i32>,
+    /// The signal that killed the remote command itself, if the server reported one.
+    pub signal: Option<String>,
+    /// The run was cancelled through the `cancel` flag and the remote process group killed.
+    pub cancelled: bool,
+}
+
+/// An authenticated session plus the descriptor needed to poll it.
+struct Connection {
+    session: Session,
+    fd: RawFd,
+    addr: String,
+}
+
+fn msg(e: &ssh2::Error) -> String {
+    let m = e.message().trim();
+    if m.is_empty() {
+        format!("libssh2 error {}", e.code())
+    } else {
+        m.to_string()
+    }
+}
+
+fn is_eagain(e: &ssh2::Error) -> bool {
+    e.code() == ErrorCode::Session(LIBSSH2_ERROR_EAGAIN)
+}
+
+fn is_auth_error(e: &ssh2::Error) -> bool {
+    matches!(
+        e.code(),
+        ErrorCode::Session(
+            LIBSSH2_ERROR_AUTHENTICATION_FAILED
+                | LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED
+                | LIBSSH2_ERROR_FILE
+                | LIBSSH2_ERROR_METHOD_NOT_SUPPORTED
+        )
+    )
+}
+
+/// Best-effort TCP keepalive and user timeout, so a silent peer fails the socket.
+fn tune_socket(fd: RawFd) {
+    fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `value`.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 15);
+    set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS as libc::c_int);
+    set(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+}
+
+/// Connects, checks the pinned host key and authenticates (blocking, bounded by `timeout`).
+fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
+    let addr = t.addr();
+    let pinned = public_key_blob(&t.host_key)
+        .map_err(|e| SshError::Config { addr: addr.clone(), message: format!("pinned host key: {e}") })?;
+    let algorithm = t.host_key.split_whitespace().next().unwrap_or("ssh-ed25519").to_string();
+    let timeout = timeout.max(Duration::from_millis(100));
+
+    let sockaddrs: Vec<SocketAddr> = (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|e| SshError::Connect { addr: addr.clone(), message: e.to_string() })?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    let mut tcp = None;
+    for sa in &sockaddrs {
+        match TcpStream::connect_timeout(sa, timeout) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = e,
+        }
+    }
+    let tcp = tcp.ok_or_else(|| SshError::Connect { addr: addr.clone(), message: last.to_string() })?;
+    let fd = tcp.as_raw_fd();
+    tune_socket(fd);
+
+    let handshake_err = |e: ssh2::Error| SshError::Handshake { addr: addr.clone(), message: msg(&e) };
+    let mut session = Session::new().map_err(handshake_err)?;
+    session.set_timeout(timeout.as_millis().min(u32::MAX as u128) as u32);
+    session.set_tcp_stream(tcp);
+    session.method_pref(MethodType::HostKey, &algorithm).map_err(handshake_err)?;
+    session.handshake().map_err(handshake_err)?;
+
+    let got = match session.host_key() {
+        Some((blob, _)) => blob.to_vec(),
+        None => {
+            return Err(SshError::Handshake { addr, message: "the server presented no host key".into() });
+        }
+    };
+    if got != pinned {
+        return Err(SshError::HostKeyMismatch {
+            expected: fingerprint_sha256(&t.host_key).unwrap_or_else(|_| fingerprint_sha256_of_blob(&pinned)),
+            got: fingerprint_sha256_of_blob(&got),
+            addr,
+        });
+    }
+
+    if let Err(e) = session.userauth_pubkey_memory(&t.user, None, t.private_key.expose(), None) {
+        let message = msg(&e);
+        return Err(if is_auth_error(&e) {
+            SshError::Auth { addr, user: t.user.clone(), message }
+        } else {
+            SshError::Handshake { addr, message }
+        });
+    }
+    if !session.authenticated() {
+        return Err(SshError::Auth { addr, user: t.user.clone(), message: "not authenticated".into() });
+    }
+    Ok(Connection { session, fd, addr })
+}
+
+/// Runs `command` to completion on a blocking session; returns (exit status, stdout, stderr).
+fn exec_blocking(c: &Connection, command: &str, stdin: &[u8]) -> Result<(i32, String, String), String> {
+    let ssh = |e: ssh2::Error| msg(&e);
+    let io = |e: io::Error| e.to_string();
+    let mut ch = c.session.channel_session().map_err(ssh)?;
+    ch.exec(command).map_err(ssh)?;
+    if !stdin.is_empty() {
+        ch.write_all(stdin).map_err(io)?;
+    }
+    ch.send_eof().map_err(ssh)?;
+    let mut out = String::new();
+    let mut err = String::new();
+    // Small outputs only: read stdout to EOF, then stderr.
+    ch.read_to_string(&mut out).map_err(io)?;
+    ch.stderr().read_to_string(&mut err).map_err(io)?;
+    ch.wait_close().map_err(ssh)?;
+    Ok((ch.exit_status().map_err(ssh)?, out, err))
+}
+
+fn attempt_ready(t: &SshTarget, timeout: Duration) -> Result<(), SshError> {
+    let c = connect(t, timeout)?;
+    let lost = |message: String| SshError::Lost { addr: c.addr.clone(), message };
+    let (status, _, stderr) = exec_blocking(&c, "true", b"").map_err(lost)?;
+    if status != 0 {
+        return Err(SshError::Io {
+            addr: c.addr.clone(),
+            message: format!("`true` exited with status {status}: {}", stderr.trim()),
+        });
+    }
+    let _ = c.session.disconnect(None, "ready", None);
+    Ok(())
+}
+
+/// Retries connect + host-key check + authentication + `true` until it works or `deadline`.
+///
+/// Connection refused, timeouts and handshake resets are retried with backoff (250 ms doubling
+/// to 5 s). A host-key mismatch or an authentication failure is retried only a few times in a
+/// row (sshd may still be installing the keys from cloud-config), then returned as is. When
+/// the deadline passes, [`SshError::NotReady`] carries the last attempt's error.
+/// `on_attempt(elapsed)` is called before every attempt, so `prepare` can print progress.
+pub fn wait_until_ready(
+    t: &SshTarget,
+    deadline: Instant,
+    on_attempt: &mut dyn FnMut(Duration),
+) -> Result<(), SshError> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(250);
+    let mut strict_failures = 0;
+    loop {
+        on_attempt(start.elapsed());
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let err = match attempt_ready(t, t.connect_timeout.min(remaining)) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        log::debug!("ssh readiness attempt on {} failed: {err}", t.addr());
+        if matches!(err, SshError::Config { .. }) {
+            return Err(err);
+        }
+        if err.is_transient() {
+            strict_failures = 0;
+        } else {
+            strict_failures += 1;
+            if strict_failures >= STRICT_FAILURES_TOLERATED {
+                return Err(err);
+            }
+        }
+        let now = Instant::now();
+        if now + backoff >= deadline {
+            return Err(SshError::NotReady { addr: t.addr(), waited: start.elapsed(), last: Box::new(err) });
+        }
+        // Up to 20% jitter so many jobs started together do not knock in step.
+        let jitter = backoff.mul_f64(rand::random::<f64>() * 0.2);
+        thread::sleep(backoff + jitter);
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Uploads the script into a fresh private directory; returns the directory.
+fn upload(c: &Connection, script: &[u8]) -> Result<String, SshError> {
+    let command = "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/aliyun-spot.XXXXXXXXXX\") && \
+                   cat > \"$d/script\" && chmod 700 \"$d/script\" && printf '%s\\n' \"$d\"";
+    let (status, out, err) = exec_blocking(c, command, script).map_err(|e| SshError::Lost {
+        addr: c.addr.clone(),
+        message: format!("uploading the script: {e}"),
+    })?;
+    let dir = out.trim();
+    if status != 0 || !dir.starts_with('/') || dir.contains(['\n', '\'']) {
+        return Err(SshError::Io {
+            addr: c.addr.clone(),
+            message: format!("uploading the script failed (status {status}): {}", err.trim()),
+        });
+    }
+    Ok(dir.to_string())
+}
+
+/// The command that runs the uploaded script in its own session and process group.
+///
+/// `setsid -w` makes the script a session (and process group) leader; it writes its own pid —
+/// the group id — to `pgid` before `exec`ing the interpreter, so a canceller can signal the
+/// whole group. The wrapper waits, removes the directory and exits with the script's status.
+fn wrapper_command(dir: &str, interpreter: &str) -> String {
+    format!(
+        "d={d}; setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
+         wait $!; rc=$?; rm -rf \"$d\"; exit $rc",
+        d = sh_quote(dir),
+        i = sh_quote(interpreter)
+    )
+}
+
+/// The command that terminates the script's process group: TERM, then KILL after the grace.
+fn kill_command(dir: &str) -> String {
+    format!(
+        "d={d}; i=0; while [ ! -s \"$d/pgid\" ]; do [ -d \"$d\" ] || exit 0; [ $i -ge 50 ] && exit 0; \
+         sleep 0.1; i=$((i+1)); done; p=$(cat \"$d/pgid\") || exit 0; \
+         kill -TERM -- -\"$p\" 2>/dev/null || exit 0; i=0; \
+         while [ $i -lt {grace} ]; do kill -0 -- -\"$p\" 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; \
+         kill -KILL -- -\"$p\" 2>/dev/null; exit 0",
+        d = sh_quote(dir),
+        grace = CANCEL_GRACE_TENTHS
+    )
+}
+
+fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    exec_blocking(&c, &kill_command(dir), b"")
+        .map_err(|message| SshError::Lost { addr: c.addr.clone(), message })?;
+    let _ = c.session.disconnect(None, "cancelled", None);
+    Ok(())
+}
+
+/// Waits until the socket is ready in the direction libssh2 needs, for at most `timeout`.
+fn wait_socket(c: &Connection, timeout: Duration) {
+    let events = match c.session.block_directions() {
+        BlockDirections::Outbound => libc::POLLOUT,
+        BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
+        BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
+    };
+    let mut pfd = libc::pollfd { fd: c.fd, events, revents: 0 };
+    // SAFETY: one valid pollfd; poll only writes its `revents`.
+    unsafe {
+        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+    }
+}
+
+/// Copies what one stream has ready to `sink` (flushed); true when something was copied.
+fn pump(
+    stream: &mut ssh2::Stream,
+    sink: &mut dyn Write,
+    buf: &mut [u8],
+    addr: &str,
+) -> Result<bool, SshError> {
+    match stream.read(buf) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            sink.write_all(&buf[..n]).and_then(|()| sink.flush()).map_err(|e| SshError::Io {
+                addr: addr.to_string(),
+                message: format!("writing output: {e}"),
+            })?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(SshError::Lost { addr: addr.to_string(), message: format!("reading output: {e}") }),
+    }
+}
+
+/// Runs one stage script on the instance and streams its output.
+///
+/// The script is uploaded to a private temporary directory (never fed to the job's stdin), run
+/// as `<interpreter> <file> </dev/null` in its own process group, and its stdout and stderr are
+/// copied to `stdout` / `stderr` as they arrive, flushing after every chunk. When `cancel`
+/// becomes true the remote process group is sent TERM and, after a short grace, KILL; the
+/// outcome then has `cancelled: true`. A connection that breaks before the exit status arrives
+/// is [`SshError::Lost`].
+pub fn run_script(
+    t: &SshTarget,
+    script: &[u8],
+    interpreter: &str,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    cancel: &AtomicBool,
+) -> Result<RunOutcome, SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    let addr = c.addr.clone();
+    let lost = |what: &str, e: &ssh2::Error| SshError::Lost {
+        addr: addr.clone(),
+        message: format!("{what}: {}", msg(e)),
+    };
+    // Blocking steps after the handshake may take longer than a connect (a large script).
+    c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
+    c.session.set_keepalive(true, KEEPALIVE_SECS);
+
+    let dir = upload(&c, script)?;
+    if cancel.load(Ordering::SeqCst) {
+        let _ = exec_blocking(&c, &format!("rm -rf {}", sh_quote(&dir)), b"");
+        return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
+    }
+    let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
+    ch.exec(&wrapper_command(&dir, interpreter)).map_err(|e| lost("starting the script", &e))?;
+    ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
+
+    c.session.set_blocking(false);
+    let mut out_stream = ch.stream(0);
+    let mut err_stream = ch.stderr();
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut killer: Option<thread::JoinHandle<Result<(), SshError>>> = None;
+    let mut give_up_at: Option<Instant> = None;
+
+    let result = loop {
+        // Checked first on every turn, so a script that floods output can still be cancelled.
+        if killer.is_none() && cancel.load(Ordering::SeqCst) {
+            log::debug!("cancelling the script on {addr}");
+            let (t2, dir2) = (t.clone(), dir.clone());
+            killer = Some(thread::spawn(move || kill_remote(&t2, &dir2)));
+            give_up_at = Some(
+                Instant::now()
+                    + t.connect_timeout
+                    + Duration::from_millis(u64::from(CANCEL_GRACE_TENTHS) * 100)
+                    + Duration::from_secs(10),
+            );
+        }
+        if give_up_at.is_some_and(|g| Instant::now() >= g) {
+            break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
+        }
+        let progressed = match pump(&mut out_stream, stdout, &mut buf, &addr)
+            .and_then(|a| Ok(pump(&mut err_stream, stderr, &mut buf, &addr)? | a))
+        {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
+        if progressed {
+            continue;
+        }
+        if ch.eof() {
+            match ch.wait_close() {
+                Ok(()) => {
+                    let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
+                    let exit_status = match &signal {
+                        Some(_) => None,
+                        None => ch.exit_status().ok(),
+                    };
+                    break Ok(RunOutcome { exit_status, signal, cancelled: killer.is_some() });
+                }
+                Err(e) if is_eagain(&e) => {}
+                Err(e) => break Err(lost("waiting for the exit status", &e)),
+            }
+        }
+        match c.session.keepalive_send() {
+            Ok(_) => {}
+            Err(e) if is_eagain(&e) => {}
+            Err(e) => break Err(lost("sending a keepalive", &e)),
+        }
+        wait_socket(&c, Duration::from_millis(100));
+    };
+
+    if let Some(k) = killer {
+        match k.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("stopping the remote script failed: {e}"),
+            Err(_) => log::warn!("stopping the remote script failed"),
+        }
+    }
+    if result.is_ok() {
+        c.session.set_blocking(true);
+        c.session.set_timeout(2000);
+        let _ = c.session.disconnect(None, "done", None);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes() {
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+        assert_eq!(sh_quote("/tmp/x y"), "'/tmp/x y'");
+    }
+
+    #[test]
+    fn addr_brackets_ipv6() {
+        let t = SshTarget {
+            host: "::1".into(),
+            port: 2222,
+            user: "root".into(),
+            private_key: Secret::new(String::new()),
+            host_key: String::new(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(t.addr(), "[::1]:2222");
+        assert_eq!(SshTarget { host: "127.0.0.9".into(), ..t }.addr(), "127.0.0.9:2222");
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_the_address() {
+        let e = SshError::HostKeyMismatch {
+            addr: "127.0.0.9:22".into(),
+            expected: "SHA256:aaa".into(),
+            got: "SHA256:bbb".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "host key of 127.0.0.9:22 does not match the pinned key: expected SHA256:aaa, got SHA256:bbb"
+        );
+        let n = SshError::NotReady {
+            addr: "127.0.0.9:22".into(),
+            waited: Duration::from_millis(120_400),
+            last: Box::new(SshError::Connect {
+                addr: "127.0.0.9:22".into(),
+                message: "Connection refused".into(),
+            }),
+        };
+        assert_eq!(
+            n.to_string(),
+            "SSH on 127.0.0.9:22 was not ready after 120s: cannot connect to 127.0.0.9:22: Connection refused"
+        );
+    }
+
+    #[test]
+    fn invalid_pinned_key_is_a_config_error() {
+        let t = SshTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            user: "root".into(),
+            private_key: Secret::new(String::new()),
+            host_key: "not a key".into(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let err = wait_until_ready(&t, Instant::now() + Duration::from_secs(5), &mut |_| {}).unwrap_err();
+        assert!(matches!(err, SshError::Config { .. }), "{err}");
+        assert!(err.to_string().starts_with("invalid SSH target 127.0.0.1:1: pinned host key: "), "{err}");
+    }
+}

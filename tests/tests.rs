@@ -1,2 +1,4 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
+
 mod ecs_client;
+mod ssh;
