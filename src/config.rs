@@ -447,12 +447,12 @@ fn parse_raw(text: &str, path: Option<&Path>) -> anyhow::Result<RawConfig> {
         if let Some(rest) = msg.strip_prefix("unknown field ") {
             let (name, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
             let table = match key.rsplit_once('.') {
-                Some((t, _)) => format!("table `[{t}]`"),
-                None => "the top level".to_string(),
+                Some((t, _)) => format!("in table `[{t}]`"),
+                None => "at the top level".to_string(),
             };
             let expected = if expected.is_empty() { String::new() } else { format!("; expected {expected}") };
             anyhow!(
-                "invalid configuration file `{shown}`{at}: unknown key {name} in {table}{expected} \
+                "invalid configuration file `{shown}`{at}: unknown key {name} {table}{expected} \
                  (see docs/configuration.md)"
             )
         } else if key.is_empty() || key == "." {

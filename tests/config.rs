@@ -73,7 +73,7 @@ fn unknown_key_names_the_key_and_its_table() {
     );
     assert_eq!(
         err("regionid = \"cn-hangzhou\"\n", &no_env()),
-        "invalid configuration file `/etc/spot.toml` at line 1: unknown key `regionid` in the top level; expected \
+        "invalid configuration file `/etc/spot.toml` at line 1: unknown key `regionid` at the top level; expected \
          one of `aliyun`, `credentials`, `network`, `images`, `instance`, `shape`, `spot`, `ssh`, `job_overrides`, \
          `safety`, `paths`, `runner`, `timeouts` (see docs/configuration.md)"
     );
