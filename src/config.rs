@@ -1666,7 +1666,6 @@ impl<'a> Validator<'a> {
     }
 
     fn safety(&self, raw: RawSafety, instance: &InstanceConfig) -> anyhow::Result<Safety> {
-        let _ = instance;
         let max_lifetime = raw.max_lifetime.map(|d| d.0).unwrap_or(Duration::from_secs(3 * 3600));
         if max_lifetime < MIN_LIFETIME {
             return Err(self.err(
