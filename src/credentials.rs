@@ -76,6 +76,13 @@ pub struct CredentialSpec {
     pub metadata_endpoint: String,
 }
 
+impl CredentialSpec {
+    /// Whether any source of credentials is configured.
+    pub fn is_configured(&self) -> bool {
+        self.access_key_id.is_some() || self.profile_file.is_some() || self.use_instance_role
+    }
+}
+
 impl Default for CredentialSpec {
     fn default() -> Self {
         CredentialSpec {

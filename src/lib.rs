@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Module map:
-//! - [`config`] and [`env`]: the TOML file, the administrator's environment and the job's
+//! - [`config`] and [`env`](mod@env): the TOML file, the administrator's environment and the job's
 //!   `CUSTOM_ENV_*` overrides, validated once into typed values.
 //! - [`ecs`]: the ECS RPC client (signing, transport, typed errors, retry, actions) and
 //!   [`credentials`]: the AccessKey / profile / instance RAM role chain.

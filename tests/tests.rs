@@ -1,4 +1,5 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
 
+mod config;
 mod ecs_client;
 mod ssh;

@@ -1,6 +1,6 @@
 //! gitlab-runner's `config_exec`.
 fn main() {
-    let codes = aliyun_spot_executor::exit::ExitCodes::from_vars(|k| std::env::var(k).ok());
+    let codes = aliyun_spot_executor::env::Env::from_process().exit_codes();
     let result = Err(aliyun_spot_executor::exit::StageError::system(
         "the `config` stage is not implemented yet in this build; use a released version",
     ));
