@@ -1,1 +1,2 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
+mod emulator;

@@ -411,7 +411,7 @@ impl Core {
     }
 
     /// Issues (or reuses) STS credentials of `role` for `subject` (an instance id or the host).
-    pub fn issue_sts(&self, subject: &str, role: &str, ttl: Duration) -> StsCredentials {
+    pub fn issue_sts(&self, subject: &str, role: &str, ttl: Duration, reuse: bool) -> StsCredentials {
         let mut st = lock(&self.state);
         let t = now();
         st.sts.retain(|c| c.expiration > t - time::Duration::hours(1));
@@ -419,6 +419,7 @@ impl Core {
             .sts
             .iter()
             .rev()
+            .filter(|_| reuse)
             .find(|c| c.subject == subject && c.role == role && c.expiration - t > (c.expiration - c.issued) / 2)
         {
             return StsCredentials {

@@ -284,7 +284,7 @@ impl Emulator {
     /// Issues STS credentials for `role` as the metadata service would, with a chosen lifetime
     /// (tests of expiry).
     pub fn issue_sts_credentials(&self, role: &str, ttl: Duration) -> StsCredentials {
-        self.core.issue_sts("runner-host", role, ttl)
+        self.core.issue_sts("runner-host", role, ttl, false)
     }
 
     /// Deletes every instance, stops every sshd and the HTTP server.

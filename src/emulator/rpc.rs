@@ -704,7 +704,7 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
         let (ip, port) = core
             .allocate_ip()
             .map_err(|e| ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}")))?;
-        let id = format!("i-bp1{}", random_alnum(17));
+        let id = format!("i-bp1{}", random_alnum(15));
         let t = now();
         let mut inst = Instance {
             id: id.clone(),
@@ -1038,7 +1038,7 @@ fn create_key_pair(core: &Core, p: &Params) -> ApiResult {
     Ok(json!({
         "KeyPairName": name,
         "KeyPairFingerPrint": fp,
-        "KeyPairId": format!("kp-bp1{}", random_alnum(17)),
+        "KeyPairId": format!("kp-bp1{}", random_alnum(15)),
         "PrivateKeyBody": private.as_str(),
     }))
 }

@@ -380,7 +380,7 @@ fn metadata(core: &Core, method: &str, subject: Subject, sub: &str, headers: &BT
                         Subject::Host => "runner-host".to_string(),
                         Subject::Instance(id) => id.clone(),
                     };
-                    let c = core.issue_sts(&subject_key, asked, STS_TTL);
+                    let c = core.issue_sts(&subject_key, asked, STS_TTL, true);
                     return Reply::json(
                         200,
                         &json!({
