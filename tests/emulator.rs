@@ -79,8 +79,10 @@ impl Api {
         p.insert("Signature".into(), sig);
         let pairs: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let res = if method == "GET" {
-            let q: Vec<String> =
-                p.iter().map(|(k, v)| format!("{}={}", sign::percent_encode(k), sign::percent_encode(v))).collect();
+            let q: Vec<String> = p
+                .iter()
+                .map(|(k, v)| format!("{}={}", sign::percent_encode(k), sign::percent_encode(v)))
+                .collect();
             ureq::get(&format!("{}/?{}", self.endpoint, q.join("&"))).call()
         } else {
             ureq::post(&format!("{}/", self.endpoint)).send_form(&pairs)
@@ -305,7 +307,9 @@ fn aliyun_python_sdk_works_against_the_emulator() {
     // string to sign equals its own; the log shows what the server answered.
     let log = emu.requests();
     assert!(log.iter().any(|r| r.status == 400 && r.code.as_deref() == Some("SignatureDoesNotMatch")));
-    assert!(log.iter().any(|r| r.method == "POST" && r.action.as_deref() == Some("RunInstances") && r.status == 200));
+    assert!(log
+        .iter()
+        .any(|r| r.method == "POST" && r.action.as_deref() == Some("RunInstances") && r.status == 200));
     let dump = serde_json::to_string(&log).unwrap();
     assert!(!dump.contains(DEFAULT_ACCESS_KEY_SECRET), "the request log leaks the secret");
     assert!(!dump.contains("I2Nsb3Vk"), "the request log leaks UserData");
@@ -368,7 +372,8 @@ fn no_sshd_outlives_the_emulator() {
     let b = run(&api, "ecs.c8y.2xlarge", "cn-hangzhou-k", &[]);
     let (_, pa) = wait_sshd(&emu, &a);
     let (_, pb) = wait_sshd(&emu, &b);
-    assert_eq!(processes_mentioning(dir.path()).len(), 2);
+    let before = processes_mentioning(dir.path());
+    assert!(before.contains(&pa) && before.contains(&pb), "{before:?}");
     drop(emu);
     assert!(!process_alive(pa) && !process_alive(pb));
     assert_eq!(processes_mentioning(dir.path()), Vec::<i32>::new());
@@ -485,15 +490,40 @@ fn run_instances_validates_like_aliyun() {
         p
     };
     api.err("RunInstances", &with(&[("DryRun", "true")]), 400, "DryRunOperation");
-    api.err("RunInstances", &with(&[("SpotPriceLimit", "0.001")]), 400, "InvalidSpotPriceLimit.LowerThanPublicPrice");
-    api.err("RunInstances", &with(&[("InstanceType", "ecs.nope")]), 400, "InvalidInstanceType.ValueNotSupported");
-    api.err("RunInstances", &with(&[("VSwitchId", "vsw-bp1emulatorzoneb")]), 400, "InvalidVSwitchId.Mismatch");
+    api.err(
+        "RunInstances",
+        &with(&[("SpotPriceLimit", "0.001")]),
+        400,
+        "InvalidSpotPriceLimit.LowerThanPublicPrice",
+    );
+    api.err(
+        "RunInstances",
+        &with(&[("InstanceType", "ecs.nope")]),
+        400,
+        "InvalidInstanceType.ValueNotSupported",
+    );
+    api.err(
+        "RunInstances",
+        &with(&[("VSwitchId", "vsw-bp1emulatorzoneb")]),
+        400,
+        "InvalidVSwitchId.Mismatch",
+    );
     api.err("RunInstances", &with(&[("ImageId", ARM_IMAGE)]), 403, "ImageNotSupportInstanceType");
     api.err("RunInstances", &with(&[("ImageId", "m-unknown")]), 404, "InvalidImageId.NotFound");
     api.err("RunInstances", &with(&[("SecurityGroupId", "sg-x")]), 404, "InvalidSecurityGroupId.NotFound");
     api.err("RunInstances", &with(&[("Amount", "0")]), 400, "InvalidAmount.ValueNotSupported");
-    api.err("RunInstances", &with(&[("UserData", "not base64!")]), 400, "InvalidUserData.Base64FormatInvalid");
-    api.err("RunInstances", &with(&[("AutoReleaseTime", "2020-01-01T00:00:00Z")]), 400, "InvalidAutoReleaseTime.ValueNotSupported");
+    api.err(
+        "RunInstances",
+        &with(&[("UserData", "not base64!")]),
+        400,
+        "InvalidUserData.Base64FormatInvalid",
+    );
+    api.err(
+        "RunInstances",
+        &with(&[("AutoReleaseTime", "2020-01-01T00:00:00Z")]),
+        400,
+        "InvalidAutoReleaseTime.ValueNotSupported",
+    );
     api.err("RunInstances", &with(&[("KeyPairName", "missing")]), 404, "InvalidKeyPairName.NotFound");
     api.err("RunInstances", &with(&[("SpotStrategy", "Cheap")]), 400, "InvalidSpotStrategy");
     // ARM types are not sold in zone g.
@@ -503,8 +533,9 @@ fn run_instances_validates_like_aliyun() {
         403,
         "InvalidResourceType.NotSupported",
     );
-    let tags: Vec<(String, String)> =
-        (1..=21).flat_map(|n| [(format!("Tag.{n}.Key"), format!("k{n}")), (format!("Tag.{n}.Value"), "v".into())]).collect();
+    let tags: Vec<(String, String)> = (1..=21)
+        .flat_map(|n| [(format!("Tag.{n}.Key"), format!("k{n}")), (format!("Tag.{n}.Value"), "v".into())])
+        .collect();
     let mut p: Vec<(&str, &str)> = good.clone();
     p.extend(tags.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     api.err("RunInstances", &p, 400, "InvalidTagCount");
@@ -515,7 +546,12 @@ fn run_instances_validates_like_aliyun() {
     let first = api.ok("RunInstances", &with(&[("ClientToken", "tok-1")]));
     let again = api.ok("RunInstances", &with(&[("ClientToken", "tok-1")]));
     assert_eq!(first["InstanceIdSets"], again["InstanceIdSets"]);
-    api.err("RunInstances", &with(&[("ClientToken", "tok-1"), ("InstanceName", "other")]), 400, "IdempotentParameterMismatch");
+    api.err(
+        "RunInstances",
+        &with(&[("ClientToken", "tok-1"), ("InstanceName", "other")]),
+        400,
+        "IdempotentParameterMismatch",
+    );
     assert_eq!(emu.instances().len(), 1);
     let id = first["InstanceIdSets"]["InstanceIdSet"][0].as_str().unwrap();
     assert!(id.starts_with("i-bp1") && id.len() == 20, "{id}");
@@ -523,7 +559,12 @@ fn run_instances_validates_like_aliyun() {
     // Key pairs feed authorized keys.
     let k = keys();
     api.ok("ImportKeyPair", &[("KeyPairName", "ci-key"), ("PublicKeyBody", &k.client_public)]);
-    api.err("ImportKeyPair", &[("KeyPairName", "ci-key"), ("PublicKeyBody", &k.client_public)], 400, "KeyPair.AlreadyExist");
+    api.err(
+        "ImportKeyPair",
+        &[("KeyPairName", "ci-key"), ("PublicKeyBody", &k.client_public)],
+        400,
+        "KeyPair.AlreadyExist",
+    );
     let v = api.ok("DescribeKeyPairs", &[("KeyPairName", "ci-*")]);
     assert_eq!(v["KeyPairs"]["KeyPair"][0]["KeyPairName"], "ci-key");
     api.ok("DeleteKeyPairs", &[("KeyPairNames", "[\"ci-key\"]")]);
@@ -537,20 +578,39 @@ fn catalogue_answers_have_aliyun_shapes() {
     let api = Api::new(&emu);
     let v = api.ok(
         "DescribeAvailableResource",
-        &[("DestinationResource", "InstanceType"), ("ZoneId", "cn-hangzhou-k"), ("SpotStrategy", "SpotAsPriceGo")],
+        &[
+            ("DestinationResource", "InstanceType"),
+            ("ZoneId", "cn-hangzhou-k"),
+            ("SpotStrategy", "SpotAsPriceGo"),
+        ],
     );
     let zone = &v["AvailableZones"]["AvailableZone"][0];
-    assert_eq!((zone["Status"].as_str(), zone["StatusCategory"].as_str()), (Some("Available"), Some("WithStock")));
+    assert_eq!(
+        (zone["Status"].as_str(), zone["StatusCategory"].as_str()),
+        (Some("Available"), Some("WithStock"))
+    );
     let res = zone["AvailableResources"]["AvailableResource"][0]["SupportedResources"]["SupportedResource"]
         .as_array()
         .unwrap();
     let c8y = res.iter().find(|r| r["Value"] == "ecs.c8y.2xlarge").unwrap();
-    assert_eq!((c8y["Status"].as_str(), c8y["StatusCategory"].as_str()), (Some("SoldOut"), Some("WithoutStock")));
+    assert_eq!(
+        (c8y["Status"].as_str(), c8y["StatusCategory"].as_str()),
+        (Some("SoldOut"), Some("WithoutStock"))
+    );
     assert!(res.iter().any(|r| r["Status"] == "Available"));
-    api.err("RunInstances", &[
-        ("ZoneId", "cn-hangzhou-k"), ("InstanceType", "ecs.c8y.2xlarge"), ("ImageId", ARM_IMAGE),
-        ("SecurityGroupId", SG), ("VSwitchId", "vsw-bp1emulatorzonek"), ("SpotStrategy", "SpotAsPriceGo"),
-    ], 403, "OperationDenied.NoStock");
+    api.err(
+        "RunInstances",
+        &[
+            ("ZoneId", "cn-hangzhou-k"),
+            ("InstanceType", "ecs.c8y.2xlarge"),
+            ("ImageId", ARM_IMAGE),
+            ("SecurityGroupId", SG),
+            ("VSwitchId", "vsw-bp1emulatorzonek"),
+            ("SpotStrategy", "SpotAsPriceGo"),
+        ],
+        403,
+        "OperationDenied.NoStock",
+    );
     run(&api, "ecs.c8y.2xlarge", "cn-hangzhou-j", &[]);
 
     // Price history: several points per zone, the latest one the current price; paging.
@@ -560,7 +620,12 @@ fn catalogue_answers_have_aliyun_shapes() {
     loop {
         let v = api.ok(
             "DescribeSpotPriceHistory",
-            &[("NetworkType", "vpc"), ("InstanceType", "ecs.c7.large"), ("StartTime", &start), ("Offset", &offset.to_string())],
+            &[
+                ("NetworkType", "vpc"),
+                ("InstanceType", "ecs.c7.large"),
+                ("StartTime", &start),
+                ("Offset", &offset.to_string()),
+            ],
         );
         pts.extend(v["SpotPrices"]["SpotPriceType"].as_array().unwrap().clone());
         offset = v["NextOffset"].as_u64().unwrap();
@@ -574,9 +639,14 @@ fn catalogue_answers_have_aliyun_shapes() {
     let zones: std::collections::BTreeSet<&str> = pts.iter().map(|p| p["ZoneId"].as_str().unwrap()).collect();
     assert!(zones.len() > 3);
 
-    let v = api.ok("DescribeInstanceTypes", &[("InstanceTypeFamily", "ecs.c8y"), ("MinimumMemorySize", "32")]);
-    let ids: Vec<&str> =
-        v["InstanceTypes"]["InstanceType"].as_array().unwrap().iter().map(|t| t["InstanceTypeId"].as_str().unwrap()).collect();
+    let v =
+        api.ok("DescribeInstanceTypes", &[("InstanceTypeFamily", "ecs.c8y"), ("MinimumMemorySize", "32")]);
+    let ids: Vec<&str> = v["InstanceTypes"]["InstanceType"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["InstanceTypeId"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["ecs.c8y.4xlarge", "ecs.c8y.8xlarge", "ecs.c8y.16xlarge"]);
 }
 
@@ -613,9 +683,10 @@ fn throttling_and_error_rate_faults() {
     assert_eq!(r.status(), 200);
     assert_eq!(emu.faults().throttle_every, None);
     assert_eq!(emu.faults().no_stock, ["*@cn-hangzhou-b"]);
-    let summary: Value =
-        serde_json::from_str(&ureq::get(&format!("{}/_emulator/summary", emu.endpoint())).call().unwrap().into_string().unwrap())
-            .unwrap();
+    let summary: Value = serde_json::from_str(
+        &ureq::get(&format!("{}/_emulator/summary", emu.endpoint())).call().unwrap().into_string().unwrap(),
+    )
+    .unwrap();
     assert_eq!(summary["actions"]["DescribeRegions"], 4);
 }
 
@@ -635,6 +706,13 @@ fn never_boot_instances_stay_starting() {
         .collect();
     st.sort_by_key(|(id, _)| id != &stuck);
     assert_eq!(st, [(stuck.clone(), "Starting".to_string()), (fine.clone(), "Running".to_string())]);
+    // NextToken paging, newest first.
+    let p1 = api.ok("DescribeInstances", &[("MaxResults", "1")]);
+    assert_eq!(p1["Instances"]["Instance"][0]["InstanceId"], fine.as_str());
+    let token = p1["NextToken"].as_str().unwrap();
+    let p2 = api.ok("DescribeInstances", &[("MaxResults", "1"), ("NextToken", token)]);
+    assert_eq!(p2["Instances"]["Instance"][0]["InstanceId"], stuck.as_str());
+    assert_eq!(p2["NextToken"], "");
     api.ok("DeleteInstances", &[("InstanceId.1", &stuck), ("InstanceId.2", &fine), ("Force", "true")]);
     assert_eq!(emu.live_instances(), 0);
 }
@@ -649,11 +727,14 @@ fn spot_reclaim_drops_ssh_and_recycles() {
     let on_demand = run(&api, "ecs.c7.large", "cn-hangzhou-i", &[("SpotStrategy", "NoSpot")]);
     let (addr, sshd_pid) = wait_sshd(&emu, &id);
     // The notice is visible at once.
-    let tt = ureq::get(&format!("{}/instances/{id}/latest/meta-data/instance/spot/termination-time", emu.endpoint()))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
+    let tt = ureq::get(&format!(
+        "{}/instances/{id}/latest/meta-data/instance/spot/termination-time",
+        emu.endpoint()
+    ))
+    .call()
+    .unwrap()
+    .into_string()
+    .unwrap();
     assert_eq!(Some(tt.clone()), record(&emu, &id).termination_time);
     let s = ssh(addr, &k);
     let (mut ch, remote_pid) = remote_sleeper(&s);
@@ -673,6 +754,15 @@ fn spot_reclaim_drops_ssh_and_recycles() {
     }
     wait_for("released", || (!record(&emu, &id).live).then_some(()));
     api.err("DeleteInstance", &[("InstanceId", &id)], 404, "InvalidInstanceId.NotFound");
+    match ureq::get(&format!(
+        "{}/instances/{on_demand}/latest/meta-data/instance/spot/termination-time",
+        emu.endpoint()
+    ))
+    .call()
+    {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("termination-time of an instance without notice answered {other:?}"),
+    }
     let other = record(&emu, &on_demand);
     assert!(other.live && other.termination_time.is_none(), "on-demand instances are not reclaimed");
     let events: Vec<String> = record(&emu, &id).events.into_iter().map(|e| e.event).collect();

@@ -20,7 +20,11 @@ pub(crate) struct Principal {
 
 const MAX_SKEW_SECONDS: i64 = 15 * 60;
 
-pub(crate) fn authenticate(core: &Core, method: &str, params: &BTreeMap<String, String>) -> Result<Principal, ApiError> {
+pub(crate) fn authenticate(
+    core: &Core,
+    method: &str,
+    params: &BTreeMap<String, String>,
+) -> Result<Principal, ApiError> {
     for name in ["AccessKeyId", "Signature", "SignatureNonce", "Timestamp"] {
         if params.get(name).is_none_or(|v| v.is_empty()) {
             return Err(ApiError::new(
@@ -69,7 +73,11 @@ pub(crate) fn authenticate(core: &Core, method: &str, params: &BTreeMap<String, 
     } else {
         let st = lock(&core.state);
         let Some(c) = st.sts.iter().find(|c| &c.access_key_id == id) else {
-            return Err(ApiError::new(404, "InvalidAccessKeyId.NotFound", "Specified access key is not found."));
+            return Err(ApiError::new(
+                404,
+                "InvalidAccessKeyId.NotFound",
+                "Specified access key is not found.",
+            ));
         };
         match params.get("SecurityToken") {
             Some(t) if t == c.token.expose() => {}
@@ -82,7 +90,11 @@ pub(crate) fn authenticate(core: &Core, method: &str, params: &BTreeMap<String, 
             }
         }
         if now() >= c.expiration {
-            return Err(ApiError::new(400, "InvalidSecurityToken.Expired", "Specified SecurityToken is expired."));
+            return Err(ApiError::new(
+                400,
+                "InvalidSecurityToken.Expired",
+                "Specified SecurityToken is expired.",
+            ));
         }
         (c.secret.expose().clone(), Some(c.role.clone()))
     };
@@ -99,11 +111,7 @@ pub(crate) fn authenticate(core: &Core, method: &str, params: &BTreeMap<String, 
         ));
     }
     if !lock(&core.nonces).insert(&params["SignatureNonce"]) {
-        return Err(ApiError::new(
-            400,
-            "SignatureNonceUsed",
-            "Specified signature nonce was used already.",
-        ));
+        return Err(ApiError::new(400, "SignatureNonceUsed", "Specified signature nonce was used already."));
     }
     Ok(Principal { role })
 }

@@ -106,11 +106,7 @@ impl Catalogue {
     pub fn builtin() -> anyhow::Result<Catalogue> {
         let f: CatalogueFile = serde_json::from_str(CATALOGUE_JSON)
             .map_err(|e| anyhow::anyhow!("the built-in emulator catalogue is invalid: {e}"))?;
-        let offers = f
-            .offers
-            .into_iter()
-            .map(|o| ((o.instance_type.clone(), o.zone.clone()), o))
-            .collect();
+        let offers = f.offers.into_iter().map(|o| ((o.instance_type.clone(), o.zone.clone()), o)).collect();
         Ok(Catalogue {
             region: f.region,
             regions: f.regions,
@@ -168,7 +164,14 @@ mod tests {
         let zones: Vec<&str> = c.zones.iter().map(|z| z.id.as_str()).collect();
         assert_eq!(
             zones,
-            ["cn-hangzhou-b", "cn-hangzhou-g", "cn-hangzhou-h", "cn-hangzhou-i", "cn-hangzhou-j", "cn-hangzhou-k"]
+            [
+                "cn-hangzhou-b",
+                "cn-hangzhou-g",
+                "cn-hangzhou-h",
+                "cn-hangzhou-i",
+                "cn-hangzhou-j",
+                "cn-hangzhou-k"
+            ]
         );
         assert_eq!(c.vpc_id, "vpc-bp1emulator0000000001");
         assert_eq!(c.security_group_id, "sg-bp1emulator0000000001");

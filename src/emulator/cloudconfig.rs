@@ -31,7 +31,9 @@ fn indent_of(line: &str) -> usize {
 
 fn unquote(s: &str) -> String {
     let s = s.trim();
-    if s.len() >= 2 && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\''))) {
+    if s.len() >= 2
+        && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')))
+    {
         s[1..s.len() - 1].to_string()
     } else {
         s.to_string()
@@ -135,11 +137,8 @@ fn parse_map_of_scalars(block: &[&str], out: &mut BTreeMap<String, Secret<String
                 j += 1;
             }
             let body = &block[start..j];
-            let content_indent = body
-                .iter()
-                .find(|l| !l.trim().is_empty())
-                .map(|l| indent_of(l))
-                .unwrap_or(0);
+            let content_indent =
+                body.iter().find(|l| !l.trim().is_empty()).map(|l| indent_of(l)).unwrap_or(0);
             let mut text = String::new();
             for b in body {
                 text.push_str(b.get(content_indent..).unwrap_or(""));

@@ -159,7 +159,11 @@ pub(crate) struct Instance {
 
 impl Instance {
     pub fn event(&mut self, event: &str, detail: impl Into<String>) {
-        self.events.push(EventRecord { time: rfc3339(now()), event: event.to_string(), detail: detail.into() });
+        self.events.push(EventRecord {
+            time: rfc3339(now()),
+            event: event.to_string(),
+            detail: detail.into(),
+        });
     }
 
     pub fn record(&self) -> InstanceRecord {
@@ -415,13 +419,9 @@ impl Core {
         let mut st = lock(&self.state);
         let t = now();
         st.sts.retain(|c| c.expiration > t - time::Duration::hours(1));
-        if let Some(c) = st
-            .sts
-            .iter()
-            .rev()
-            .filter(|_| reuse)
-            .find(|c| c.subject == subject && c.role == role && c.expiration - t > (c.expiration - c.issued) / 2)
-        {
+        if let Some(c) = st.sts.iter().rev().filter(|_| reuse).find(|c| {
+            c.subject == subject && c.role == role && c.expiration - t > (c.expiration - c.issued) / 2
+        }) {
             return StsCredentials {
                 access_key_id: c.access_key_id.clone(),
                 access_key_secret: c.secret.clone(),
@@ -651,6 +651,20 @@ pub(crate) fn kill_tree(root: i32) {
             libc::kill(*p, libc::SIGKILL);
         }
     }
+    // Death is asynchronous; wait (bounded) until every process is gone or a zombie, so that
+    // when a delete answers, the instance's processes really are dead.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while frozen.iter().any(|p| running(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
 }
 
 const TICK: Duration = Duration::from_millis(20);
@@ -691,7 +705,12 @@ pub(crate) fn supervise(core: Arc<Core>) {
     }
 }
 
-fn advance(core: &Core, st: &mut State, children: &mut HashMap<String, Child>, reclaim_after: Option<Duration>) {
+fn advance(
+    core: &Core,
+    st: &mut State,
+    children: &mut HashMap<String, Child>,
+    reclaim_after: Option<Duration>,
+) {
     let t = now();
     let ids: Vec<String> = st.instances.values().filter(|i| i.live).map(|i| i.id.clone()).collect();
     for id in ids {
@@ -723,7 +742,10 @@ fn advance(core: &Core, st: &mut State, children: &mut HashMap<String, Child>, r
                     match core.spawn_sshd(inst) {
                         Ok(child) => {
                             inst.sshd_pid = Some(child.id());
-                            inst.event("sshd-started", format!("pid {} on {}:{}", child.id(), inst.ip, inst.ssh_port));
+                            inst.event(
+                                "sshd-started",
+                                format!("pid {} on {}:{}", child.id(), inst.ip, inst.ssh_port),
+                            );
                             children.insert(inst.id.clone(), child);
                         }
                         Err(e) => inst.event("sshd-failed", format!("{e:#}")),

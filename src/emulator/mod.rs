@@ -203,10 +203,7 @@ impl Emulator {
         };
         let server = tiny_http::Server::http(opts.listen)
             .map_err(|e| anyhow::anyhow!("failed to listen on `{}`: {e}", opts.listen))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .context("the emulator listener has no IP address")?;
+        let addr = server.server_addr().to_ip().context("the emulator listener has no IP address")?;
         let server = Arc::new(server);
         let core = Arc::new(instances::Core::new(catalogue, &opts, work_dir, addr));
         let supervisor = {
@@ -332,10 +329,9 @@ impl std::fmt::Debug for AccessKeyArg {
 
 fn parse_access_key(s: &str) -> Result<AccessKeyArg, String> {
     match s.split_once(':') {
-        Some((id, secret)) if !id.is_empty() && !secret.is_empty() => Ok(AccessKeyArg {
-            id: id.to_string(),
-            secret: Secret::new(secret.to_string()),
-        }),
+        Some((id, secret)) if !id.is_empty() && !secret.is_empty() => {
+            Ok(AccessKeyArg { id: id.to_string(), secret: Secret::new(secret.to_string()) })
+        }
         _ => Err("expected `ID:SECRET`".to_string()),
     }
 }
@@ -450,6 +446,12 @@ pub fn run_cli(args: EmulatorArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emulator_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Emulator>();
+    }
 
     #[test]
     fn fault_patterns() {

@@ -15,7 +15,9 @@ use time::OffsetDateTime;
 use super::auth::Principal;
 use super::catalogue::{Catalogue, InstanceType};
 use super::cloudconfig;
-use super::instances::{ecs_minutes, lock, now, random_alnum, rfc3339, Core, Instance, KeyPair, State, Status};
+use super::instances::{
+    ecs_minutes, lock, now, random_alnum, rfc3339, Core, Instance, KeyPair, State, Status,
+};
 use crate::secret::Secret;
 
 /// Request parameters (query and form merged).
@@ -77,7 +79,10 @@ fn num_param<T: std::str::FromStr>(p: &Params, name: &str) -> Result<Option<T>, 
     match get(p, name) {
         None => Ok(None),
         Some(v) => v.trim().parse::<T>().map(Some).map_err(|_| {
-            ApiError::invalid("InvalidParameter", &format!("The specified parameter \"{name}\" is not valid: `{v}`."))
+            ApiError::invalid(
+                "InvalidParameter",
+                &format!("The specified parameter \"{name}\" is not valid: `{v}`."),
+            )
         }),
     }
 }
@@ -120,10 +125,16 @@ fn tag_params(p: &Params) -> Result<Vec<(String, String)>, ApiError> {
         let key = p.get(&format!("Tag.{n}.Key")).cloned().unwrap_or_default();
         let value = p.get(&format!("Tag.{n}.Value")).cloned().unwrap_or_default();
         if key.is_empty() {
-            return Err(ApiError::invalid("InvalidTagKey.Malformed", "The specified Tag.n.Key is not valid."));
+            return Err(ApiError::invalid(
+                "InvalidTagKey.Malformed",
+                "The specified Tag.n.Key is not valid.",
+            ));
         }
         if key.len() > 128 || value.len() > 128 {
-            return Err(ApiError::invalid("InvalidTagKey.Malformed", "The specified tag key or value is too long."));
+            return Err(ApiError::invalid(
+                "InvalidTagKey.Malformed",
+                "The specified tag key or value is too long.",
+            ));
         }
         out.push((key, value));
     }
@@ -134,14 +145,18 @@ fn tag_params(p: &Params) -> Result<Vec<(String, String)>, ApiError> {
 fn json_list(p: &Params, name: &str) -> Result<Option<Vec<String>>, ApiError> {
     match get(p, name) {
         None => Ok(None),
-        Some(v) => serde_json::from_str::<Vec<String>>(v)
-            .map(Some)
-            .map_err(|_| ApiError::invalid(&format!("Invalid{name}.Malformed"), &format!("The specified parameter \"{name}\" is not valid."))),
+        Some(v) => serde_json::from_str::<Vec<String>>(v).map(Some).map_err(|_| {
+            ApiError::invalid(
+                &format!("Invalid{name}.Malformed"),
+                &format!("The specified parameter \"{name}\" is not valid."),
+            )
+        }),
     }
 }
 
 fn region_check<'a>(core: &Core, p: &'a Params) -> Result<&'a str, ApiError> {
-    let r = get(p, "RegionId").ok_or_else(|| ApiError::new(400, "MissingRegionId", "RegionId is mandatory for this action."))?;
+    let r = get(p, "RegionId")
+        .ok_or_else(|| ApiError::new(400, "MissingRegionId", "RegionId is mandatory for this action."))?;
     if !core.catalogue.regions.iter().any(|x| x.region_id == r) {
         return Err(ApiError::new(404, "InvalidRegionId.NotFound", "The specified RegionId does not exist."));
     }
@@ -158,10 +173,16 @@ fn page(p: &Params, default_size: usize, max_size: usize) -> Result<(usize, usiz
     let number = num_param::<usize>(p, "PageNumber")?.unwrap_or(1);
     let size = num_param::<usize>(p, "PageSize")?.unwrap_or(default_size);
     if number == 0 {
-        return Err(ApiError::invalid("InvalidPageNumber.Malformed", "The specified parameter PageNumber is not valid."));
+        return Err(ApiError::invalid(
+            "InvalidPageNumber.Malformed",
+            "The specified parameter PageNumber is not valid.",
+        ));
     }
     if size == 0 || size > max_size {
-        return Err(ApiError::invalid("InvalidPageSize.Malformed", "The specified parameter PageSize is not valid."));
+        return Err(ApiError::invalid(
+            "InvalidPageSize.Malformed",
+            "The specified parameter PageSize is not valid.",
+        ));
     }
     Ok((number, size))
 }
@@ -173,10 +194,9 @@ fn next_token(offset: usize) -> String {
 fn parse_next_token(p: &Params) -> Result<usize, ApiError> {
     match get(p, "NextToken") {
         None => Ok(0),
-        Some(t) => t
-            .strip_prefix("ntk")
-            .and_then(|h| usize::from_str_radix(h, 16).ok())
-            .ok_or_else(|| ApiError::invalid("InvalidNextToken.Malformed", "The specified parameter NextToken is not valid.")),
+        Some(t) => t.strip_prefix("ntk").and_then(|h| usize::from_str_radix(h, 16).ok()).ok_or_else(|| {
+            ApiError::invalid("InvalidNextToken.Malformed", "The specified parameter NextToken is not valid.")
+        }),
     }
 }
 
@@ -294,7 +314,10 @@ fn describe_instance_types(core: &Core, p: &Params) -> ApiResult {
     let wanted = list_param(p, "InstanceTypes");
     let max_results = num_param::<usize>(p, "MaxResults")?.unwrap_or(100);
     if max_results == 0 || max_results > 1600 {
-        return Err(ApiError::invalid("InvalidMaxResults.Malformed", "The specified parameter MaxResults is not valid."));
+        return Err(ApiError::invalid(
+            "InvalidMaxResults.Malformed",
+            "The specified parameter MaxResults is not valid.",
+        ));
     }
     let offset = parse_next_token(p)?;
     let all: Vec<&InstanceType> = core
@@ -308,7 +331,8 @@ fn describe_instance_types(core: &Core, p: &Params) -> ApiResult {
         .filter(|t| wanted.is_empty() || wanted.contains(&t.id))
         .collect();
     let page: Vec<Value> = all.iter().skip(offset).take(max_results).map(|t| type_json(t)).collect();
-    let next = if offset + max_results < all.len() { next_token(offset + max_results) } else { String::new() };
+    let next =
+        if offset + max_results < all.len() { next_token(offset + max_results) } else { String::new() };
     Ok(json!({ "InstanceTypes": { "InstanceType": page }, "NextToken": next }))
 }
 
@@ -381,14 +405,14 @@ fn describe_available_resource(core: &Core, p: &Params) -> ApiResult {
 fn parse_time(p: &Params, name: &str) -> Result<Option<OffsetDateTime>, ApiError> {
     match get(p, name) {
         None => Ok(None),
-        Some(v) => OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
-            .map(Some)
-            .map_err(|_| {
+        Some(v) => {
+            OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).map(Some).map_err(|_| {
                 ApiError::invalid(
                     &format!("Invalid{name}.Malformed"),
                     &format!("The specified parameter \"{name}\" is not valid (yyyy-MM-ddTHH:mm:ssZ)."),
                 )
-            }),
+            })
+        }
     }
 }
 
@@ -412,7 +436,10 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
     let itype = req(p, "InstanceType")?;
     check_dry_run(p)?;
     if network != "vpc" && network != "classic" {
-        return Err(ApiError::invalid("InvalidNetworkType.ValueNotSupported", "The specified NetworkType is not valid."));
+        return Err(ApiError::invalid(
+            "InvalidNetworkType.ValueNotSupported",
+            "The specified NetworkType is not valid.",
+        ));
     }
     if core.catalogue.instance_type(itype).is_none() {
         return Err(ApiError::invalid(
@@ -424,10 +451,16 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
     let end = parse_time(p, "EndTime")?.unwrap_or(t_now).min(t_now);
     let start = parse_time(p, "StartTime")?.unwrap_or(end - time::Duration::hours(3));
     if start > end {
-        return Err(ApiError::invalid("InvalidStartTime.Malformed", "StartTime must be earlier than EndTime."));
+        return Err(ApiError::invalid(
+            "InvalidStartTime.Malformed",
+            "StartTime must be earlier than EndTime.",
+        ));
     }
     if t_now - start > time::Duration::days(30) {
-        return Err(ApiError::invalid("InvalidStartTime.ValueNotSupported", "StartTime can be at most 30 days ago."));
+        return Err(ApiError::invalid(
+            "InvalidStartTime.ValueNotSupported",
+            "StartTime can be at most 30 days ago.",
+        ));
     }
     let offset = num_param::<usize>(p, "Offset")?.unwrap_or(0);
     let zone_filter = get(p, "ZoneId");
@@ -483,7 +516,10 @@ fn validate_spot_strategy(s: &str) -> Result<(), ApiError> {
     if ["NoSpot", "SpotWithPriceLimit", "SpotAsPriceGo"].contains(&s) {
         Ok(())
     } else {
-        Err(ApiError::invalid("InvalidSpotStrategy", &format!("The specified SpotStrategy \"{s}\" is not valid.")))
+        Err(ApiError::invalid(
+            "InvalidSpotStrategy",
+            &format!("The specified SpotStrategy \"{s}\" is not valid."),
+        ))
     }
 }
 
@@ -521,7 +557,10 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     let client_token = get(p, "ClientToken");
     if let Some(tok) = client_token {
         if tok.len() > 64 || !tok.is_ascii() {
-            return Err(ApiError::invalid("InvalidClientToken.Malformed", "The specified ClientToken is not valid."));
+            return Err(ApiError::invalid(
+                "InvalidClientToken.Malformed",
+                "The specified ClientToken is not valid.",
+            ));
         }
         let st = lock(&core.state);
         if let Some((fp, ids)) = st.client_tokens.get(tok) {
@@ -548,12 +587,20 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     })?;
     let vsw_zone = if has_resources(core, region) { core.catalogue.zone_of_vswitch(vswitch) } else { None };
     let Some(vsw_zone) = vsw_zone else {
-        return Err(ApiError::new(404, "InvalidVSwitchId.NotFound", "The specified VSwitchId does not exist."));
+        return Err(ApiError::new(
+            404,
+            "InvalidVSwitchId.NotFound",
+            "The specified VSwitchId does not exist.",
+        ));
     };
     let zone = match get(p, "ZoneId") {
         Some(z) => {
             if core.catalogue.zone(z).is_none() || !has_resources(core, region) {
-                return Err(ApiError::new(404, "InvalidZoneId.NotFound", &format!("The specified zone \"{z}\" does not exist.")));
+                return Err(ApiError::new(
+                    404,
+                    "InvalidZoneId.NotFound",
+                    &format!("The specified zone \"{z}\" does not exist."),
+                ));
             }
             if z != vsw_zone.id {
                 return Err(ApiError::invalid(
@@ -572,24 +619,35 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
             &format!("The instance type \"{itype_id}\" is not sold in zone \"{zone}\"; please try other instance types or zones."),
         ));
     };
-    let image = core
-        .catalogue
-        .image(image_id)
-        .ok_or_else(|| ApiError::new(404, "InvalidImageId.NotFound", &format!("The specified ImageId \"{image_id}\" does not exist.")))?;
+    let image = core.catalogue.image(image_id).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "InvalidImageId.NotFound",
+            &format!("The specified ImageId \"{image_id}\" does not exist."),
+        )
+    })?;
     if image.architecture != itype.image_arch() {
         return Err(ApiError::new(
             403,
             "ImageNotSupportInstanceType",
-            &format!("The image \"{image_id}\" ({}) does not support the instance type \"{itype_id}\".", image.architecture),
+            &format!(
+                "The image \"{image_id}\" ({}) does not support the instance type \"{itype_id}\".",
+                image.architecture
+            ),
         ));
     }
     if sg != core.catalogue.security_group_id {
-        return Err(ApiError::new(404, "InvalidSecurityGroupId.NotFound", &format!("The specified SecurityGroupId \"{sg}\" does not exist.")));
+        return Err(ApiError::new(
+            404,
+            "InvalidSecurityGroupId.NotFound",
+            &format!("The specified SecurityGroupId \"{sg}\" does not exist."),
+        ));
     }
     let spot_strategy = get(p, "SpotStrategy").unwrap_or("NoSpot");
     validate_spot_strategy(spot_strategy)?;
-    let spot_limit = num_param::<f64>(p, "SpotPriceLimit")
-        .map_err(|_| ApiError::invalid("InvalidSpotPriceLimit.Malformed", "The specified SpotPriceLimit is not valid."))?;
+    let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| {
+        ApiError::invalid("InvalidSpotPriceLimit.Malformed", "The specified SpotPriceLimit is not valid.")
+    })?;
     if spot_strategy == "SpotWithPriceLimit" {
         let Some(limit) = spot_limit else {
             return Err(ApiError::invalid(
@@ -610,35 +668,56 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     }
     let amount = num_param::<i64>(p, "Amount")?.unwrap_or(1);
     if !(1..=100).contains(&amount) {
-        return Err(ApiError::invalid("InvalidAmount.ValueNotSupported", "The specified Amount must be between 1 and 100."));
+        return Err(ApiError::invalid(
+            "InvalidAmount.ValueNotSupported",
+            "The specified Amount must be between 1 and 100.",
+        ));
     }
     let min_amount = num_param::<i64>(p, "MinAmount")?.unwrap_or(amount);
     if min_amount < 1 || min_amount > amount {
-        return Err(ApiError::invalid("InvalidMinAmount.ValueNotSupported", "MinAmount must be between 1 and Amount."));
+        return Err(ApiError::invalid(
+            "InvalidMinAmount.ValueNotSupported",
+            "MinAmount must be between 1 and Amount.",
+        ));
     }
     let bandwidth = num_param::<u32>(p, "InternetMaxBandwidthOut")?.unwrap_or(0);
     if bandwidth > 100 {
-        return Err(ApiError::invalid("InvalidInternetMaxBandwidthOut.Malformed", "InternetMaxBandwidthOut must be between 0 and 100."));
+        return Err(ApiError::invalid(
+            "InvalidInternetMaxBandwidthOut.Malformed",
+            "InternetMaxBandwidthOut must be between 0 and 100.",
+        ));
     }
     if let Some(c) = get(p, "SystemDisk.Category") {
         if !["cloud_efficiency", "cloud_ssd", "cloud_essd", "cloud_auto", "cloud_essd_entry"].contains(&c) {
-            return Err(ApiError::invalid("InvalidSystemDiskCategory.ValueNotSupported", "The specified SystemDisk.Category is not valid."));
+            return Err(ApiError::invalid(
+                "InvalidSystemDiskCategory.ValueNotSupported",
+                "The specified SystemDisk.Category is not valid.",
+            ));
         }
     }
     if let Some(size) = num_param::<u32>(p, "SystemDisk.Size")? {
         if size < image.size || size > 2048 {
-            return Err(ApiError::invalid("InvalidSystemDiskSize.ValueNotSupported", "The specified SystemDisk.Size is not valid."));
+            return Err(ApiError::invalid(
+                "InvalidSystemDiskSize.ValueNotSupported",
+                "The specified SystemDisk.Size is not valid.",
+            ));
         }
     }
     let user_data = match get(p, "UserData") {
         None => None,
         Some(b64) => {
             if b64.len() > MAX_USER_DATA {
-                return Err(ApiError::invalid("InvalidUserData.SizeExceeded", "The specified UserData exceeds 32 KB."));
+                return Err(ApiError::invalid(
+                    "InvalidUserData.SizeExceeded",
+                    "The specified UserData exceeds 32 KB.",
+                ));
             }
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|_| ApiError::invalid("InvalidUserData.Base64FormatInvalid", "The specified UserData is not base64-encoded."))?;
+            let raw = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| {
+                ApiError::invalid(
+                    "InvalidUserData.Base64FormatInvalid",
+                    "The specified UserData is not base64-encoded.",
+                )
+            })?;
             Some(String::from_utf8_lossy(&raw).into_owned())
         }
     };
@@ -673,7 +752,11 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
         let st = lock(&core.state);
         if let Some(name) = key_pair {
             let Some(kp) = st.key_pairs.get(name) else {
-                return Err(ApiError::new(404, "InvalidKeyPairName.NotFound", &format!("The specified KeyPairName \"{name}\" does not exist.")));
+                return Err(ApiError::new(
+                    404,
+                    "InvalidKeyPairName.NotFound",
+                    &format!("The specified KeyPairName \"{name}\" does not exist."),
+                ));
             };
             authorized.push(kp.public_key.clone());
         }
@@ -694,16 +777,19 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     if let Some(tok) = client_token {
         if let Some((fp, ids)) = st.client_tokens.get(tok) {
             if *fp != fingerprint(p) {
-                return Err(ApiError::invalid("IdempotentParameterMismatch", "The specified parameters are different from before with the same ClientToken."));
+                return Err(ApiError::invalid(
+                    "IdempotentParameterMismatch",
+                    "The specified parameters are different from before with the same ClientToken.",
+                ));
             }
             return Ok(run_answer(core, &st, ids));
         }
     }
     let mut ids = Vec::new();
     for n in 0..amount {
-        let (ip, port) = core
-            .allocate_ip()
-            .map_err(|e| ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}")))?;
+        let (ip, port) = core.allocate_ip().map_err(|e| {
+            ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}"))
+        })?;
         let id = format!("i-bp1{}", random_alnum(15));
         let t = now();
         let mut inst = Instance {
@@ -763,7 +849,12 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
 }
 
 fn parse_auto_release(v: &str) -> Result<OffsetDateTime, ApiError> {
-    let err = || ApiError::invalid("InvalidAutoReleaseTime.Malformed", "The specified AutoReleaseTime is not valid (yyyy-MM-ddTHH:mm:ssZ).");
+    let err = || {
+        ApiError::invalid(
+            "InvalidAutoReleaseTime.Malformed",
+            "The specified AutoReleaseTime is not valid (yyyy-MM-ddTHH:mm:ssZ).",
+        )
+    };
     if !v.ends_with('Z') {
         return Err(err());
     }
@@ -865,7 +956,10 @@ fn describe_instances(core: &Core, p: &Params) -> ApiResult {
     check_dry_run(p)?;
     let ids = json_list(p, "InstanceIds")?;
     if ids.as_ref().is_some_and(|v| v.len() > 100) {
-        return Err(ApiError::invalid("InvalidInstanceIds.Malformed", "At most 100 InstanceIds are allowed."));
+        return Err(ApiError::invalid(
+            "InvalidInstanceIds.Malformed",
+            "At most 100 InstanceIds are allowed.",
+        ));
     }
     let tags = tag_params(p)?;
     let status = get(p, "Status");
@@ -878,7 +972,9 @@ fn describe_instances(core: &Core, p: &Params) -> ApiResult {
     let matching: Vec<&Instance> = if has_resources(core, region) {
         live_instances(&st)
             .filter(|i| ids.as_ref().is_none_or(|ids| ids.contains(&i.id)))
-            .filter(|i| tags.iter().all(|(k, v)| i.tags.iter().any(|(ik, iv)| ik == k && (v.is_empty() || iv == v))))
+            .filter(|i| {
+                tags.iter().all(|(k, v)| i.tags.iter().any(|(ik, iv)| ik == k && (v.is_empty() || iv == v)))
+            })
             .filter(|i| status.is_none_or(|s| i.status.as_str() == s))
             .filter(|i| zone.is_none_or(|z| i.zone == z))
             .filter(|_| vpc.is_none_or(|v| v == core.catalogue.vpc_id))
@@ -893,15 +989,20 @@ fn describe_instances(core: &Core, p: &Params) -> ApiResult {
     if get(p, "NextToken").is_some() || get(p, "MaxResults").is_some() {
         let max = num_param::<usize>(p, "MaxResults")?.unwrap_or(10);
         if max == 0 || max > 100 {
-            return Err(ApiError::invalid("InvalidMaxResults.Malformed", "The specified parameter MaxResults is not valid."));
+            return Err(ApiError::invalid(
+                "InvalidMaxResults.Malformed",
+                "The specified parameter MaxResults is not valid.",
+            ));
         }
         let offset = parse_next_token(p)?;
-        let page: Vec<Value> = matching.iter().skip(offset).take(max).map(|i| instance_json(core, i)).collect();
+        let page: Vec<Value> =
+            matching.iter().skip(offset).take(max).map(|i| instance_json(core, i)).collect();
         let next = if offset + max < total { next_token(offset + max) } else { String::new() };
         return Ok(json!({ "Instances": { "Instance": page }, "TotalCount": total, "NextToken": next }));
     }
     let (number, size) = page(p, 10, 100)?;
-    let page: Vec<Value> = matching.iter().skip((number - 1) * size).take(size).map(|i| instance_json(core, i)).collect();
+    let page: Vec<Value> =
+        matching.iter().skip((number - 1) * size).take(size).map(|i| instance_json(core, i)).collect();
     Ok(json!({
         "Instances": { "Instance": page },
         "TotalCount": total,
@@ -939,7 +1040,11 @@ fn describe_instance_status(core: &Core, p: &Params) -> ApiResult {
 
 fn check_deletable(st: &State, id: &str, force: bool) -> Result<(), ApiError> {
     let Some(i) = st.instances.get(id).filter(|i| i.live) else {
-        return Err(ApiError::new(404, "InvalidInstanceId.NotFound", &format!("The specified InstanceId \"{id}\" does not exist.")));
+        return Err(ApiError::new(
+            404,
+            "InvalidInstanceId.NotFound",
+            &format!("The specified InstanceId \"{id}\" does not exist."),
+        ));
     };
     if !force && i.status != Status::Stopped {
         return Err(ApiError::new(
@@ -968,7 +1073,10 @@ fn delete_instances(core: &Core, p: &Params) -> ApiResult {
         return Err(ApiError::missing("InstanceId.1"));
     }
     if ids.len() > 100 {
-        return Err(ApiError::invalid("InvalidInstanceIds.Malformed", "At most 100 InstanceId.N are allowed."));
+        return Err(ApiError::invalid(
+            "InvalidInstanceIds.Malformed",
+            "At most 100 InstanceId.N are allowed.",
+        ));
     }
     let force = bool_param(p, "Force")?;
     let mut st = lock(&core.state);
@@ -1004,16 +1112,28 @@ fn import_key_pair(core: &Core, p: &Params) -> ApiResult {
     let name = req(p, "KeyPairName")?;
     let body = req(p, "PublicKeyBody")?;
     validate_key_pair_name(name)?;
-    let public = ssh_key::PublicKey::from_openssh(body.trim())
-        .map_err(|_| ApiError::invalid("InvalidPublicKeyBody.Malformed", "The specified PublicKeyBody is not a valid public key."))?;
+    let public = ssh_key::PublicKey::from_openssh(body.trim()).map_err(|_| {
+        ApiError::invalid(
+            "InvalidPublicKeyBody.Malformed",
+            "The specified PublicKeyBody is not a valid public key.",
+        )
+    })?;
     let fp = key_fingerprint(&public);
     let mut st = lock(&core.state);
     if st.key_pairs.contains_key(name) {
-        return Err(ApiError::invalid("KeyPair.AlreadyExist", &format!("The key pair \"{name}\" already exists.")));
+        return Err(ApiError::invalid(
+            "KeyPair.AlreadyExist",
+            &format!("The key pair \"{name}\" already exists."),
+        ));
     }
     st.key_pairs.insert(
         name.to_string(),
-        KeyPair { name: name.to_string(), public_key: body.trim().to_string(), fingerprint: fp.clone(), created: now() },
+        KeyPair {
+            name: name.to_string(),
+            public_key: body.trim().to_string(),
+            fingerprint: fp.clone(),
+            created: now(),
+        },
     );
     Ok(json!({ "KeyPairName": name, "KeyPairFingerPrint": fp }))
 }
@@ -1022,19 +1142,26 @@ fn create_key_pair(core: &Core, p: &Params) -> ApiResult {
     region_check(core, p)?;
     let name = req(p, "KeyPairName")?;
     validate_key_pair_name(name)?;
-    let key = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519)
-        .map_err(|e| ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}")))?;
-    let private = key
-        .to_openssh(ssh_key::LineEnding::LF)
-        .map_err(|e| ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}")))?;
+    let key =
+        ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).map_err(|e| {
+            ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}"))
+        })?;
+    let private = key.to_openssh(ssh_key::LineEnding::LF).map_err(|e| {
+        ApiError::new(500, "InternalError", &format!("The request processing has failed: {e}"))
+    })?;
     let public = key.public_key().to_openssh().unwrap_or_default();
     let fp = key_fingerprint(key.public_key());
     let mut st = lock(&core.state);
     if st.key_pairs.contains_key(name) {
-        return Err(ApiError::invalid("KeyPair.AlreadyExist", &format!("The key pair \"{name}\" already exists.")));
+        return Err(ApiError::invalid(
+            "KeyPair.AlreadyExist",
+            &format!("The key pair \"{name}\" already exists."),
+        ));
     }
-    st.key_pairs
-        .insert(name.to_string(), KeyPair { name: name.to_string(), public_key: public, fingerprint: fp.clone(), created: now() });
+    st.key_pairs.insert(
+        name.to_string(),
+        KeyPair { name: name.to_string(), public_key: public, fingerprint: fp.clone(), created: now() },
+    );
     Ok(json!({
         "KeyPairName": name,
         "KeyPairFingerPrint": fp,
@@ -1067,7 +1194,9 @@ fn describe_key_pairs(core: &Core, p: &Params) -> ApiResult {
         .collect();
     let total = all.len();
     let page: Vec<Value> = all.into_iter().skip((number - 1) * size).take(size).collect();
-    Ok(json!({ "KeyPairs": { "KeyPair": page }, "TotalCount": total, "PageNumber": number, "PageSize": size }))
+    Ok(
+        json!({ "KeyPairs": { "KeyPair": page }, "TotalCount": total, "PageNumber": number, "PageSize": size }),
+    )
 }
 
 fn delete_key_pairs(core: &Core, p: &Params) -> ApiResult {
@@ -1118,7 +1247,9 @@ fn describe_images(core: &Core, p: &Params) -> ApiResult {
     };
     let total = all.len();
     let page: Vec<Value> = all.into_iter().skip((number - 1) * size).take(size).collect();
-    Ok(json!({ "Images": { "Image": page }, "TotalCount": total, "PageNumber": number, "PageSize": size, "RegionId": region }))
+    Ok(
+        json!({ "Images": { "Image": page }, "TotalCount": total, "PageNumber": number, "PageSize": size, "RegionId": region }),
+    )
 }
 
 fn describe_security_groups(core: &Core, p: &Params) -> ApiResult {
@@ -1148,18 +1279,22 @@ fn describe_security_groups(core: &Core, p: &Params) -> ApiResult {
         Vec::new()
     };
     let total = groups.len();
-    Ok(json!({ "SecurityGroups": { "SecurityGroup": groups }, "TotalCount": total, "PageNumber": 1, "PageSize": 10, "RegionId": region }))
+    Ok(
+        json!({ "SecurityGroups": { "SecurityGroup": groups }, "TotalCount": total, "PageNumber": 1, "PageSize": 10, "RegionId": region }),
+    )
 }
 
 fn describe_user_data(core: &Core, p: &Params) -> ApiResult {
     let region = region_check(core, p)?;
     let id = req(p, "InstanceId")?;
     let st = lock(&core.state);
-    let i = st
-        .instances
-        .get(id)
-        .filter(|i| i.live)
-        .ok_or_else(|| ApiError::new(404, "InvalidInstanceId.NotFound", &format!("The specified InstanceId \"{id}\" does not exist.")))?;
+    let i = st.instances.get(id).filter(|i| i.live).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "InvalidInstanceId.NotFound",
+            &format!("The specified InstanceId \"{id}\" does not exist."),
+        )
+    })?;
     Ok(json!({
         "InstanceId": id,
         "RegionId": region,
@@ -1190,6 +1325,9 @@ mod tests {
     fn auto_release_formats() {
         assert!(parse_auto_release("2030-01-01T00:00:00Z").is_ok());
         assert!(parse_auto_release("2030-01-01T00:00Z").is_ok());
-        assert_eq!(parse_auto_release("2030-01-01 00:00:00").unwrap_err().code, "InvalidAutoReleaseTime.Malformed");
+        assert_eq!(
+            parse_auto_release("2030-01-01 00:00:00").unwrap_err().code,
+            "InvalidAutoReleaseTime.Malformed"
+        );
     }
 }

@@ -69,7 +69,12 @@ struct Reply {
 
 impl Reply {
     fn json(status: u16, v: &Value) -> Reply {
-        Reply { status, body: v.to_string(), content_type: "application/json;charset=utf-8", request_id: None }
+        Reply {
+            status,
+            body: v.to_string(),
+            content_type: "application/json;charset=utf-8",
+            request_id: None,
+        }
     }
     fn text(status: u16, s: impl Into<String>) -> Reply {
         Reply { status, body: s.into(), content_type: "text/plain;charset=utf-8", request_id: None }
@@ -91,7 +96,8 @@ fn handle(core: &Core, mut req: tiny_http::Request) {
         .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
         .collect();
     let mut body = Vec::new();
-    let too_big = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_ok() && body.len() as u64 > MAX_BODY;
+    let too_big =
+        req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_ok() && body.len() as u64 > MAX_BODY;
     let reply = if too_big {
         Reply::text(413, "request body too large")
     } else if path == "/" {
@@ -198,7 +204,11 @@ fn rpc_request(
     let mut principal = None;
     let outcome: Result<Value, ApiError> = (|| {
         if method != "GET" && method != "POST" {
-            return Err(ApiError::new(405, "UnsupportedHTTPMethod", &format!("Specified HTTP method \"{method}\" is not supported.")));
+            return Err(ApiError::new(
+                405,
+                "UnsupportedHTTPMethod",
+                &format!("Specified HTTP method \"{method}\" is not supported."),
+            ));
         }
         let action = params.get("Action").filter(|a| !a.is_empty()).ok_or_else(|| {
             ApiError::new(400, "MissingParameter", "The input parameter \"Action\" that is mandatory for processing this request is not supplied.")
@@ -214,7 +224,11 @@ fn rpc_request(
             fs.rpc_count += 1;
             if let Some(n) = fs.faults.throttle_every.filter(|n| *n > 0) {
                 if fs.rpc_count % n == 0 {
-                    return Err(ApiError::new(400, "Throttling.User", "Request was denied due to user flow control."));
+                    return Err(ApiError::new(
+                        400,
+                        "Throttling.User",
+                        "Request was denied due to user flow control.",
+                    ));
                 }
             }
             let rate = fs.faults.error_rate;
@@ -291,7 +305,13 @@ const TOKEN_HEADER: &str = "x-aliyun-ecs-metadata-token";
 const TTL_HEADER: &str = "x-aliyun-ecs-metadata-token-ttl-seconds";
 const STS_TTL: Duration = Duration::from_secs(3600);
 
-fn metadata(core: &Core, method: &str, subject: Subject, sub: &str, headers: &BTreeMap<String, String>) -> Reply {
+fn metadata(
+    core: &Core,
+    method: &str,
+    subject: Subject,
+    sub: &str,
+    headers: &BTreeMap<String, String>,
+) -> Reply {
     if sub == "api/token" {
         if method != "PUT" {
             return Reply::text(405, "method not allowed");
@@ -314,11 +334,10 @@ fn metadata(core: &Core, method: &str, subject: Subject, sub: &str, headers: &BT
     {
         let st = lock(&core.state);
         match headers.get(TOKEN_HEADER) {
-            Some(tok) => {
-                if !st.metadata_tokens.get(tok).is_some_and(|exp| *exp > now()) {
-                    return Reply::text(401, "invalid or expired metadata token");
-                }
+            Some(tok) if st.metadata_tokens.get(tok).is_none_or(|exp| *exp <= now()) => {
+                return Reply::text(401, "invalid or expired metadata token")
             }
+            Some(_) => {}
             None if st.hardened => return Reply::text(401, "metadata token required"),
             None => {}
         }
@@ -351,10 +370,9 @@ fn metadata(core: &Core, method: &str, subject: Subject, sub: &str, headers: &BT
     };
     let sub = sub.trim_end_matches('/').to_string();
     match sub.as_str() {
-        "meta-data" => Reply::text(
-            200,
-            "instance-id\nregion-id\nzone-id\nhostname\nprivate-ipv4\ninstance/\nram/\n",
-        ),
+        "meta-data" => {
+            Reply::text(200, "instance-id\nregion-id\nzone-id\nhostname\nprivate-ipv4\ninstance/\nram/\n")
+        }
         "meta-data/instance-id" => Reply::text(200, id),
         "meta-data/region-id" => Reply::text(200, core.catalogue.region.clone()),
         "meta-data/zone-id" => Reply::text(200, zone),
@@ -365,7 +383,8 @@ fn metadata(core: &Core, method: &str, subject: Subject, sub: &str, headers: &BT
             Some(t) => Reply::text(200, rfc3339(t)),
             None => Reply::text(404, "Not Found"),
         },
-        "user-data" => match user_data.and_then(|u| base64::engine::general_purpose::STANDARD.decode(u).ok()) {
+        "user-data" => match user_data.and_then(|u| base64::engine::general_purpose::STANDARD.decode(u).ok())
+        {
             Some(raw) => Reply::text(200, String::from_utf8_lossy(&raw).into_owned()),
             None => Reply::text(404, "Not Found"),
         },
@@ -413,10 +432,15 @@ fn control(core: &Core, method: &str, rest: &str, query: &str, body: &[u8]) -> R
             let id = &r["instances/".len()..r.len() - "/reclaim".len()];
             let mut q = Params::new();
             parse_form(query, &mut q);
-            let after = match q.get("after").map(|a| a.parse::<f64>().ok().and_then(|x| Duration::try_from_secs_f64(x).ok())) {
+            let after = match q
+                .get("after")
+                .map(|a| a.parse::<f64>().ok().and_then(|x| Duration::try_from_secs_f64(x).ok()))
+            {
                 None => Duration::ZERO,
                 Some(Some(d)) => d,
-                Some(None) => return Reply::json(400, &json!({ "error": "`after` must be a number of seconds" })),
+                Some(None) => {
+                    return Reply::json(400, &json!({ "error": "`after` must be a number of seconds" }))
+                }
             };
             if core.schedule_reclaim(id, after) {
                 Reply::json(200, &json!({ "InstanceId": id, "reclaim_in_seconds": after.as_secs_f64() }))
