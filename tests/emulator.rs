@@ -234,6 +234,34 @@ fn remote_sleeper(s: &ssh2::Session) -> (ssh2::Channel, i32) {
     (ch, String::from_utf8(line).unwrap().trim().parse().unwrap())
 }
 
+/// `GET path` from a socket bound to `source` (as a process on that instance would connect).
+fn get_from(source: std::net::Ipv4Addr, server: SocketAddr, path: &str) -> String {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let std::net::IpAddr::V4(server_ip) = server.ip() else { panic!("IPv4 emulator expected") };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a fresh descriptor owned by the TcpStream afterwards.
+    let mut stream = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let local = sockaddr(source, 0);
+        assert_eq!(libc::bind(fd, &local as *const _ as *const libc::sockaddr, len), 0);
+        let remote = sockaddr(server_ip, server.port());
+        assert_eq!(libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len), 0);
+        TcpStream::from_raw_fd(fd)
+    };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
 fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"),
@@ -331,6 +359,12 @@ fn instance_runs_real_sshd_with_cloud_config_keys_and_dies_with_delete() {
     assert_eq!(status, "Running");
     let (addr, sshd_pid) = wait_sshd(&emu, &id);
     assert!(addr.ip().to_string().starts_with("127.0.") && addr.ip().to_string() != "127.0.0.1");
+    // Metadata is attributed by source address: the instance sees itself, the host does not.
+    let std::net::IpAddr::V4(ip) = addr.ip() else { unreachable!() };
+    assert_eq!(get_from(ip, emu.addr(), "/latest/meta-data/instance-id"), id);
+    assert_eq!(get_from(ip, emu.addr(), "/latest/meta-data/zone-id"), "cn-hangzhou-j");
+    assert_eq!(get_from(ip, emu.addr(), "/latest/meta-data/instance/instance-type"), "ecs.c7.large");
+    assert_ne!(get_from("127.0.0.1".parse().unwrap(), emu.addr(), "/latest/meta-data/instance-id"), id);
     let s = ssh(addr, &k);
     let uname = exec(&s, "uname -a");
     assert!(uname.starts_with("Linux "), "{uname}");
