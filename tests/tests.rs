@@ -2,4 +2,5 @@
 
 mod config;
 mod ecs_client;
+mod emulator;
 mod ssh;
