@@ -35,6 +35,18 @@ impl std::fmt::Debug for Env {
 }
 
 impl Env {
+    /// This host's name (for the tag that tells which runner host created an instance).
+    pub fn hostname(&self) -> String {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        if rc != 0 {
+            return "unknown-host".to_string();
+        }
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+
     /// The environment of this process. Variables whose name or value is not UTF-8 are left
     /// out: none of the ones this driver reads can be like that.
     #[allow(clippy::disallowed_methods)]

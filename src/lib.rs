@@ -10,13 +10,15 @@
 //! ```
 //!
 //! Module map:
-//! - [`config`] and [`env`](mod@env): the TOML file, the administrator's environment and the job's
+//! - [`config`] and [`mod@env`]: the TOML file, the administrator's environment and the job's
 //!   `CUSTOM_ENV_*` overrides, validated once into typed values.
 //! - [`ecs`]: the ECS RPC client (signing, transport, typed errors, retry, actions) and
 //!   [`credentials`]: the AccessKey / profile / instance RAM role chain.
 //! - [`selection`] and [`price_cache`]: candidate types, availability and spot prices, ranked.
 //! - [`keys`], [`ssh`], [`state`], [`fsutil`]: per-job keys, the SSH session, the job-state file.
-//! - [`userdata`]: the cloud-config given to each instance (keys, self-destruct watchdog).
+//! - [`userdata`] and [`watchdog`]: the cloud-config given to each instance (keys, the
+//!   self-destruct watchdog).
+//! - [`offers`]: live offers from ECS through the price cache; [`logging`]: debug logs.
 //! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes.
 //! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands.
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
@@ -31,6 +33,8 @@ pub mod env;
 pub mod exit;
 pub mod fsutil;
 pub mod keys;
+pub mod logging;
+pub mod offers;
 pub mod price_cache;
 pub mod secret;
 pub mod selection;
@@ -39,6 +43,7 @@ pub mod stages;
 pub mod state;
 pub mod sweep;
 pub mod userdata;
+pub mod watchdog;
 
 /// The driver name reported to gitlab-runner and used in tags.
 pub const DRIVER_NAME: &str = "aliyun-spot-executor";

@@ -390,13 +390,25 @@ fn upload(c: &Connection, script: &[u8]) -> Result<String, SshError> {
 /// `setsid -w` makes the script a session (and process group) leader; it writes its own pid —
 /// the group id — to `pgid` before `exec`ing the interpreter, so a canceller can signal the
 /// whole group. The wrapper waits, removes the directory and exits with the script's status.
-fn wrapper_command(dir: &str, interpreter: &str) -> String {
+fn wrapper_command(dir: &str, interpreter: &str, hooks: &StageHooks) -> String {
+    let before = if hooks.before.is_empty() { String::new() } else { format!("{}; ", hooks.before) };
+    let after = if hooks.after.is_empty() { String::new() } else { format!("{}; ", hooks.after) };
     format!(
-        "d={d}; setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
-         wait $!; rc=$?; rm -rf \"$d\"; exit $rc",
+        "{before}d={d}; setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
+         wait $!; rc=$?; rm -rf \"$d\"; {after}exit $rc",
         d = sh_quote(dir),
         i = sh_quote(interpreter)
     )
+}
+
+/// Shell commands run on the instance around a stage script (by the wrapper shell, whose pid
+/// is `$$`), e.g. the markers the self-destruct watchdog reads. They must not fail the stage.
+#[derive(Debug, Clone, Default)]
+pub struct StageHooks {
+    /// Runs before the script starts.
+    pub before: String,
+    /// Runs after it ends, before the wrapper exits with the script's status.
+    pub after: String,
 }
 
 /// The command that terminates the script's process group: TERM, then KILL after the grace.
@@ -471,6 +483,19 @@ pub fn run_script(
     stderr: &mut dyn Write,
     cancel: &AtomicBool,
 ) -> Result<RunOutcome, SshError> {
+    run_script_with_hooks(t, script, interpreter, &StageHooks::default(), stdout, stderr, cancel)
+}
+
+/// [`run_script`] with [`StageHooks`] around the script.
+pub fn run_script_with_hooks(
+    t: &SshTarget,
+    script: &[u8],
+    interpreter: &str,
+    hooks: &StageHooks,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+    cancel: &AtomicBool,
+) -> Result<RunOutcome, SshError> {
     let c = connect(t, t.connect_timeout)?;
     let addr = c.addr.clone();
     let lost = |what: &str, e: &ssh2::Error| SshError::Lost {
@@ -487,7 +512,7 @@ pub fn run_script(
         return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
     }
     let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
-    ch.exec(&wrapper_command(&dir, interpreter)).map_err(|e| lost("starting the script", &e))?;
+    ch.exec(&wrapper_command(&dir, interpreter, hooks)).map_err(|e| lost("starting the script", &e))?;
     ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
 
     c.session.set_blocking(false);

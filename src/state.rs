@@ -102,6 +102,12 @@ pub struct JobState {
     /// When cleanup released the instance.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub released_at: Option<OffsetDateTime>,
+    /// When `RunInstances` answered with the instance id (the start of billing).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub instance_created_at: Option<OffsetDateTime>,
+    /// The preparation attempt that wrote this state (part of the `ClientToken`).
+    #[serde(default)]
+    pub attempt_id: String,
 }
 
 impl JobState {
@@ -333,6 +339,8 @@ mod tests {
             created_at: time::macros::datetime!(2025-01-02 03:04:05 UTC),
             ready_at: Some(time::macros::datetime!(2025-01-02 03:05:00 UTC)),
             released_at: None,
+            instance_created_at: None,
+            attempt_id: "custom-executor1".to_string(),
         }
     }
 

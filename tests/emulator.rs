@@ -286,7 +286,7 @@ fn processes_mentioning(needle: &Path) -> Vec<i32> {
 
 fn find_python() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("ALIYUN_SPOT_TEST_PYTHON") {
+    if let Some(p) = aliyun_spot_executor::env::Env::from_process().value("ALIYUN_SPOT_TEST_PYTHON") {
         candidates.push(p.into());
     }
     candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));

@@ -3,4 +3,5 @@
 mod config;
 mod ecs_client;
 mod emulator;
+mod executor;
 mod ssh;

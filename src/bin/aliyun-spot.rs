@@ -1,5 +1,63 @@
-//! The administrator's tool: prices, instances, sweep, doctor, emulator, demo.
+//! `aliyun-spot`: the administrator's tool (prices, instances, sweep, doctor, emulator, demo).
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use aliyun_spot_executor::{admin, demo, emulator, exit, sweep};
+
+/// Administer aliyun-spot-executor: spot prices, managed instances, leak sweeping, checks, and
+/// the local ECS emulator.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (default: `ALIYUN_SPOT_CONFIG`, then /etc/aliyun-spot-executor/config.toml;
+    /// `prices`, `instances` and `sweep` also work from the environment alone).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The ranked spot offers that fit a shape (cheapest first).
+    Prices {
+        #[command(flatten)]
+        shape: admin::ShapeArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Instances managed by this executor in the configured region.
+    Instances {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete managed instances whose job is over.
+    Sweep(sweep::SweepArgs),
+    /// Check credentials, region, images, security group, vswitches and permissions (DryRun).
+    Doctor,
+    /// Run the local ECS emulator.
+    Emulator(emulator::EmulatorArgs),
+    /// Run a sample CI job end to end against the emulator, as gitlab-runner would.
+    Demo(demo::DemoArgs),
+}
+
 fn main() {
-    eprintln!("aliyun-spot: not implemented yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    aliyun_spot_executor::logging::init();
+    let config = cli.config.as_deref();
+    let result = match cli.command {
+        Command::Prices { shape, json } => admin::prices(config, &shape, json),
+        Command::Instances { json } => admin::instances(config, json),
+        Command::Sweep(args) => sweep::run(config, &args),
+        Command::Doctor => admin::doctor(config),
+        Command::Emulator(args) => emulator::run_cli(args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("aliyun-spot: {}", exit::one_line(&e));
+        std::process::exit(1);
+    }
 }

@@ -1,8 +1,17 @@
-//! gitlab-runner's `prepare_exec`.
+//! gitlab-runner's `prepare_exec` (see `aliyun_spot_executor::stages::prepare`).
+use clap::Parser;
+
+/// The `prepare` stage of aliyun-spot-executor, called by gitlab-runner.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (default: `ALIYUN_SPOT_CONFIG`, then /etc/aliyun-spot-executor/config.toml).
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
+}
+
 fn main() {
-    let codes = aliyun_spot_executor::env::Env::from_process().exit_codes();
-    let result = Err(aliyun_spot_executor::exit::StageError::system(
-        "the `prepare` stage is not implemented yet in this build; use a released version",
-    ));
-    std::process::exit(codes.code_for(&result));
+    let args = Args::parse();
+    aliyun_spot_executor::logging::init();
+    aliyun_spot_executor::stages::main(aliyun_spot_executor::stages::prepare::run, args.config, false)
 }

@@ -179,7 +179,7 @@ pub struct JobOutcome {
     pub job_log: String,
     /// The runner's own log (cleanup's output).
     pub runner_log: String,
-    /// The status left in `BUILD_EXIT_CODE_FILE`, if any.
+    /// What `BUILD_EXIT_CODE_FILE` held right after the first stage that exited 1.
     pub build_exit_code: Option<String>,
     /// The JSON config printed (parsed), when config succeeded.
     pub config_json: Option<serde_json::Value>,
@@ -362,6 +362,10 @@ impl Attempt {
                         continue;
                     }
                     let exit = self.run_stage(stage, body)?;
+                    if exit == Exit::Code(1) && outcome.build_exit_code.is_none() {
+                        // gitlab-runner reads the file right after the stage that failed.
+                        outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
+                    }
                     let ok = exit.success();
                     outcome.stages.push((stage.clone(), exit));
                     if !ok {
@@ -382,7 +386,6 @@ impl Attempt {
         outcome.cleanup = Some(self.cleanup()?);
         outcome.job_log = self.log.text();
         outcome.runner_log = self.runner_log.text();
-        outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
         Ok(outcome)
     }
 }

@@ -443,6 +443,13 @@ impl EcsClient {
 
     /// `DescribeInstances`, every page (more than 100 `instance_ids` are split into several
     /// requests). An empty `instance_ids` means no id filter.
+    /// One instance by id; `None` when ECS no longer knows it.
+    pub fn describe_instance(&self, id: &str) -> Result<Option<Instance>, EcsError> {
+        let f = DescribeInstancesFilter { instance_ids: vec![id.to_string()], ..Default::default() };
+        Ok(self.describe_instances(&f)?.into_iter().find(|i| i.id == id))
+    }
+
+    /// `DescribeInstances`, every page.
     pub fn describe_instances(&self, f: &DescribeInstancesFilter) -> Result<Vec<Instance>, EcsError> {
         if f.tags.len() > 20 {
             return Err(EcsError::Config(format!(

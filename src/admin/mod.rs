@@ -1,0 +1,304 @@
+//! The administrator's `aliyun-spot` commands: `prices`, `instances`, `doctor`.
+//!
+//! They need only a region and credentials, so they work from the environment alone; output
+//! is a table for people or JSON for scripts (`--json`).
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::config::Config;
+use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
+use crate::env::Env;
+use crate::selection::{Arch, Offer, Shape};
+use crate::stages::tags;
+
+/// Optional shape overrides from the command line.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ShapeArgs {
+    /// Architecture: amd64 (x86_64) or arm64 (aarch64).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Minimum vCPUs.
+    #[arg(long)]
+    pub min_cpu: Option<u32>,
+    /// Maximum vCPUs.
+    #[arg(long)]
+    pub max_cpu: Option<u32>,
+    /// Minimum memory, GiB.
+    #[arg(long)]
+    pub min_mem: Option<f64>,
+    /// Maximum memory, GiB.
+    #[arg(long)]
+    pub max_mem: Option<f64>,
+}
+
+fn load(config: Option<&Path>) -> Result<(Config, EcsClient)> {
+    let env = Env::from_process();
+    let config = crate::config::load(config, &env)?;
+    let client = crate::offers::client(&config)?;
+    Ok((config, client))
+}
+
+/// `aliyun-spot prices`: the ranked offers.
+pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool) -> Result<()> {
+    let (config, client) = load(config_path)?;
+    let arch: Arch = match &args.arch {
+        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
+        None => config.instance.default_arch,
+    };
+    let overrides = crate::selection::ShapeOverrides {
+        min_cpu: args.min_cpu,
+        max_cpu: args.max_cpu,
+        min_mem_gib: args.min_mem,
+        max_mem_gib: args.max_mem,
+    };
+    let shape = config.shape(arch).with_overrides(&overrides)?;
+    let offers = crate::offers::ranked(&client, &config, &shape, true)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&offers)?);
+        return Ok(());
+    }
+    print_offers(&shape, &offers);
+    Ok(())
+}
+
+fn print_offers(shape: &Shape, offers: &[Offer]) {
+    println!(
+        "{} offers for {} with {}-{} vCPU and {}-{} GiB (cheapest first):",
+        offers.len(),
+        shape.arch,
+        shape.min_cpu,
+        shape.max_cpu,
+        shape.min_mem_gib,
+        shape.max_mem_gib
+    );
+    println!(
+        "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>11} {:>9}  VSWITCH",
+        "TYPE", "ZONE", "vCPU", "MEM GiB", "SPOT/h CNY", "PER CORE", "ON-DEMAND/h", "DISCOUNT"
+    );
+    for o in offers {
+        println!(
+            "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>11} {:>9}  {}",
+            o.instance_type,
+            o.zone,
+            o.cores,
+            o.memory_gib,
+            o.spot_price,
+            o.price_per_core,
+            o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
+            o.discount.map(|d| format!("{:.0}%", d * 100.0)).unwrap_or_else(|| "-".into()),
+            o.vswitch_id.as_deref().unwrap_or("(none: not used)")
+        );
+    }
+}
+
+/// One managed instance, as `instances --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct InstanceRow {
+    /// Instance id.
+    pub id: String,
+    /// Instance name.
+    pub name: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// Zone.
+    pub zone: String,
+    /// ECS status.
+    pub status: String,
+    /// Seconds since creation.
+    pub age_seconds: Option<i64>,
+    /// Runner id tag.
+    pub runner: Option<String>,
+    /// Project id tag.
+    pub project: Option<String>,
+    /// Job id tag.
+    pub job: Option<String>,
+    /// Spot price limit.
+    pub spot_price_limit: Option<f64>,
+    /// Public IPs.
+    pub public_ips: Vec<String>,
+    /// Private IPs.
+    pub private_ips: Vec<String>,
+    /// Operation locks (`Recycling` when reclaimed).
+    pub locks: Vec<String>,
+}
+
+impl InstanceRow {
+    fn from(i: Instance, now: OffsetDateTime, safety: &crate::config::Safety) -> InstanceRow {
+        InstanceRow {
+            age_seconds: i.creation_time.map(|c| (now - c).whole_seconds()),
+            runner: i.tags.get(&safety.tag_key(tags::RUNNER)).cloned(),
+            project: i.tags.get(&safety.tag_key(tags::PROJECT)).cloned(),
+            job: i.tags.get(&safety.tag_key(tags::JOB)).cloned(),
+            id: i.id,
+            name: i.name,
+            instance_type: i.instance_type,
+            zone: i.zone_id,
+            status: i.status,
+            spot_price_limit: i.spot_price_limit,
+            public_ips: i.public_ips,
+            private_ips: i.private_ips,
+            locks: i.operation_locks,
+        }
+    }
+}
+
+/// The managed instances of the configured region.
+pub fn managed_instances(config: &Config, client: &EcsClient) -> Result<Vec<Instance>> {
+    let filter = DescribeInstancesFilter {
+        tags: vec![(config.safety.managed_tag_key.clone(), config.safety.managed_tag_value.clone())],
+        ..Default::default()
+    };
+    client.describe_instances(&filter).context("failed to list managed instances")
+}
+
+/// `aliyun-spot instances`.
+pub fn instances(config_path: Option<&Path>, json: bool) -> Result<()> {
+    let (config, client) = load(config_path)?;
+    let now = OffsetDateTime::now_utc();
+    let rows: Vec<InstanceRow> = managed_instances(&config, &client)?
+        .into_iter()
+        .map(|i| InstanceRow::from(i, now, &config.safety))
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{} managed instance(s) in {}", rows.len(), config.region()?);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<36} {:<20} {:<16} {:<9} {:>8} {:<8} {:<8} IP",
+        "ID", "NAME", "TYPE", "ZONE", "STATUS", "AGE", "PROJECT", "JOB"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<36} {:<20} {:<16} {:<9} {:>8} {:<8} {:<8} {}",
+            r.id,
+            r.name,
+            r.instance_type,
+            r.zone,
+            if r.locks.is_empty() {
+                r.status.clone()
+            } else {
+                format!("{}({})", r.status, r.locks.join(","))
+            },
+            r.age_seconds.map(|s| crate::stages::cost::format_duration(s.max(0) as u64)).unwrap_or_default(),
+            r.project.unwrap_or_default(),
+            r.job.unwrap_or_default(),
+            r.public_ips.first().or(r.private_ips.first()).cloned().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `aliyun-spot doctor`: checks what prepare will need, creating nothing.
+pub fn doctor(config_path: Option<&Path>) -> Result<()> {
+    let (config, client) = load(config_path)?;
+    let mut failures = 0;
+    let mut check = |what: &str, r: Result<String>| match r {
+        Ok(detail) => println!("ok    {what}: {detail}"),
+        Err(e) => {
+            failures += 1;
+            println!("FAIL  {what}: {}", crate::exit::one_line(&e));
+        }
+    };
+    check(
+        "configuration",
+        config.require_for_api().map(|_| format!("region {}", config.region().unwrap_or("?"))),
+    );
+    check(
+        "credentials and region",
+        client
+            .describe_zones()
+            .map(|z| format!("{} zones visible ({})", z.len(), client.credentials_source()))
+            .map_err(Into::into),
+    );
+    for (arch, image) in &config.images {
+        check(
+            &format!("{arch} image"),
+            client.describe_images(std::slice::from_ref(image)).map_err(anyhow::Error::from).and_then(
+                |imgs| match imgs.first() {
+                    Some(i) => Ok(format!("{} ({})", image, i.architecture.clone().unwrap_or_default())),
+                    None => anyhow::bail!("image `{image}` not found in {}", client.region_id()),
+                },
+            ),
+        );
+    }
+    if let Some(sg) = &config.network.security_group_id {
+        check(
+            "security group",
+            client
+                .describe_security_groups(std::slice::from_ref(sg), None)
+                .map_err(anyhow::Error::from)
+                .and_then(|g| match g.first() {
+                    Some(g) => {
+                        Ok(format!("{} in {}", g.security_group_id, g.vpc_id.clone().unwrap_or_default()))
+                    }
+                    None => anyhow::bail!("security group `{sg}` not found"),
+                }),
+        );
+    }
+    let arch = config.instance.default_arch;
+    check(
+        "prepare settings",
+        config.require_for_prepare(arch).map(|_| format!("{arch} jobs can be prepared")),
+    );
+    let offers = crate::offers::ranked(&client, &config, config.shape(arch), false);
+    let first = offers.as_ref().ok().and_then(|o| o.first().cloned());
+    check(
+        "spot offers",
+        offers.map(|o| match o.first() {
+            Some(b) => format!(
+                "{} offers; cheapest {} in {} at {:.4} CNY/hour",
+                o.len(),
+                b.instance_type,
+                b.zone,
+                b.spot_price
+            ),
+            None => "none fit the default shape".to_string(),
+        }),
+    );
+    if let Some(offer) = first {
+        // RunInstances with DryRun proves permissions, image, group and vswitch fit together.
+        let req = crate::ecs::RunInstancesRequest {
+            zone_id: offer.zone.clone(),
+            instance_type: offer.instance_type.clone(),
+            image_id: config.images.get(&arch).cloned().unwrap_or_default(),
+            security_group_id: config.network.security_group_id.clone().unwrap_or_default(),
+            vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
+            instance_name: "aliyun-spot-doctor".to_string(),
+            host_name: None,
+            spot_strategy: config.spot.strategy.into(),
+            spot_price_limit: crate::selection::price_limit(
+                offer.spot_price,
+                config.spot.price_limit_factor,
+                None,
+            ),
+            spot_duration: Some(0),
+            internet_max_bandwidth_out: config.network.internet_max_bandwidth_out,
+            system_disk_category: Some(config.instance.system_disk_category.clone()),
+            system_disk_size: Some(config.instance.system_disk_size_gib),
+            key_pair_name: config.ssh.key_pair_name.clone(),
+            ram_role_name: config.instance.ram_role_name.clone(),
+            user_data: None,
+            tags: vec![(config.safety.managed_tag_key.clone(), config.safety.managed_tag_value.clone())],
+            auto_release_time: Some(OffsetDateTime::now_utc() + config.safety.max_lifetime),
+            client_token: format!("doctor-{}", uuid::Uuid::new_v4()),
+            dry_run: true,
+        };
+        check(
+            "RunInstances (DryRun)",
+            client.run_instances(&req).map(|_| "allowed".to_string()).map_err(Into::into),
+        );
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} check(s) failed");
+    }
+    println!("all checks passed");
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! `cleanup_exec`: release the job's instance, whatever happened before.
+//!
+//! gitlab-runner calls cleanup after every failed preparation attempt, after the job, possibly
+//! while a `run` is still dying, and never if the runner itself dies (CUSTOM_EXECUTOR.md §2.5,
+//! §9 P6/P7). So cleanup trusts nothing it does not check: it deletes the instance named in the
+//! job state *and* every instance tagged with this runner and job (the state may be missing or
+//! written before the id was known), treats "already gone" as success, records the cost once,
+//! and removes the job's state and keys last.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use time::OffsetDateTime;
+
+use super::{cost, delete_instance, Context, Progress};
+use crate::exit::StageError;
+use crate::state::Phase;
+
+/// Runs the cleanup stage.
+pub fn run(ctx: &Context) -> Result<(), StageError> {
+    let p = Progress;
+    let _lock = ctx.lock_job()?;
+    let state = match ctx.store.load(&ctx.key) {
+        Ok(s) => s,
+        Err(e) => {
+            p.line(format!(
+                "WARNING: ignoring an unreadable job state ({}); searching by tags",
+                crate::exit::one_line(&e)
+            ));
+            None
+        }
+    };
+    let mut ids: Vec<String> = state.as_ref().and_then(|s| s.instance_id.clone()).into_iter().collect();
+
+    // A prepare killed while RunInstances was in flight leaves phase `Creating` and no id; the
+    // instance may take a moment to show up in DescribeInstances, so look a few times.
+    let in_flight = state.as_ref().is_some_and(|s| s.phase == Phase::Creating && !s.client_token.is_empty());
+    let searches = if in_flight { 5 } else { 1 };
+    for i in 0..searches {
+        let found = ctx.find_job_instances()?;
+        for inst in found {
+            if !ids.contains(&inst.id) {
+                ids.push(inst.id);
+            }
+        }
+        if !ids.is_empty() || i + 1 == searches {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    let mut failures = Vec::new();
+    for id in &ids {
+        match delete_instance(ctx, id) {
+            Ok(()) => p.line(format!("Released instance {id}")),
+            Err(e) => failures.push(e),
+        }
+    }
+    if let Some(e) = failures.into_iter().next() {
+        // Keep the state so a later cleanup or `aliyun-spot sweep` can finish the job.
+        return Err(e);
+    }
+
+    if let Some(s) = &state {
+        if s.instance_id.is_some() {
+            let now = OffsetDateTime::now_utc();
+            if let Some(entry) = cost::ledger_entry(s, &ctx.job, now) {
+                p.line(cost::summary(&entry));
+                cost::append_ledger(&ctx.config.paths.ledger, &entry).with_context(|| {
+                    format!("failed to append to the cost ledger `{}`", ctx.config.paths.ledger.display())
+                })?;
+            }
+        }
+    }
+    ctx.store.remove(&ctx.key)?;
+    if ids.is_empty() {
+        p.line(format!("Nothing to release for job {}", ctx.key.job_id));
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `config_exec`: validate everything, then print the runner JSON.
+//!
+//! This is the first thing gitlab-runner runs for a job, before anything is billed, so every
+//! configuration or job-variable mistake must surface here as one clear line. stdout carries
+//! only the JSON (gitlab-runner parses all of it); messages go to stderr, i.e. the job log.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+
+use crate::env::Env;
+use crate::exit::StageError;
+
+/// Builds the JSON gitlab-runner reads from `config_exec` (CUSTOM_EXECUTOR.md §3.7).
+pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json::Value, StageError> {
+    let (config, spec) = crate::config::load_for_job(config_path.as_deref(), env)?;
+    config.require_for_prepare(spec.shape.arch)?;
+    crate::offers::validate_endpoint(&config)?;
+    Ok(json!({
+        "builds_dir": config.runner.builds_dir,
+        "cache_dir": config.runner.cache_dir,
+        "builds_dir_is_shared": false,
+        "hostname": format!("{}-{}", crate::DRIVER_NAME, spec.shape.arch),
+        "driver": { "name": crate::DRIVER_NAME, "version": crate::DRIVER_VERSION },
+        "job_env": {},
+        "shell": config.runner.shell,
+    }))
+}
+
+/// The `config` binary's main.
+pub fn main(config_path: Option<PathBuf>) -> ! {
+    let env = Env::from_process();
+    let codes = env.exit_codes();
+    let result = runner_json(&env, config_path).map(|json| println!("{json}"));
+    std::process::exit(codes.code_for(&result));
+}

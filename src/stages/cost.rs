@@ -1,0 +1,135 @@
+//! What a job cost: price × time, shown in the job log and appended to a ledger.
+//!
+//! The ledger is JSON lines on the runner host, one per released instance, so an
+//! administrator can sum costs per project with `jq` without any service.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::env::JobInfo;
+use crate::state::JobState;
+
+/// One ledger line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LedgerEntry {
+    /// When the instance was released.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Runner id.
+    pub runner: String,
+    /// Project id.
+    pub project: String,
+    /// Project path, when known.
+    pub project_path: String,
+    /// Job id.
+    pub job: String,
+    /// Instance id.
+    pub instance_id: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// Zone.
+    pub zone: String,
+    /// Spot price in CNY per hour at creation.
+    pub price_per_hour: f64,
+    /// Seconds from creation to release.
+    pub seconds: u64,
+    /// price × hours, CNY.
+    pub cost: f64,
+}
+
+/// The ledger entry for a state whose instance was created.
+pub fn ledger_entry(s: &JobState, job: &JobInfo, now: OffsetDateTime) -> Option<LedgerEntry> {
+    let created = s.instance_created_at?;
+    let price = s.spot_price?;
+    let seconds = (now - created).whole_seconds().max(0) as u64;
+    Some(LedgerEntry {
+        at: now,
+        runner: s.runner_id.clone(),
+        project: s.project_id.clone(),
+        project_path: job.project_path.clone().unwrap_or_default(),
+        job: s.job_id.clone(),
+        instance_id: s.instance_id.clone().unwrap_or_default(),
+        instance_type: s.instance_type.clone(),
+        zone: s.zone.clone(),
+        price_per_hour: price,
+        seconds,
+        cost: price * seconds as f64 / 3600.0,
+    })
+}
+
+/// The line shown at the end of the job log (the `cleanup_file_variables` stage).
+pub fn job_cost_line(s: &JobState, now: OffsetDateTime) -> Option<String> {
+    let created = s.instance_created_at?;
+    let price = s.spot_price?;
+    let seconds = (now - created).whole_seconds().max(0) as u64;
+    Some(format!(
+        "Spot instance {} ({} in {}) at {:.4} CNY/hour for {}: about {:.4} CNY so far",
+        s.instance_id.as_deref().unwrap_or("?"),
+        s.instance_type,
+        s.zone,
+        price,
+        format_duration(seconds),
+        price * seconds as f64 / 3600.0
+    ))
+}
+
+/// The line cleanup prints (to the runner log).
+pub fn summary(e: &LedgerEntry) -> String {
+    format!(
+        "Job {} used {} ({} in {}) for {} at {:.4} CNY/hour: {:.4} CNY",
+        e.job,
+        e.instance_id,
+        e.instance_type,
+        e.zone,
+        format_duration(e.seconds),
+        e.price_per_hour,
+        e.cost
+    )
+}
+
+/// Appends one JSON line; the file is created 0600.
+pub fn append_ledger(path: &Path, e: &LedgerEntry) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    // One write of one line: concurrent cleanups on O_APPEND never interleave within a line.
+    let mut line = serde_json::to_vec(e)?;
+    line.push(b'\n');
+    f.write_all(&line)?;
+    Ok(())
+}
+
+/// `3m12s`, `1h02m`.
+pub fn format_duration(secs: u64) -> String {
+    if secs >= 3600 {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    } else if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// `2026-11-24 15:04:05 UTC`.
+pub fn format_time(t: OffsetDateTime) -> String {
+    t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_duration(5), "5s");
+        assert_eq!(format_duration(192), "3m12s");
+        assert_eq!(format_duration(3720), "1h02m");
+    }
+}

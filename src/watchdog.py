@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+# aliyun-spot-executor self-destruct watchdog.
+#
+# Installed into every instance through cloud-config when an instance RAM role is configured.
+# It is the last safety net after cleanup and AutoReleaseTime: when no stage has run for the
+# idle timeout, or the instance has outlived its maximum lifetime, it deletes its own instance
+# with the instance RAM role's temporary credentials (metadata service, hardened mode) and a
+# signed DeleteInstance call. Standard library only, so any image with python3 runs it.
+#
+# Usage: watchdog.py [CONFIG_JSON] [--once]
+#   CONFIG_JSON  default /etc/aliyun-spot-executor/watchdog.json
+#   --once       check once and exit (0: kept, 3: deleted, 1: error)
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+
+def log(msg):
+    sys.stderr.write("aliyun-spot-watchdog: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def metadata(conf, path, token):
+    req = urllib.request.Request(conf["metadata"].rstrip("/") + "/latest/meta-data/" + path)
+    req.add_header("X-aliyun-ecs-metadata-token", token)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def metadata_token(conf):
+    req = urllib.request.Request(conf["metadata"].rstrip("/") + "/latest/api/token", method="PUT")
+    req.add_header("X-aliyun-ecs-metadata-token-ttl-seconds", "300")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def encode(s):
+    return urllib.parse.quote(s, safe="~")
+
+
+def call_ecs(conf, creds, action, params):
+    p = dict(params)
+    p.update({
+        "Action": action,
+        "Version": "2014-05-26",
+        "Format": "JSON",
+        "AccessKeyId": creds["AccessKeyId"],
+        "SignatureMethod": "HMAC-SHA1",
+        "SignatureVersion": "1.0",
+        "SignatureNonce": str(uuid.uuid4()),
+        "Timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "RegionId": conf["region_id"],
+    })
+    if creds.get("SecurityToken"):
+        p["SecurityToken"] = creds["SecurityToken"]
+    canonical = "&".join("%s=%s" % (encode(k), encode(v)) for k, v in sorted(p.items()))
+    to_sign = "POST&%2F&" + encode(canonical)
+    key = (creds["AccessKeySecret"] + "&").encode()
+    p["Signature"] = base64.b64encode(hmac.new(key, to_sign.encode(), hashlib.sha1).digest()).decode()
+    body = urllib.parse.urlencode(p, quote_via=urllib.parse.quote).encode()
+    req = urllib.request.Request(conf["endpoint"].rstrip("/") + "/", data=body, method="POST")
+    req.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return json.loads(r.read().decode() or "{}")
+    except urllib.error.HTTPError as e:
+        answer = json.loads(e.read().decode() or "{}")
+        code = answer.get("Code", "HTTP %d" % e.code)
+        if code == "InvalidInstanceId.NotFound":
+            return answer
+        raise RuntimeError("%s failed: %s (RequestId: %s)" % (action, code, answer.get("RequestId", "?")))
+
+
+def state_dir(conf, instance_id):
+    return os.path.join(conf.get("state_root", "/run/aliyun-spot-executor"), instance_id)
+
+
+def busy(sdir):
+    # A stage leaves busy.<pid> while it runs; a marker whose process is gone does not count.
+    try:
+        names = os.listdir(sdir)
+    except FileNotFoundError:
+        return False
+    for name in names:
+        if name.startswith("busy."):
+            try:
+                os.kill(int(name.split(".", 1)[1]), 0)
+                return True
+            except (ValueError, ProcessLookupError):
+                continue
+            except PermissionError:
+                return True
+    return False
+
+
+def last_activity(sdir, started):
+    try:
+        return max(os.stat(os.path.join(sdir, "activity")).st_mtime, started)
+    except FileNotFoundError:
+        return started
+
+
+def check(conf, started):
+    token = metadata_token(conf)
+    instance_id = metadata(conf, "instance-id", token).strip()
+    sdir = state_dir(conf, instance_id)
+    now = time.time()
+    reason = None
+    if now >= conf["deadline_epoch"]:
+        reason = "it outlived its maximum lifetime"
+    elif not busy(sdir) and now - last_activity(sdir, started) >= conf["idle_timeout_seconds"]:
+        reason = "no stage ran for %ds" % conf["idle_timeout_seconds"]
+    if reason is None:
+        return False
+    role = conf.get("ram_role") or metadata(conf, "ram/security-credentials/", token).strip().splitlines()[0]
+    creds = json.loads(metadata(conf, "ram/security-credentials/" + role, token))
+    log("deleting instance %s: %s" % (instance_id, reason))
+    call_ecs(conf, creds, "DeleteInstance", {"InstanceId": instance_id, "Force": "true"})
+    return True
+
+
+def main(argv):
+    once = "--once" in argv
+    args = [a for a in argv[1:] if a != "--once"]
+    with open(args[0] if args else "/etc/aliyun-spot-executor/watchdog.json") as f:
+        conf = json.load(f)
+    started = conf.get("started_epoch", time.time())
+    while True:
+        try:
+            if check(conf, started):
+                return 3
+        except Exception as e:  # keep watching: a transient metadata or API error is not fatal
+            log("check failed: %s" % e)
+            if once:
+                return 1
+        if once:
+            return 0
+        time.sleep(conf.get("poll_seconds", 30))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,138 @@
+//! The in-instance self-destruct watchdog: the safety net for a runner host that dies.
+//!
+//! `cleanup` deletes each instance, and `AutoReleaseTime` bounds its life at creation; but a
+//! runner host that crashes mid-job would leave an idle machine billing until that time. So
+//! prepare installs this small program through cloud-config: it deletes its own instance when
+//! no stage has run for the idle timeout, or past the maximum lifetime, with the instance RAM
+//! role's temporary credentials from the metadata service (docs/safety.md has the RAM policy).
+//! It is python3 with the standard library only, because every mainstream image has python3
+//! and nothing else can be assumed on a fresh instance; it holds no credentials of its own.
+//!
+//! Stages mark activity under `/run/aliyun-spot-executor/<instance-id>/`: `busy.<pid>` while a
+//! stage runs and `activity` touched at its start and end (see [`stage_markers`]).
+
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::userdata::{CloudConfig, RunCmd, WriteFile};
+
+/// The watchdog program, exactly as installed.
+pub const SCRIPT: &str = include_str!("watchdog.py");
+/// Where cloud-config writes the program.
+pub const SCRIPT_PATH: &str = "/usr/local/lib/aliyun-spot-executor/watchdog.py";
+/// Where cloud-config writes its settings.
+pub const CONFIG_PATH: &str = "/etc/aliyun-spot-executor/watchdog.json";
+/// Where stages leave their markers (one directory per instance id).
+pub const STATE_ROOT: &str = "/run/aliyun-spot-executor";
+
+/// What the watchdog needs to know; no secret.
+#[derive(Debug, Clone)]
+pub struct WatchdogSpec {
+    /// Region of the instance.
+    pub region_id: String,
+    /// ECS API endpoint it calls (`https://ecs-vpc.<region>.aliyuncs.com` or the configured one).
+    pub endpoint: String,
+    /// Metadata service base URL (`http://100.100.100.200`).
+    pub metadata: String,
+    /// The instance RAM role whose credentials it uses.
+    pub ram_role: String,
+    /// Delete after this long without a running stage.
+    pub idle_timeout: Duration,
+    /// When the instance was created (the lifetime and the idle clock start here).
+    pub created_at: OffsetDateTime,
+    /// Maximum lifetime.
+    pub max_lifetime: Duration,
+}
+
+/// The watchdog's settings file (`watchdog.json`).
+pub fn config_json(spec: &WatchdogSpec) -> String {
+    let started = spec.created_at.unix_timestamp();
+    let v = json!({
+        "region_id": spec.region_id,
+        "endpoint": spec.endpoint,
+        "metadata": spec.metadata,
+        "ram_role": spec.ram_role,
+        "idle_timeout_seconds": spec.idle_timeout.as_secs(),
+        "started_epoch": started,
+        "deadline_epoch": started + spec.max_lifetime.as_secs() as i64,
+        "state_root": STATE_ROOT,
+        "poll_seconds": 30,
+    });
+    serde_json::to_string_pretty(&v).expect("JSON of plain values")
+}
+
+const UNIT: &str = "[Unit]
+Description=aliyun-spot-executor self-destruct watchdog
+After=network-online.target
+
+[Service]
+ExecStart=/usr/bin/env python3 /usr/local/lib/aliyun-spot-executor/watchdog.py /etc/aliyun-spot-executor/watchdog.json
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Adds the watchdog (program, settings, systemd unit, start command) to a cloud-config.
+pub fn add_to(cc: &mut CloudConfig, spec: &WatchdogSpec) {
+    cc.write_files.push(WriteFile {
+        path: SCRIPT_PATH.to_string(),
+        permissions: "0755".to_string(),
+        owner: None,
+        content: SCRIPT.to_string(),
+    });
+    cc.write_files.push(WriteFile {
+        path: CONFIG_PATH.to_string(),
+        permissions: "0644".to_string(),
+        owner: None,
+        content: config_json(spec),
+    });
+    cc.write_files.push(WriteFile {
+        path: "/etc/systemd/system/aliyun-spot-watchdog.service".to_string(),
+        permissions: "0644".to_string(),
+        owner: None,
+        content: UNIT.to_string(),
+    });
+    // systemd keeps it running; without systemd, a detached loop does.
+    cc.runcmd.push(RunCmd::Shell(format!(
+        "systemctl daemon-reload && systemctl enable --now aliyun-spot-watchdog.service || (nohup python3 {SCRIPT_PATH} {CONFIG_PATH} >/var/log/aliyun-spot-watchdog.log 2>&1 &)"
+    )));
+}
+
+/// Shell lines a stage wraps around the job's script so the watchdog sees it: a `busy.<pid>`
+/// marker while it runs and `activity` touched at both ends. Returns (before, after).
+pub fn stage_markers(instance_id: &str) -> (String, String) {
+    let dir = format!("{STATE_ROOT}/{instance_id}");
+    (
+        format!("mkdir -p '{dir}' 2>/dev/null && touch '{dir}/activity' '{dir}/busy.'$$ 2>/dev/null || true"),
+        format!("rm -f '{dir}/busy.'$$ 2>/dev/null; touch '{dir}/activity' 2>/dev/null || true"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_carry_the_deadline_and_no_secret() {
+        let spec = WatchdogSpec {
+            region_id: "cn-hangzhou".into(),
+            endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
+            metadata: "http://100.100.100.200".into(),
+            ram_role: "aliyun-spot-self-destruct".into(),
+            idle_timeout: Duration::from_secs(600),
+            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            max_lifetime: Duration::from_secs(3 * 3600),
+        };
+        let v: serde_json::Value = serde_json::from_str(&config_json(&spec)).unwrap();
+        assert_eq!(v["deadline_epoch"], 1_700_000_000 + 3 * 3600);
+        assert_eq!(v["idle_timeout_seconds"], 600);
+        let mut cc = CloudConfig::default();
+        add_to(&mut cc, &spec);
+        assert_eq!(cc.write_files.len(), 3);
+        assert!(cc.write_files[0].content.contains("def check(conf, started)"));
+    }
+}

@@ -1,0 +1,292 @@
+//! The stage binaries driven exactly as gitlab-runner drives them, against the emulator and a
+//! real sshd per instance. Every scenario ends by proving that no instance is left alive.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Exit, Job};
+use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions, Faults};
+
+/// One test's world: an emulator, a configuration pointing at it, and private directories.
+pub struct World {
+    pub emulator: Emulator,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl World {
+    pub fn new() -> World {
+        World::with_faults(Faults::default())
+    }
+
+    pub fn with_faults(faults: Faults) -> World {
+        let emulator = Emulator::start(EmulatorOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            boot_delay: Duration::from_millis(300),
+            ssh_delay: Duration::from_millis(100),
+            faults,
+            ..EmulatorOptions::default()
+        })
+        .expect("emulator starts");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_text(&emulator.endpoint(), dir.path())).unwrap();
+        World { emulator, dir, config }
+    }
+
+    pub fn exes(&self) -> Executables {
+        let mut e = Executables {
+            config: PathBuf::from(env!("CARGO_BIN_EXE_config")),
+            prepare: PathBuf::from(env!("CARGO_BIN_EXE_prepare")),
+            run: PathBuf::from(env!("CARGO_BIN_EXE_run")),
+            cleanup: PathBuf::from(env!("CARGO_BIN_EXE_cleanup")),
+            args: Vec::new(),
+        };
+        e.args = vec!["--config".into(), self.config.display().to_string()];
+        e
+    }
+
+    /// The runner process's own environment: minimal, without the developer's ALIYUN_* values.
+    pub fn base_env(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert(
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        );
+        m.insert("HOME".to_string(), self.dir.path().display().to_string());
+        m
+    }
+
+    pub fn builds_dir(&self) -> String {
+        self.dir.path().join("builds").display().to_string()
+    }
+
+    pub fn job(&self, job_id: &str, script: &str) -> Job {
+        let builds = self.builds_dir();
+        Job {
+            variables: Job::ci_variables("7", "42", job_id, &builds),
+            stages: Job::standard_stages(&format!("{builds}/group/project"), script),
+            after_script: None,
+        }
+    }
+
+    pub fn attempt(&self, job: &Job) -> Attempt {
+        Attempt::new(self.exes(), self.base_env(), job).unwrap()
+    }
+
+    pub fn live(&self) -> usize {
+        self.emulator.live_instances()
+    }
+
+    /// Waits until the emulator has no live instance (deletion is synchronous, but a reclaim
+    /// takes the emulator a moment), then asserts it.
+    pub fn assert_nothing_left(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.live() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(self.live(), 0, "instances left alive: {:#?}", self.emulator.instances());
+    }
+}
+
+/// A configuration for the emulator with everything in `dir`.
+pub fn config_text(endpoint: &str, dir: &Path) -> String {
+    let base = include_str!("../config/emulator.toml");
+    aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts")
+}
+
+fn show(outcome: &aliyun_spot_executor::demo::gitlab::JobOutcome) -> String {
+    format!("JOB LOG:\n{}\nRUNNER LOG:\n{}\n", outcome.job_log, outcome.runner_log)
+}
+
+#[test]
+fn passing_job_runs_on_a_spot_instance_and_releases_it() {
+    let w = World::new();
+    let job = w.job("1001", "echo hello from $(hostname)\nuname -s");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}", show(&out));
+    assert!(out.job_log.contains("hello from"), "{}", show(&out));
+    assert!(out.job_log.contains("Linux"), "{}", show(&out));
+    assert!(out.job_log.contains("Created spot instance i-"), "{}", show(&out));
+    assert!(out.job_log.contains("CNY so far"), "the cost reaches the job log: {}", show(&out));
+    assert!(out.runner_log.contains("Released instance i-"), "{}", show(&out));
+    let json = out.config_json.as_ref().unwrap();
+    assert_eq!(json["builds_dir_is_shared"], false);
+    assert_eq!(json["driver"]["name"], "aliyun-spot-executor");
+    assert!(!out.job_log.contains("NEVERPRINTED"), "the job token never reaches the log");
+    w.assert_nothing_left();
+    let created = w.emulator.instances();
+    assert_eq!(created.len(), 1);
+}
+
+#[test]
+fn failing_script_is_a_build_failure_with_its_status() {
+    let w = World::new();
+    let job = w.job("1002", "echo before\nexit 42");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    let build = out.stages.iter().find(|(s, _)| s == "build_script").unwrap();
+    assert_eq!(build.1, Exit::Code(1), "{}", show(&out));
+    assert_eq!(out.build_exit_code.as_deref(), Some("42\n"));
+    assert_eq!(out.cleanup, Some(Exit::Code(0)), "{}", show(&out));
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_script_that_reads_stdin_sees_eof_not_its_script() {
+    let w = World::new();
+    let job = w.job(
+        "1003",
+        "if read -r line; then echo \"STDIN GAVE: $line\"; else echo STDIN-EOF; fi\ncat | wc -c",
+    );
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}", show(&out));
+    assert!(out.job_log.contains("STDIN-EOF"), "{}", show(&out));
+    assert!(!out.job_log.contains("STDIN GAVE"), "{}", show(&out));
+    w.assert_nothing_left();
+}
+
+#[test]
+fn output_reaches_the_log_while_the_stage_runs() {
+    let w = World::new();
+    let gate = w.dir.path().join("gate");
+    let script = format!(
+        "echo FIRST-LINE\nfor i in $(seq 1 600); do [ -e '{}' ] && break; sleep 0.1; done\necho SECOND-LINE",
+        gate.display()
+    );
+    let job = w.job("1004", &script);
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    for (stage, body) in &job.stages[..2] {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    // The script waits for the gate, which opens only once its first line is in the log.
+    assert!(
+        attempt.log.wait_for("FIRST-LINE", Duration::from_secs(60)),
+        "first line not streamed: {}",
+        attempt.log.text()
+    );
+    assert!(!attempt.log.text().contains("SECOND-LINE"));
+    std::fs::write(&gate, "").unwrap();
+    assert!(running.wait().unwrap().success(), "{}", attempt.log.text());
+    assert!(attempt.log.text().contains("SECOND-LINE"));
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn sigterm_during_a_stage_stops_the_remote_script_and_cleanup_releases() {
+    let w = World::new();
+    let marker = format!("cancel-marker-{}", std::process::id());
+    let script = format!("echo STARTED\nbash -c 'exec -a {marker} sleep 300'");
+    let job = w.job("1005", &script);
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    for (stage, body) in &job.stages[..2] {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    assert!(attempt.log.wait_for("STARTED", Duration::from_secs(60)), "{}", attempt.log.text());
+    // Wait for the remote process to exist, then cancel like gitlab-runner does.
+    assert!(wait_until(Duration::from_secs(20), || pgrep(&marker)), "remote sleep never started");
+    let exit = running.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(exit, Exit::Code(2), "a cancelled stage is a system failure: {}", attempt.log.text());
+    assert!(
+        wait_until(Duration::from_secs(20), || !pgrep(&marker)),
+        "the remote process survived the cancel"
+    );
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn spot_reclaim_mid_stage_is_a_system_failure_that_says_reclaimed() {
+    let w = World::new();
+    let job = w.job("1006", "echo RUNNING\nsleep 300");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    for (stage, body) in &job.stages[..2] {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    assert!(attempt.log.wait_for("RUNNING", Duration::from_secs(60)), "{}", attempt.log.text());
+    let id = w.emulator.instances()[0].id.clone();
+    w.emulator.reclaim(&id);
+    let exit = running.wait().unwrap();
+    assert_eq!(exit, Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    assert!(log.contains(&format!("spot instance {id} was reclaimed by Aliyun")), "{log}");
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn prepare_killed_at_several_points_then_cleanup_leaves_nothing() {
+    // SIGKILL after 0 ms (before anything), during creation, during boot, during SSH wait.
+    for (i, delay_ms) in [0u64, 150, 400, 900].into_iter().enumerate() {
+        let w = World::new();
+        let job = w.job(&format!("20{i}"), "true");
+        let mut attempt = w.attempt(&job);
+        assert!(attempt.config().unwrap().0.success());
+        let prepare = attempt.spawn(&attempt_exes(&w).prepare, &[], &attempt.log.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        prepare.signal_group(libc::SIGKILL);
+        let exit = prepare.wait().unwrap();
+        assert_ne!(exit, Exit::Code(0));
+        assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+        w.assert_nothing_left();
+    }
+}
+
+#[test]
+fn invalid_job_variable_fails_config_before_anything_is_created() {
+    let w = World::new();
+    let mut job = w.job("1007", "true");
+    job.variables.push(("ALIYUN_SPOT_MAX_CPU".into(), "512".into()));
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert_eq!(out.config, Exit::Code(2), "{}", show(&out));
+    assert!(out.job_log.contains("ALIYUN_SPOT_MAX_CPU"), "{}", show(&out));
+    assert!(out.job_log.contains("512"), "{}", show(&out));
+    assert_eq!(out.cleanup, Some(Exit::Code(0)), "cleanup without prepare is harmless: {}", show(&out));
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn cleanup_twice_and_without_prepare_is_harmless() {
+    let w = World::new();
+    let job = w.job("1008", "true");
+    let attempt = w.attempt(&job);
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    assert_eq!(w.live(), 1);
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+fn attempt_exes(w: &World) -> Executables {
+    w.exes()
+}
+
+fn pgrep(marker: &str) -> bool {
+    std::process::Command::new("pgrep")
+        .args(["-f", marker])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
