@@ -42,7 +42,8 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     let shape = &ctx.spec.shape;
     p.line(format!(
-        "Looking for a {} spot instance with {}-{} vCPU and {}-{} GiB in {}",
+        "Looking for {} {} spot instance with {}-{} vCPU and {}-{} GiB in {}",
+        "an",
         shape.arch,
         shape.min_cpu,
         shape.max_cpu,
@@ -293,7 +294,8 @@ fn wait_until_ready(
             p.line(format!("Waiting for instance {id} to boot ({}s)", started.elapsed().as_secs()));
             last_report = Instant::now();
         }
-        ctx.sleep(delay);
+        // Jittered, so many jobs starting together do not poll ECS in lockstep.
+        ctx.sleep(delay.mul_f64(0.75 + rand::random::<f64>() * 0.5));
         delay = (delay * 2).min(Duration::from_secs(5));
     };
     let ip = ctx.address_of(&instance).ok_or_else(|| {
