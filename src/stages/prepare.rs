@@ -42,8 +42,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     let shape = &ctx.spec.shape;
     p.line(format!(
-        "Looking for {} {} spot instance with {}-{} vCPU and {}-{} GiB in {}",
-        "an",
+        "Looking for an {} spot instance with {}-{} vCPU and {}-{} GiB in {}",
         shape.arch,
         shape.min_cpu,
         shape.max_cpu,
