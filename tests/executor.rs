@@ -290,3 +290,60 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+#[test]
+fn no_secret_reaches_any_log_even_at_trace_level_and_state_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::new();
+    let job = w.job("1009", "echo job output");
+    let mut env = w.base_env();
+    env.insert("RUST_LOG".into(), "trace".into());
+    let mut attempt = Attempt::new(w.exes(), env, &job).unwrap();
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    // The job state and the per-job key are private to the runner's user.
+    let state_root = w.dir.path().join("state");
+    let mut files = Vec::new();
+    let mut dirs = vec![state_root.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            if e.file_type().unwrap().is_dir() {
+                assert_eq!(mode, 0o700, "{}", e.path().display());
+                dirs.push(e.path());
+            } else {
+                files.push((e.path(), mode));
+            }
+        }
+    }
+    assert!(files.iter().any(|(p, _)| p.ends_with("state.json")), "{files:?}");
+    assert!(files.iter().any(|(p, _)| p.ends_with("id_ed25519")), "{files:?}");
+    for (p, mode) in &files {
+        if !p.ends_with(".lock") {
+            assert_eq!(*mode, 0o600, "{}", p.display());
+        }
+    }
+    let state =
+        std::fs::read_to_string(files.iter().find(|(p, _)| p.ends_with("state.json")).unwrap().0.clone())
+            .unwrap();
+    assert!(!state.contains("PRIVATE KEY"), "the state file holds no key");
+    for (stage, body) in &job.stages {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    let all = format!("{}{}", attempt.log.text(), attempt.runner_log.text());
+    assert!(all.contains("job output"));
+    assert!(all.contains("TRACE") || all.contains("DEBUG"), "trace logging was on: {all}");
+    for secret in [aliyun_spot_executor::emulator::DEFAULT_ACCESS_KEY_SECRET, "PRIVATE KEY", "NEVERPRINTED"] {
+        assert!(!all.contains(secret), "`{secret}` leaked into the logs:\n{all}");
+    }
+    let ledger = std::fs::read_to_string(w.dir.path().join("ledger.jsonl")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(ledger.lines().next().unwrap()).unwrap();
+    assert_eq!(entry["job"], "1009");
+    assert_eq!(
+        std::fs::metadata(w.dir.path().join("ledger.jsonl")).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    w.assert_nothing_left();
+}
