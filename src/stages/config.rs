@@ -14,6 +14,9 @@ use crate::exit::StageError;
 /// Builds the JSON gitlab-runner reads from `config_exec` (CUSTOM_EXECUTOR.md §3.7).
 pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json::Value, StageError> {
     let (config, spec) = crate::config::load_for_job(config_path.as_deref(), env)?;
+    for w in &config.warnings {
+        eprintln!("WARNING: {w}");
+    }
     config.require_for_prepare(spec.shape.arch)?;
     crate::offers::validate_endpoint(&config)?;
     Ok(json!({
