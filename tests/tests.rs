@@ -1,5 +1,6 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
 
+mod client_emulator;
 mod config;
 mod ecs_client;
 mod emulator;
