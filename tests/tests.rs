@@ -2,6 +2,7 @@
 
 mod client_emulator;
 mod config;
+mod demo;
 mod ecs_client;
 mod emulator;
 mod executor;
