@@ -135,4 +135,39 @@ mod tests {
         assert_eq!(cc.write_files.len(), 3);
         assert!(cc.write_files[0].content.contains("def check(conf, started)"));
     }
+
+    #[test]
+    fn user_data_with_the_watchdog_stays_under_the_ecs_limit() {
+        // A full document as prepare renders it: client key, host key pair, the watchdog, with
+        // endpoints and a role name longer than any real one.
+        let host = crate::keys::generate_ed25519("host-123456789").unwrap();
+        let client = crate::keys::generate_ed25519("job-123456789").unwrap();
+        let mut cc = CloudConfig {
+            authorized_keys: vec![client.public_openssh],
+            host_key: Some(host),
+            ..Default::default()
+        };
+        let spec = WatchdogSpec {
+            region_id: "ap-southeast-1".into(),
+            endpoint: format!("https://{}.aliyuncs.com", "e".repeat(200)),
+            metadata: format!("http://{}", "m".repeat(200)),
+            ram_role: "r".repeat(64),
+            idle_timeout: Duration::from_secs(600),
+            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            max_lifetime: Duration::from_secs(7 * 86_400),
+        };
+        add_to(&mut cc, &spec);
+        let ud = cc.render().expect("renders within the limit");
+        assert!(
+            ud.base64_len() <= crate::userdata::USER_DATA_MAX_BASE64 / 2,
+            "user data is {} bytes after base64; keep a wide margin under {}",
+            ud.base64_len(),
+            crate::userdata::USER_DATA_MAX_BASE64
+        );
+        // The program goes in as a literal block, byte for byte (the integration test reads
+        // it back from a real instance's user data and runs it).
+        let text = ud.text.expose();
+        assert!(text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n")));
+        assert!(text.contains("\n      def check(conf, started):\n"));
+    }
 }
