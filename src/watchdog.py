@@ -31,24 +31,18 @@ def log(msg):
 
 def metadata(conf, path, token):
     req = urllib.request.Request(conf["metadata"].rstrip("/") + "/latest/meta-data/" + path)
-    if token:
-        req.add_header("X-aliyun-ecs-metadata-token", token)
+    req.add_header("X-aliyun-ecs-metadata-token", token)
     with urllib.request.urlopen(req, timeout=10) as r:
         return r.read().decode()
 
 
 def metadata_token(conf):
-    # Hardened mode: a session token first. A metadata service that refuses to issue one
-    # (an HTTP error, not a network one) is asked without it; if it insists on a token, that
-    # request fails and the check is retried at the next poll.
+    # Hardened mode: a session token first. A failure here fails the check, which is retried
+    # at the next poll.
     req = urllib.request.Request(conf["metadata"].rstrip("/") + "/latest/api/token", method="PUT")
     req.add_header("X-aliyun-ecs-metadata-token-ttl-seconds", "300")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.read().decode()
-    except urllib.error.HTTPError as e:
-        log("no metadata session token (HTTP %d); asking without one" % e.code)
-        return None
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
 
 
 def encode(s):

@@ -9,7 +9,10 @@
 //! and nothing else can be assumed on a fresh instance; it holds no credentials of its own.
 //!
 //! Stages mark activity under `/run/aliyun-spot-executor/<instance-id>/`: `busy.<pid>` while a
-//! stage runs and `activity` touched at its start and end (see [`stage_markers`]).
+//! stage runs and `activity` touched at its start and end (see [`stage_markers`]). The idle
+//! clock starts at creation and, once a stage has run, at the last touch of `activity` (both
+//! read on the instance's own clock); the watchdog keeps that directory's parent sticky and
+//! world-writable, so stages that log in as another user than root can leave their markers.
 
 use std::time::Duration;
 
@@ -167,7 +170,9 @@ mod tests {
         // The program goes in as a literal block, byte for byte (the integration test reads
         // it back from a real instance's user data and runs it).
         let text = ud.text.expose();
-        assert!(text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n")));
+        assert!(
+            text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n"))
+        );
         assert!(text.contains("\n      def check(conf, started):\n"));
     }
 }
