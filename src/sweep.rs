@@ -116,3 +116,125 @@ pub fn sweep(config: &Config, client: &EcsClient, this_host: &str, args: &SweepA
     println!("{deleted} deleted, {kept} kept of {} managed instance(s)", managed.len());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::selection::Arch;
+    use crate::state::{JobState, Phase, STATE_VERSION};
+
+    const HOST: &str = "runner-host-1";
+
+    fn instance(id: &str, job: &str, host: &str, age_secs: i64, now: OffsetDateTime) -> Instance {
+        let safety = Config::defaults().safety;
+        let mut tags = BTreeMap::new();
+        tags.insert(safety.managed_tag_key.clone(), safety.managed_tag_value.clone());
+        tags.insert(safety.tag_key(tags::RUNNER), "7".to_string());
+        tags.insert(safety.tag_key(tags::PROJECT), "42".to_string());
+        tags.insert(safety.tag_key(tags::JOB), job.to_string());
+        tags.insert(safety.tag_key(tags::HOST), host.to_string());
+        Instance {
+            id: id.to_string(),
+            name: "ci-runner-amd64-spot".to_string(),
+            instance_type: "ecs.c7.large".to_string(),
+            zone_id: "cn-hangzhou-b".to_string(),
+            region_id: "cn-hangzhou".to_string(),
+            status: "Running".to_string(),
+            cpu: 2,
+            memory_mib: 4096,
+            creation_time: Some(now - time::Duration::seconds(age_secs)),
+            start_time: None,
+            auto_release_time: None,
+            spot_strategy: Some("SpotAsPriceGo".to_string()),
+            spot_price_limit: None,
+            public_ips: Vec::new(),
+            private_ips: vec!["10.0.0.2".to_string()],
+            eip: None,
+            tags,
+            operation_locks: Vec::new(),
+            key_pair_name: None,
+            image_id: "ubuntu".to_string(),
+            vswitch_id: None,
+        }
+    }
+
+    fn save_state(store: &StateStore, job: &str, instance_id: &str, now: OffsetDateTime) {
+        let state = JobState {
+            version: STATE_VERSION,
+            runner_id: "7".into(),
+            project_id: "42".into(),
+            job_id: job.into(),
+            pipeline_id: None,
+            client_token: "token".into(),
+            region: "cn-hangzhou".into(),
+            phase: Phase::Ready,
+            instance_id: Some(instance_id.into()),
+            instance_type: "ecs.c7.large".into(),
+            zone: "cn-hangzhou-b".into(),
+            spot_price: None,
+            price_limit: None,
+            arch: Arch::Amd64,
+            ip: Some("10.0.0.2".into()),
+            ssh_port: 22,
+            ssh_user: "root".into(),
+            host_public_key: "ssh-ed25519 AAAA host".into(),
+            created_at: now,
+            ready_at: None,
+            released_at: None,
+            instance_created_at: None,
+            attempt_id: String::new(),
+        };
+        store.save(&state.key(), &state).unwrap();
+    }
+
+    #[test]
+    fn verdicts() {
+        let now = OffsetDateTime::now_utc();
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path().join("state"));
+        let safety = Config::defaults().safety;
+        let plain = SweepArgs::default();
+        let all = SweepArgs { all: true, ..SweepArgs::default() };
+        let old = SweepArgs { older_than: Some(Duration::from_secs(3600)), ..SweepArgs::default() };
+        let v = |i: &Instance, a: &SweepArgs| verdict(i, &safety, HOST, &store, a, now);
+
+        // A running job (state names this instance) is kept, even by --all.
+        save_state(&store, "1", "i-running", now);
+        let running = instance("i-running", "1", HOST, 600, now);
+        assert_eq!(v(&running, &plain), None);
+        assert_eq!(v(&running, &all), None);
+        // ... unless it is older than --older-than.
+        let running_old = instance("i-running", "1", HOST, 2 * 3600, now);
+        assert_eq!(v(&running_old, &old).as_deref(), Some("older than 1h00m"));
+        assert_eq!(v(&running, &old), None, "10 minutes old is not older than 1h");
+
+        // No job state on this host: its job has ended.
+        let leaked = instance("i-leaked", "2", HOST, 60, now);
+        assert_eq!(v(&leaked, &plain).as_deref(), Some("its job has ended on this host (no job state)"));
+
+        // The job's state names another instance (a retried prepare): this one is over.
+        save_state(&store, "3", "i-new", now);
+        let replaced = instance("i-old", "3", HOST, 60, now);
+        assert_eq!(v(&replaced, &plain).as_deref(), Some("its job now runs on another instance"));
+
+        // Being reclaimed: swept whatever its job's state.
+        let mut reclaimed = instance("i-running", "1", HOST, 60, now);
+        reclaimed.operation_locks.push("Recycling".into());
+        assert_eq!(v(&reclaimed, &plain).as_deref(), Some("Aliyun is reclaiming it"));
+
+        // Another host's instance: never touched without --all, and with --all only by age or
+        // reclaim (this host cannot know that host's job states).
+        let foreign = instance("i-foreign", "4", "runner-host-2", 2 * 3600, now);
+        assert_eq!(v(&foreign, &plain), None);
+        assert_eq!(v(&foreign, &old), None);
+        assert_eq!(v(&foreign, &all), None);
+        let all_old = SweepArgs { all: true, ..old.clone() };
+        assert_eq!(v(&foreign, &all_old).as_deref(), Some("older than 1h00m"));
+        let mut foreign_reclaimed = foreign.clone();
+        foreign_reclaimed.operation_locks.push("Recycling".into());
+        assert_eq!(v(&foreign_reclaimed, &plain), None);
+        assert_eq!(v(&foreign_reclaimed, &all).as_deref(), Some("Aliyun is reclaiming it"));
+    }
+}

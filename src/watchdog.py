@@ -37,6 +37,8 @@ def metadata(conf, path, token):
 
 
 def metadata_token(conf):
+    # Hardened mode: a session token first. A failure here fails the check, which is retried
+    # at the next poll.
     req = urllib.request.Request(conf["metadata"].rstrip("/") + "/latest/api/token", method="PUT")
     req.add_header("X-aliyun-ecs-metadata-token-ttl-seconds", "300")
     with urllib.request.urlopen(req, timeout=10) as r:
@@ -73,8 +75,15 @@ def call_ecs(conf, creds, action, params):
         with urllib.request.urlopen(req, timeout=20) as r:
             return json.loads(r.read().decode() or "{}")
     except urllib.error.HTTPError as e:
-        answer = json.loads(e.read().decode() or "{}")
-        code = answer.get("Code", "HTTP %d" % e.code)
+        # Only the error code and request id are shown: an error message may quote the
+        # string to sign, which holds the AccessKeyId and the security token.
+        try:
+            answer = json.loads(e.read().decode() or "{}")
+        except ValueError:
+            answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
+        code = answer.get("Code") or "HTTP %d" % e.code
         if code == "InvalidInstanceId.NotFound":
             return answer
         raise RuntimeError("%s failed: %s (RequestId: %s)" % (action, code, answer.get("RequestId", "?")))
@@ -103,13 +112,28 @@ def busy(sdir):
 
 
 def last_activity(sdir, started):
+    # Once a stage has run, its `activity` file is the clock (stamped by this machine's clock,
+    # like `now`); before that, the instance's creation time.
     try:
-        return max(os.stat(os.path.join(sdir, "activity")).st_mtime, started)
-    except FileNotFoundError:
+        return os.stat(os.path.join(sdir, "activity")).st_mtime
+    except OSError:
         return started
 
 
+def open_state_root(conf):
+    # Stages may log in as a user other than root: let them create their marker directory
+    # (sticky, like /tmp). /run is emptied at boot, so this is redone at every check.
+    root = conf.get("state_root", "/run/aliyun-spot-executor")
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.stat(root).st_mode & 0o7777 != 0o1777:
+            os.chmod(root, 0o1777)
+    except OSError as e:
+        log("cannot prepare %s: %s" % (root, e))
+
+
 def check(conf, started):
+    open_state_root(conf)
     token = metadata_token(conf)
     instance_id = metadata(conf, "instance-id", token).strip()
     sdir = state_dir(conf, instance_id)
@@ -131,8 +155,16 @@ def check(conf, started):
 def main(argv):
     once = "--once" in argv
     args = [a for a in argv[1:] if a != "--once"]
-    with open(args[0] if args else "/etc/aliyun-spot-executor/watchdog.json") as f:
-        conf = json.load(f)
+    path = args[0] if args else "/etc/aliyun-spot-executor/watchdog.json"
+    try:
+        with open(path) as f:
+            conf = json.load(f)
+        for key in ("metadata", "endpoint", "region_id", "deadline_epoch", "idle_timeout_seconds"):
+            if key not in conf:
+                raise ValueError("`%s` is missing" % key)
+    except (OSError, ValueError) as e:
+        log("cannot read %s: %s" % (path, e))
+        return 1
     started = conf.get("started_epoch", time.time())
     while True:
         try:

@@ -9,7 +9,10 @@
 //! and nothing else can be assumed on a fresh instance; it holds no credentials of its own.
 //!
 //! Stages mark activity under `/run/aliyun-spot-executor/<instance-id>/`: `busy.<pid>` while a
-//! stage runs and `activity` touched at its start and end (see [`stage_markers`]).
+//! stage runs and `activity` touched at its start and end (see [`stage_markers`]). The idle
+//! clock starts at creation and, once a stage has run, at the last touch of `activity` (both
+//! read on the instance's own clock); the watchdog keeps that directory's parent sticky and
+//! world-writable, so stages that log in as another user than root can leave their markers.
 
 use std::time::Duration;
 
@@ -134,5 +137,42 @@ mod tests {
         add_to(&mut cc, &spec);
         assert_eq!(cc.write_files.len(), 3);
         assert!(cc.write_files[0].content.contains("def check(conf, started)"));
+    }
+
+    #[test]
+    fn user_data_with_the_watchdog_stays_under_the_ecs_limit() {
+        // A full document as prepare renders it: client key, host key pair, the watchdog, with
+        // endpoints and a role name longer than any real one.
+        let host = crate::keys::generate_ed25519("host-123456789").unwrap();
+        let client = crate::keys::generate_ed25519("job-123456789").unwrap();
+        let mut cc = CloudConfig {
+            authorized_keys: vec![client.public_openssh],
+            host_key: Some(host),
+            ..Default::default()
+        };
+        let spec = WatchdogSpec {
+            region_id: "ap-southeast-1".into(),
+            endpoint: format!("https://{}.aliyuncs.com", "e".repeat(200)),
+            metadata: format!("http://{}", "m".repeat(200)),
+            ram_role: "r".repeat(64),
+            idle_timeout: Duration::from_secs(600),
+            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            max_lifetime: Duration::from_secs(7 * 86_400),
+        };
+        add_to(&mut cc, &spec);
+        let ud = cc.render().expect("renders within the limit");
+        assert!(
+            ud.base64_len() <= crate::userdata::USER_DATA_MAX_BASE64 / 2,
+            "user data is {} bytes after base64; keep a wide margin under {}",
+            ud.base64_len(),
+            crate::userdata::USER_DATA_MAX_BASE64
+        );
+        // The program goes in as a literal block, byte for byte (the integration test reads
+        // it back from a real instance's user data and runs it).
+        let text = ud.text.expose();
+        assert!(
+            text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n"))
+        );
+        assert!(text.contains("\n      def check(conf, started):\n"));
     }
 }

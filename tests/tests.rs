@@ -6,4 +6,5 @@ mod demo;
 mod ecs_client;
 mod emulator;
 mod executor;
+mod safety;
 mod ssh;
