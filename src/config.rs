@@ -1166,6 +1166,14 @@ impl<'a> Validator<'a> {
                      `credentials.profile_file` to the aliyun CLI's `config.json`"
                 ),
             },
+            // Like the aliyun CLI: its profile file is used when it exists and nothing explicit
+            // comes first. (The instance RAM role is never assumed: it must be asked for, so a
+            // host without credentials fails with a clear line instead of calling the metadata
+            // service of a machine that may not be an ECS instance.)
+            None if access_key_id.is_none() => env
+                .value("HOME")
+                .map(|home| Path::new(home).join(".aliyun/config.json"))
+                .filter(|p| p.is_file()),
             None => None,
         };
         let instance_ram_role = raw.instance_ram_role.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());

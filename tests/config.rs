@@ -627,3 +627,19 @@ fn load_for_job_combines_both() {
     let env = job(&[("ALIYUN_SPOT_MAX_CPU", "1000")]);
     assert!(config::load_for_job(Some(&path), &env).is_err());
 }
+
+#[test]
+fn the_aliyun_cli_profile_file_is_found_in_home_when_no_key_is_given() {
+    let home = tempfile::tempdir().unwrap();
+    let env = Env::from_map([("HOME".to_string(), home.path().display().to_string())]);
+    let text = "[aliyun]\nregion_id = \"cn-hangzhou\"\n";
+    assert_eq!(parse(text, &env).unwrap().credentials.profile_file, None, "no file, nothing assumed");
+    std::fs::create_dir_all(home.path().join(".aliyun")).unwrap();
+    std::fs::write(home.path().join(".aliyun/config.json"), r#"{"current":"default","profiles":[]}"#)
+        .unwrap();
+    let cfg = parse(text, &env).unwrap();
+    assert_eq!(cfg.credentials.profile_file, Some(home.path().join(".aliyun/config.json")));
+    assert!(!cfg.credentials.use_instance_role, "the instance role is never assumed");
+    let with_key = parse(COMPLETE, &env).unwrap();
+    assert_eq!(with_key.credentials.profile_file, None, "an explicit AccessKey comes first");
+}
