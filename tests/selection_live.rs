@@ -490,11 +490,14 @@ fn instances_shows_the_prepared_job_until_cleanup() {
 
 #[test]
 fn a_warm_price_cache_spares_the_catalogue_calls_of_the_next_prepare() {
-    let w = World::new();
+    // One fitting type is sold out everywhere: its prices are never asked for.
+    let w = World::with_faults(Faults { no_stock: vec!["ecs.c7.2xlarge@*".into()], ..Faults::default() });
     // The types whose prices a cold prepare must read: fitting types in stock somewhere.
     let priced: BTreeSet<String> =
         expected_offers(&client(&w), &AMD64).into_iter().map(|o| o.instance_type).collect();
+    assert!(!priced.contains("ecs.c7.2xlarge") && priced.contains("ecs.c7.4xlarge"), "{priced:?}");
     let baseline = catalogue_calls(&w);
+    let seen = w.emulator.requests().len();
 
     let run_prepare = |job_id: &str| {
         let job = w.job(job_id, "echo hi");
@@ -517,6 +520,15 @@ fn a_warm_price_cache_spares_the_catalogue_calls_of_the_next_prepare() {
             ("DescribeSpotPriceHistory", priced.len())
         ]
     );
+    // One call per priced type, each for that type in every zone.
+    let asked: Vec<(String, Option<String>)> = w.emulator.requests()[seen..]
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("DescribeSpotPriceHistory"))
+        .map(|r| (r.params["InstanceType"].clone(), r.params.get("ZoneId").cloned()))
+        .collect();
+    let asked_types: BTreeSet<String> = asked.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(asked_types, priced);
+    assert!(asked.iter().all(|(_, zone)| zone.is_none()), "{asked:?}");
     assert_eq!(first.cleanup().unwrap(), Exit::Code(0), "{}", first.runner_log.text());
 
     let after_first = catalogue_calls(&w);
