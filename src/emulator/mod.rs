@@ -275,6 +275,12 @@ impl Emulator {
         self.core.set_faults(f);
     }
 
+    /// Changes how long instances created from now on take to boot and to start sshd (as
+    /// `boot-delay` and `ssh-delay` of `POST /_emulator/faults`).
+    pub fn set_delays(&self, boot: Duration, ssh: Duration) {
+        self.core.set_delays(Some(boot), Some(ssh));
+    }
+
     /// Reclaims a spot (or any) instance now: termination notice, sshd killed, `Stopped` with
     /// `Recycling`, released shortly after. False when the instance is not live.
     pub fn reclaim(&self, id: &str) -> bool {
