@@ -1,14 +1,27 @@
-//! Selection benchmark: how long ranking a realistic catalogue takes, and how many API calls the
-//! price cache saves. Plain `fn main` (no harness) so it runs quickly with
-//! `cargo bench --bench selection` and prints numbers a person can read.
+//! Selection benchmark: how long ranking takes, and how many ECS API calls a job's selection
+//! costs with a cold and a warm price cache. Plain `fn main` (no harness); numbers are printed,
+//! not asserted.
 //!
-//! The catalogue is synthetic (64 x86 types × 6 zones, a few price points per pair); the calls
-//! are counted by the in-memory `MemorySource`, which stands in for the ECS API.
+//! Run it with `cargo bench --bench selection` (about a minute after compiling). The part that
+//! drives the real `prepare` and `cleanup` binaries starts an in-process emulator with a real
+//! `sshd` per instance on port 22 of a loopback address, so it needs root and
+//! `/usr/sbin/sshd`; without root it is skipped with a note.
+//!
+//! 1. Synthetic: a catalogue of 64 x86 types × 6 zones with a few price points per pair, held in
+//!    the in-memory `MemorySource`: ranking time and the calls the price cache saves.
+//! 2. Emulator, one job: the API calls (by action, from the emulator's request log) of
+//!    `prepare` with a cold cache, `prepare` of the next job with the cache warm, and `cleanup`.
+//! 3. Emulator, the whole catalogue (a few hundred (type, zone) pairs across both
+//!    architectures): the live fetch over loopback HTTP, a warm cache read, and ranking.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Job};
+use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions};
+use aliyun_spot_executor::env::Env;
 use aliyun_spot_executor::price_cache::{cache_key, PriceCache};
 use aliyun_spot_executor::selection::{
     fetch_catalogue, rank, rank_all, Arch, Catalogue, MemorySource, PricePoint, Ranking, Shape, TypeInfo,
@@ -83,7 +96,8 @@ fn time_per_op(iterations: u32, mut f: impl FnMut()) -> Duration {
     start.elapsed() / iterations
 }
 
-fn main() {
+fn synthetic_section() {
+    println!("== synthetic catalogue (in memory) ==");
     let source = synthetic();
     // A wide shape, so ranking sees (nearly) the whole catalogue.
     let shape = Shape {
@@ -149,4 +163,198 @@ fn main() {
         cold_time.as_micros(),
         warm_time.as_micros()
     );
+}
+
+/// An emulator with a configuration for it (from `config/emulator.toml`) in a private directory.
+struct Bed {
+    emulator: Emulator,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Bed {
+    fn start() -> Bed {
+        let emulator = Emulator::start(EmulatorOptions {
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            boot_delay: Duration::from_millis(300),
+            ssh_delay: Duration::from_millis(100),
+            ..EmulatorOptions::default()
+        })
+        .expect("the emulator starts");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = dir.path().join("config.toml");
+        let text = aliyun_spot_executor::demo::config_for(
+            aliyun_spot_executor::demo::EMULATOR_TOML,
+            &emulator.endpoint(),
+            dir.path(),
+        )
+        .expect("emulator.toml adapts");
+        std::fs::write(&config, text).expect("configuration written");
+        Bed { emulator, dir, config }
+    }
+
+    /// Requests per action so far.
+    fn calls(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for r in self.emulator.requests() {
+            *m.entry(r.action.unwrap_or_else(|| "(none)".into())).or_insert(0) += 1;
+        }
+        m
+    }
+}
+
+fn diff(after: &BTreeMap<String, usize>, before: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
+    after.iter().map(|(k, n)| (k.clone(), n - before.get(k).copied().unwrap_or(0))).collect()
+}
+
+fn attempt(bed: &Bed, job_id: &str) -> Attempt {
+    let exes = Executables {
+        config: PathBuf::from(env!("CARGO_BIN_EXE_config")),
+        prepare: PathBuf::from(env!("CARGO_BIN_EXE_prepare")),
+        run: PathBuf::from(env!("CARGO_BIN_EXE_run")),
+        cleanup: PathBuf::from(env!("CARGO_BIN_EXE_cleanup")),
+        args: vec!["--config".into(), bed.config.display().to_string()],
+    };
+    let builds = bed.dir.path().join("builds").display().to_string();
+    let job = Job {
+        variables: Job::ci_variables("1", "100", job_id, &builds),
+        stages: Job::standard_stages(&format!("{builds}/group/project"), "true"),
+        after_script: None,
+    };
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PATH".to_string(),
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+    );
+    env.insert("HOME".to_string(), bed.dir.path().display().to_string());
+    Attempt::new(exes, env, &job).expect("job directory")
+}
+
+/// One stage of one job: its calls per action, how long it took, and whether it passed.
+fn stage(bed: &Bed, what: impl FnOnce() -> bool) -> (BTreeMap<String, usize>, Duration, bool) {
+    let before = bed.calls();
+    let start = Instant::now();
+    let ok = what();
+    (diff(&bed.calls(), &before), start.elapsed(), ok)
+}
+
+fn job_calls_section() {
+    println!("\n== API calls of one job against the emulator (real stage binaries) ==");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/sbin/sshd").exists() {
+        println!("skipped: needs root and /usr/sbin/sshd (each emulated instance runs sshd on port 22)");
+        return;
+    }
+    let bed = Bed::start();
+    let mut columns = Vec::new();
+    for (label, job_id) in [("cold", "5001"), ("warm", "5002")] {
+        let mut a = attempt(&bed, job_id);
+        assert!(a.config().expect("config runs").0.success(), "config failed: {}", a.log.text());
+        let prepare = stage(&bed, || a.prepare().expect("prepare runs").success());
+        let cleanup = stage(&bed, || a.cleanup().expect("cleanup runs").success());
+        if !prepare.2 || !cleanup.2 {
+            println!("the {label} job failed:\n{}\n{}", a.log.text(), a.runner_log.text());
+            return;
+        }
+        columns.push((format!("prepare ({label} cache)"), prepare.0, prepare.1));
+        columns.push((format!("cleanup ({label})"), cleanup.0, cleanup.1));
+    }
+    let mut actions: Vec<&String> = columns.iter().flat_map(|(_, m, _)| m.keys()).collect();
+    actions.sort();
+    actions.dedup();
+    print!("{:<28}", "action");
+    for (label, _, _) in &columns {
+        print!("{label:>22}");
+    }
+    println!();
+    let cell = |m: &BTreeMap<String, usize>, a: &str| m.get(a).copied().unwrap_or(0);
+    for action in actions {
+        if columns.iter().all(|(_, m, _)| cell(m, action) == 0) {
+            continue;
+        }
+        print!("{action:<28}");
+        for (_, m, _) in &columns {
+            print!("{:>22}", cell(m, action));
+        }
+        println!();
+    }
+    print!("{:<28}", "total");
+    for (_, m, _) in &columns {
+        print!("{:>22}", m.values().sum::<usize>());
+    }
+    println!();
+    print!("{:<28}", "wall time (ms)");
+    for (_, _, t) in &columns {
+        print!("{:>22}", t.as_millis());
+    }
+    println!();
+    println!(
+        "(prepare polls DescribeInstances until Running; the emulator boots in 0.3 s, so real ECS makes a few more)"
+    );
+    println!(
+        "instances created: {}, still live: {}",
+        bed.emulator.instances().len(),
+        bed.emulator.live_instances()
+    );
+}
+
+fn emulator_catalogue_section() {
+    println!("\n== selection over the emulator's whole catalogue (loopback HTTP) ==");
+    let bed = Bed::start();
+    let text = std::fs::read_to_string(&bed.config).expect("configuration readable");
+    let mut config = aliyun_spot_executor::config::from_toml(&text, Some(&bed.config), &Env::default())
+        .expect("the emulator configuration is valid");
+    let client = aliyun_spot_executor::offers::client(&config).expect("client");
+    println!(
+        "{:<6} {:>6} {:>7} {:>7} {:>10} {:>14} {:>14} {:>10}",
+        "arch", "types", "pairs", "offers", "API calls", "cold fetch ms", "warm read µs", "rank µs"
+    );
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        // Everything of the architecture: no family list, any size.
+        let shape = Shape {
+            min_cpu: 1,
+            max_cpu: 1024,
+            min_mem_gib: 0.0,
+            max_mem_gib: 8192.0,
+            families: Vec::new(),
+            ..Shape::defaults(arch)
+        };
+        // Cold: a zero TTL fetches every time and touches no file.
+        config.spot.price_cache_ttl = Duration::ZERO;
+        let before = bed.emulator.requests().len();
+        let runs = 5;
+        let cold = time_per_op(runs, || {
+            black_box(aliyun_spot_executor::offers::catalogue(&client, &config, &shape).expect("live fetch"));
+        });
+        let calls = (bed.emulator.requests().len() - before) / runs as usize;
+        // Warm: the first read fills the cache, the rest hit it.
+        config.spot.price_cache_ttl = Duration::from_secs(300);
+        let cat = aliyun_spot_executor::offers::catalogue(&client, &config, &shape).expect("fill");
+        let warm_before = bed.emulator.requests().len();
+        let warm = time_per_op(50, || {
+            black_box(aliyun_spot_executor::offers::catalogue(&client, &config, &shape).expect("cached"));
+        });
+        assert_eq!(bed.emulator.requests().len(), warm_before, "a warm cache makes no API call");
+        let offers = rank_all(&cat, &shape, &config.network.vswitches, Ranking::PerCore);
+        let rank_time = time_per_op(200, || {
+            black_box(rank_all(black_box(&cat), &shape, &config.network.vswitches, Ranking::PerCore));
+        });
+        println!(
+            "{:<6} {:>6} {:>7} {:>7} {:>10} {:>14.1} {:>14} {:>10}",
+            arch.to_string(),
+            cat.types.len(),
+            cat.stock.len(),
+            offers.len(),
+            calls,
+            cold.as_secs_f64() * 1000.0,
+            warm.as_micros(),
+            rank_time.as_micros()
+        );
+    }
+}
+
+fn main() {
+    synthetic_section();
+    job_calls_section();
+    emulator_catalogue_section();
 }

@@ -4,6 +4,9 @@
 //! instance types, spot availability and the latest spot prices, caches the answer on the
 //! runner host for a few minutes, and ranks it. `prepare` and `aliyun-spot prices` share it.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use anyhow::{Context as _, Result};
 use time::OffsetDateTime;
 
@@ -75,31 +78,75 @@ impl CatalogueSource for EcsSource<'_> {
     }
 
     fn latest_prices(&self, types: &[TypeInfo], zones: &[String]) -> Result<Vec<PricePoint>> {
+        // ECS wants one `DescribeSpotPriceHistory` per instance type (the zone may be left out,
+        // which gives every zone at once), so a cold catalogue costs one call per type in stock.
+        // They are independent: a few run at a time, which makes a cold `prepare` against the
+        // real API seconds faster, and the results are put back in type order.
         let start = OffsetDateTime::now_utc() - time::Duration::hours(3);
+        let results: Vec<Mutex<Option<Result<Vec<PricePoint>>>>> =
+            types.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let worker = || {
+            while !failed.load(Ordering::SeqCst) {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(t) = types.get(i) else { break };
+                let r = self.prices_of(t, start, zones);
+                failed.fetch_or(r.is_err(), Ordering::SeqCst);
+                *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+            }
+        };
+        std::thread::scope(|s| {
+            for _ in 1..PRICE_CALLS_AT_ONCE.min(types.len()) {
+                s.spawn(worker);
+            }
+            worker();
+        });
         let mut out = Vec::new();
-        for t in types {
-            let req = SpotPriceHistoryRequest {
-                instance_type: t.id.clone(),
-                zone_id: None,
-                start_time: Some(start),
-                end_time: None,
-                spot_duration: None,
-            };
-            let points = self
-                .0
-                .describe_spot_price_history(&req)
-                .with_context(|| format!("failed to read spot prices of `{}`", t.id))?;
-            out.extend(points.into_iter().filter(|p| zones.is_empty() || zones.contains(&p.zone_id)).map(
-                |p| PricePoint {
-                    instance_type: p.instance_type,
-                    zone: p.zone_id,
-                    spot: p.spot_price,
-                    on_demand: p.origin_price,
-                    timestamp: p.timestamp,
-                },
-            ));
+        for r in results {
+            match r.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                Some(r) => out.extend(r?),
+                // Not fetched because another type failed; that error comes first or later.
+                None => continue,
+            }
         }
         Ok(out)
+    }
+}
+
+/// How many `DescribeSpotPriceHistory` calls one catalogue fetch makes at the same time: enough
+/// to hide the round trips, few enough to stay far below ECS's per-API rate limits.
+pub const PRICE_CALLS_AT_ONCE: usize = 4;
+
+impl EcsSource<'_> {
+    /// The recent prices of one type in `zones` (every zone when empty).
+    fn prices_of(&self, t: &TypeInfo, start: OffsetDateTime, zones: &[String]) -> Result<Vec<PricePoint>> {
+        let req = SpotPriceHistoryRequest {
+            instance_type: t.id.clone(),
+            // One zone is asked for by name; several need the whole list.
+            zone_id: match zones {
+                [only] => Some(only.clone()),
+                _ => None,
+            },
+            start_time: Some(start),
+            end_time: None,
+            spot_duration: None,
+        };
+        let points = self
+            .0
+            .describe_spot_price_history(&req)
+            .with_context(|| format!("failed to read spot prices of `{}`", t.id))?;
+        Ok(points
+            .into_iter()
+            .filter(|p| zones.is_empty() || zones.contains(&p.zone_id))
+            .map(|p| PricePoint {
+                instance_type: p.instance_type,
+                zone: p.zone_id,
+                spot: p.spot_price,
+                on_demand: p.origin_price,
+                timestamp: p.timestamp,
+            })
+            .collect())
     }
 }
 

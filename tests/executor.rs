@@ -229,6 +229,10 @@ fn prepare_killed_at_several_points_then_cleanup_leaves_nothing() {
     // SIGKILL after 0 ms (before anything), during creation, during boot, during SSH wait.
     for (i, delay_ms) in [0u64, 150, 400, 900].into_iter().enumerate() {
         let w = World::new();
+        // Slow enough that every kill lands inside prepare, whatever the machine's speed: the
+        // catalogue calls take 20 ms each, the boot 0.6 s and sshd another 1.5 s.
+        w.emulator.set_faults(Faults { latency_ms: 20, ..Faults::default() });
+        w.emulator.set_delays(Duration::from_millis(600), Duration::from_millis(1500));
         let job = w.job(&format!("20{i}"), "true");
         let mut attempt = w.attempt(&job);
         assert!(attempt.config().unwrap().0.success());

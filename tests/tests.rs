@@ -7,4 +7,5 @@ mod ecs_client;
 mod emulator;
 mod executor;
 mod safety;
+mod selection_live;
 mod ssh;

@@ -42,9 +42,15 @@ fn load(config: Option<&Path>) -> Result<(Config, EcsClient)> {
     Ok((config, client))
 }
 
-/// `aliyun-spot prices`: the ranked offers.
-pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool) -> Result<()> {
-    let (config, client) = load(config_path)?;
+/// `aliyun-spot prices`: the ranked offers, in every zone (zones without a vswitch included).
+/// The runner host's price cache is shared with `prepare`, so the listing is what the next job
+/// would see; `fresh` asks ECS directly and leaves the cache alone.
+pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool, fresh: bool) -> Result<()> {
+    let (mut config, client) = load(config_path)?;
+    if fresh {
+        // A zero TTL bypasses the cache without touching its files.
+        config.spot.price_cache_ttl = std::time::Duration::ZERO;
+    }
     let arch: Arch = match &args.arch {
         Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
         None => config.instance.default_arch,

@@ -27,6 +27,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Ask ECS now instead of using the runner host's price cache (and leave it alone).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Instances managed by this executor in the configured region.
     Instances {
@@ -49,7 +52,7 @@ fn main() {
     aliyun_spot_executor::logging::init();
     let config = cli.config.as_deref();
     let result = match cli.command {
-        Command::Prices { shape, json } => admin::prices(config, &shape, json),
+        Command::Prices { shape, json, fresh } => admin::prices(config, &shape, json, fresh),
         Command::Instances { json } => admin::instances(config, json),
         Command::Sweep(args) => sweep::run(config, &args),
         Command::Doctor => admin::doctor(config),

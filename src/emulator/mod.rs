@@ -201,7 +201,10 @@ impl Emulator {
                 (Some(t), p)
             }
         };
-        let server = tiny_http::Server::http(opts.listen)
+        let listener = std::net::TcpListener::bind(opts.listen)
+            .with_context(|| format!("failed to listen on `{}`", opts.listen))?;
+        set_nodelay(&listener);
+        let server = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| anyhow::anyhow!("failed to listen on `{}`: {e}", opts.listen))?;
         let addr = server.server_addr().to_ip().context("the emulator listener has no IP address")?;
         let server = Arc::new(server);
@@ -272,6 +275,12 @@ impl Emulator {
         self.core.set_faults(f);
     }
 
+    /// Changes how long instances created from now on take to boot and to start sshd (as
+    /// `boot-delay` and `ssh-delay` of `POST /_emulator/faults`).
+    pub fn set_delays(&self, boot: Duration, ssh: Duration) {
+        self.core.set_delays(Some(boot), Some(ssh));
+    }
+
     /// Reclaims a spot (or any) instance now: termination notice, sshd killed, `Stopped` with
     /// `Recycling`, released shortly after. False when the instance is not live.
     pub fn reclaim(&self, id: &str) -> bool {
@@ -309,6 +318,30 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Turns Nagle's algorithm off for the connections `listener` accepts (Linux copies the option
+/// to them). tiny_http writes an answer's headers and a large body separately; with Nagle on,
+/// the body waits for the client's delayed ACK of the headers, adding about 40 ms to every call.
+fn set_nodelay(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor we own, and a pointer to a c_int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "could not set TCP_NODELAY on the emulator's listener: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

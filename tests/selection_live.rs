@@ -1,0 +1,546 @@
+//! Spot selection against the emulator, as the administrator and gitlab-runner see it: the
+//! real `aliyun-spot prices` / `instances` binaries (with a configuration file and from the
+//! environment alone), the create-walk falling back through `prepare` when stock runs out, and
+//! the runner host's price cache.
+//!
+//! The expected offer lists are computed here, independently of the selection code, from the
+//! emulator's own raw answers (`DescribeInstanceTypes`, `DescribeAvailableResource`,
+//! `DescribeSpotPriceHistory` as JSON): filter by shape, keep the latest price per (type, zone),
+//! rank by price per core, then total price, then type, then zone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use aliyun_spot_executor::demo::gitlab::Exit;
+use aliyun_spot_executor::ecs::EcsClient;
+use aliyun_spot_executor::emulator::{Faults, DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET};
+use aliyun_spot_executor::env::Env;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::executor::World;
+
+const CATALOGUE_ACTIONS: [&str; 3] =
+    ["DescribeInstanceTypes", "DescribeAvailableResource", "DescribeSpotPriceHistory"];
+
+/// Runs `aliyun-spot` with a clean environment (PATH, HOME and `env` only).
+fn aliyun_spot(home: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", home)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("aliyun-spot runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nSTDOUT:\n{}\nSTDERR:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `aliyun-spot --config <world's file> args…` and expects success.
+fn with_config(w: &World, args: &[&str]) -> Output {
+    let config = w.config.display().to_string();
+    let mut all = vec!["--config", config.as_str()];
+    all.extend_from_slice(args);
+    let out = aliyun_spot(w.dir.path(), &all, &[]);
+    assert!(out.status.success(), "aliyun-spot {all:?} failed: {}", show(&out));
+    out
+}
+
+/// A client for the world's emulator, for raw calls.
+fn client(w: &World) -> EcsClient {
+    let config = aliyun_spot_executor::config::load(Some(&w.config), &Env::default()).unwrap();
+    aliyun_spot_executor::offers::client(&config).unwrap()
+}
+
+/// The shape rules of SPEC.md, written out for the test.
+struct ShapeSpec {
+    arch: &'static str,
+    min_cpu: u32,
+    max_cpu: u32,
+    min_mem: f64,
+    max_mem: f64,
+    families: &'static [&'static str],
+}
+
+const AMD64: ShapeSpec =
+    ShapeSpec { arch: "X86", min_cpu: 8, max_cpu: 64, min_mem: 8.0, max_mem: 64.0, families: &[] };
+const ARM64: ShapeSpec = ShapeSpec {
+    arch: "ARM",
+    min_cpu: 8,
+    max_cpu: 64,
+    min_mem: 16.0,
+    max_mem: 128.0,
+    families: &["ecs.c8y", "ecs.c8r"],
+};
+/// `--min-cpu 16 --max-cpu 16` on amd64: the minimum memory follows at 1 GiB per core.
+const AMD64_16: ShapeSpec =
+    ShapeSpec { arch: "X86", min_cpu: 16, max_cpu: 16, min_mem: 16.0, max_mem: 64.0, families: &[] };
+
+/// One offer as the test expects it.
+#[derive(Debug, Clone, PartialEq)]
+struct Expected {
+    instance_type: String,
+    zone: String,
+    spot: f64,
+    cores: u32,
+}
+
+fn items<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
+    let mut cur = v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+/// The ranked offers the emulator's own answers imply for `shape`, in every zone.
+fn expected_offers(client: &EcsClient, shape: &ShapeSpec) -> Vec<Expected> {
+    // Every instance type, all pages.
+    let mut types: BTreeMap<String, (u32, f64, String, String)> = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let mut params = vec![("MaxResults".to_string(), "100".to_string())];
+        if !token.is_empty() {
+            params.push(("NextToken".to_string(), token.clone()));
+        }
+        let v = client.call("DescribeInstanceTypes", &params).unwrap();
+        for t in items(&v, &["InstanceTypes", "InstanceType"]) {
+            types.insert(
+                t["InstanceTypeId"].as_str().unwrap().to_string(),
+                (
+                    t["CpuCoreCount"].as_u64().unwrap() as u32,
+                    t["MemorySize"].as_f64().unwrap(),
+                    t["InstanceTypeFamily"].as_str().unwrap_or_default().to_string(),
+                    t["CpuArchitecture"].as_str().unwrap_or_default().to_string(),
+                ),
+            );
+        }
+        token = v["NextToken"].as_str().unwrap_or_default().to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    // Memory bounds allow 5 % for types ECS reports a little below their nominal size.
+    let fits = |(cores, mem, family, arch): &(u32, f64, String, String)| {
+        arch == shape.arch
+            && (shape.min_cpu..=shape.max_cpu).contains(cores)
+            && *mem >= shape.min_mem * 0.95
+            && *mem <= shape.max_mem * 1.05
+            && (shape.families.is_empty() || shape.families.iter().any(|f| family.starts_with(f)))
+    };
+    let fitting: BTreeMap<&String, u32> =
+        types.iter().filter(|(_, t)| fits(t)).map(|(id, t)| (id, t.0)).collect();
+
+    // Spot stock per (type, zone): the per-type status, never the zone's.
+    let params = [
+        ("DestinationResource", "InstanceType"),
+        ("InstanceChargeType", "PostPaid"),
+        ("SpotStrategy", "SpotWithPriceLimit"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    let v = client.call("DescribeAvailableResource", &params).unwrap();
+    let mut in_stock: BTreeSet<(String, String)> = BTreeSet::new();
+    for z in items(&v, &["AvailableZones", "AvailableZone"]) {
+        let zone = z["ZoneId"].as_str().unwrap();
+        for r in items(z, &["AvailableResources", "AvailableResource"]) {
+            for s in items(r, &["SupportedResources", "SupportedResource"]) {
+                let category = s["StatusCategory"].as_str().unwrap_or("WithStock");
+                if s["Status"] == "Available" && category.ends_with("WithStock") && category != "WithoutStock"
+                {
+                    in_stock.insert((s["Value"].as_str().unwrap().to_string(), zone.to_string()));
+                }
+            }
+        }
+    }
+
+    // The latest price of every (fitting type, zone in stock).
+    let mut latest: BTreeMap<(String, String), (OffsetDateTime, f64)> = BTreeMap::new();
+    for ty in fitting.keys() {
+        let mut offset = 0;
+        loop {
+            let mut params = vec![
+                ("NetworkType".to_string(), "vpc".to_string()),
+                ("InstanceType".to_string(), ty.to_string()),
+            ];
+            if offset > 0 {
+                params.push(("Offset".to_string(), offset.to_string()));
+            }
+            let v = client.call("DescribeSpotPriceHistory", &params).unwrap();
+            let page = items(&v, &["SpotPrices", "SpotPriceType"]);
+            for p in page {
+                let key = (ty.to_string(), p["ZoneId"].as_str().unwrap().to_string());
+                let at = OffsetDateTime::parse(
+                    p["Timestamp"].as_str().unwrap(),
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .unwrap();
+                let price = p["SpotPrice"].as_f64().unwrap();
+                let e = latest.entry(key).or_insert((at, price));
+                if (at, price) > *e {
+                    *e = (at, price);
+                }
+            }
+            let next = v["NextOffset"].as_u64().unwrap_or(0);
+            if page.is_empty() || next <= offset {
+                break;
+            }
+            offset = next;
+        }
+    }
+
+    let mut out: Vec<Expected> = latest
+        .into_iter()
+        .filter(|(k, (_, price))| in_stock.contains(k) && *price > 0.0)
+        .map(|((instance_type, zone), (_, spot))| Expected {
+            cores: fitting[&instance_type],
+            instance_type,
+            zone,
+            spot,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (a.spot / f64::from(a.cores))
+            .total_cmp(&(b.spot / f64::from(b.cores)))
+            .then(a.spot.total_cmp(&b.spot))
+            .then_with(|| a.instance_type.cmp(&b.instance_type))
+            .then_with(|| a.zone.cmp(&b.zone))
+    });
+    out
+}
+
+/// The offers of `prices --json`.
+fn parse_prices_json(out: &Output) -> Vec<Expected> {
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(out)));
+    v.as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|o| Expected {
+            instance_type: o["instance_type"].as_str().unwrap().to_string(),
+            zone: o["zone"].as_str().unwrap().to_string(),
+            spot: o["spot_price"].as_f64().unwrap(),
+            cores: o["cores"].as_u64().unwrap() as u32,
+        })
+        .collect()
+}
+
+fn names(offers: &[Expected]) -> Vec<String> {
+    offers.iter().map(|o| format!("{}@{} {}", o.instance_type, o.zone, o.spot)).collect()
+}
+
+/// How many requests of each catalogue action the emulator has answered so far.
+fn catalogue_calls(w: &World) -> BTreeMap<&'static str, usize> {
+    let requests = w.emulator.requests();
+    CATALOGUE_ACTIONS
+        .iter()
+        .map(|a| (*a, requests.iter().filter(|r| r.action.as_deref() == Some(*a)).count()))
+        .collect()
+}
+
+fn count_action(w: &World, action: &str) -> usize {
+    w.emulator.requests().iter().filter(|r| r.action.as_deref() == Some(action)).count()
+}
+
+#[test]
+fn prices_lists_exactly_the_fitting_offers_cheapest_per_core_first() {
+    // Some pairs are sold out, among them what would otherwise be the cheapest per core.
+    let sold_out = ["ecs.c8a.2xlarge@cn-hangzhou-j", "ecs.u1-*@cn-hangzhou-i"];
+    let w = World::with_faults(Faults { no_stock: sold_out.map(String::from).to_vec(), ..Faults::default() });
+    let c = client(&w);
+    let expected = expected_offers(&c, &AMD64);
+    assert!(expected.len() > 20, "the catalogue offers plenty: {:?}", names(&expected));
+    assert!(
+        !expected.iter().any(|o| sold_out.iter().any(|p| Faults::pattern_matches(
+            p,
+            &o.instance_type,
+            &o.zone
+        ))),
+        "sold-out pairs are not offers: {:?}",
+        names(&expected)
+    );
+
+    let got = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert_eq!(names(&got), names(&expected));
+    assert_eq!(got, expected);
+
+    // The first entry is the cheapest per core of every latest price the emulator reports.
+    let cheapest = expected.iter().map(|o| o.spot / f64::from(o.cores)).min_by(f64::total_cmp).unwrap();
+    assert_eq!(got[0].spot / f64::from(got[0].cores), cheapest);
+
+    // arm64: only the allowed families, at 1:2.
+    let arm = expected_offers(&c, &ARM64);
+    assert!(!arm.is_empty());
+    let got_arm = parse_prices_json(&with_config(&w, &["prices", "--json", "--arch", "arm64"]));
+    assert_eq!(names(&got_arm), names(&arm));
+    assert!(got_arm
+        .iter()
+        .all(|o| o.instance_type.starts_with("ecs.c8y.") || o.instance_type.starts_with("ecs.c8r.")));
+
+    // Exactly 16 vCPU.
+    let sixteen = expected_offers(&c, &AMD64_16);
+    assert!(!sixteen.is_empty());
+    let got_16 =
+        parse_prices_json(&with_config(&w, &["prices", "--json", "--min-cpu", "16", "--max-cpu", "16"]));
+    assert_eq!(names(&got_16), names(&sixteen));
+    assert!(got_16.iter().all(|o| o.cores == 16));
+
+    // The table: a title, a header, one row per offer in the same order.
+    let table = stdout(&with_config(&w, &["prices"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("{} offers for amd64 with 8-64 vCPU and 8-64 GiB (cheapest first):", expected.len()),
+        "{table}"
+    );
+    let header: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(header[..3], ["TYPE", "ZONE", "vCPU"], "{table}");
+    let rows: Vec<Vec<&str>> = lines[2..].iter().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), expected.len(), "{table}");
+    for (row, e) in rows.iter().zip(&expected) {
+        assert_eq!(row[..3], [e.instance_type.as_str(), e.zone.as_str(), &e.cores.to_string()], "{table}");
+        assert_eq!(row[4], format!("{:.4}", e.spot), "{table}");
+        assert_eq!(row.last().copied(), Some(format!("vsw-bp1emulatorzone{}", &e.zone[12..]).as_str()));
+    }
+}
+
+#[test]
+fn prices_works_from_the_environment_alone() {
+    let w = World::new();
+    let expected = expected_offers(&client(&w), &AMD64);
+    let endpoint = w.emulator.endpoint();
+    let env = [
+        ("ALIYUN_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID),
+        ("ALIYUN_ACCESS_KEY_SECRET", DEFAULT_ACCESS_KEY_SECRET),
+        ("ALIYUN_REGION_ID", "cn-hangzhou"),
+        ("ALIYUN_ECS_ENDPOINT", endpoint.as_str()),
+    ];
+
+    // A file named by `ALIYUN_SPOT_CONFIG` must exist.
+    let missing = w.dir.path().join("no-such-config.toml");
+    let mut named = env.to_vec();
+    named.push(("ALIYUN_SPOT_CONFIG", missing.to_str().unwrap()));
+    let out = aliyun_spot(w.dir.path(), &["prices", "--json"], &named);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot read the configuration file `{}`", missing.display())), "{err}");
+
+    // Without any file: the default path is only used when it exists.
+    if Path::new(aliyun_spot_executor::config::DEFAULT_CONFIG_PATH).exists() {
+        eprintln!(
+            "skipping the file-less run: {} exists on this host",
+            aliyun_spot_executor::config::DEFAULT_CONFIG_PATH
+        );
+        return;
+    }
+    let before = w.emulator.requests().len();
+    // `--fresh` keeps the host's default cache directory untouched.
+    let out = aliyun_spot(w.dir.path(), &["prices", "--json", "--fresh"], &env);
+    assert!(out.status.success(), "{}", show(&out));
+    let got = parse_prices_json(&out);
+    assert_eq!(names(&got), names(&expected));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json.as_array().unwrap().iter().all(|o| o["vswitch_id"].is_null()), "no vswitch is configured");
+    let requests = w.emulator.requests();
+    assert!(requests[before..]
+        .iter()
+        .all(|r| r.access_key_id.as_deref() == Some(DEFAULT_ACCESS_KEY_ID) && r.status == 200));
+
+    // The table says that no zone has a vswitch.
+    let out = aliyun_spot(w.dir.path(), &["prices", "--fresh"], &env);
+    assert!(out.status.success(), "{}", show(&out));
+    let table = stdout(&out);
+    assert_eq!(table.lines().count(), expected.len() + 2, "{table}");
+    assert!(table.lines().skip(2).all(|l| l.ends_with("(none: not used)")), "{table}");
+
+    // `instances` too.
+    let out = aliyun_spot(w.dir.path(), &["instances", "--json"], &env);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), serde_json::json!([]));
+}
+
+#[test]
+fn prepare_falls_back_when_the_cheapest_offer_is_out_of_stock() {
+    let w = World::new();
+    // Fill the host's price cache, as a job a minute earlier would have; stock then runs out
+    // between the listing and the creation.
+    let offers = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert_eq!(names(&offers), names(&expected_offers(&client(&w), &AMD64)));
+    let (first, second) = (&offers[0], &offers[1]);
+    w.emulator.set_faults(Faults {
+        no_stock: vec![format!("{}@{}", first.instance_type, first.zone)],
+        ..Faults::default()
+    });
+
+    let job = w.job("2001", "echo hi");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let skipped = format!(
+        "{} in {}: out of stock (OperationDenied.NoStock), trying the next offer",
+        first.instance_type, first.zone
+    );
+    assert!(log.lines().any(|l| l == skipped), "no line `{skipped}` in:\n{log}");
+    let created = w.emulator.instances();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    assert_eq!((&created[0].instance_type, &created[0].zone), (&second.instance_type, &second.zone));
+    assert!(created[0].live);
+    assert!(
+        log.contains(&format!(
+            "Created spot instance {} ({} in {}",
+            created[0].id, second.instance_type, second.zone
+        )),
+        "{log}"
+    );
+    assert_eq!(count_action(&w, "RunInstances"), 2);
+
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn prepare_fails_as_a_system_failure_when_every_offer_is_out_of_stock() {
+    let w = World::new();
+    let offers = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    let n = offers.len();
+    assert!(n > 1);
+    w.emulator.set_faults(Faults { no_stock: vec!["*@*".to_string()], ..Faults::default() });
+
+    let job = w.job("2002", "echo never");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let summary = format!(
+        "ERROR: no spot capacity: all {n} offers failed: {n} out of stock (OperationDenied.NoStock); retry later, widen the shape, or add zones"
+    );
+    assert!(log.lines().any(|l| l == summary), "no line `{summary}` in:\n{log}");
+    // Every offer was tried once, in order; the last one says so.
+    let tried: Vec<String> = w
+        .emulator
+        .requests()
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("RunInstances"))
+        .map(|r| format!("{}@{}", r.params["InstanceType"], r.params["ZoneId"]))
+        .collect();
+    let order: Vec<String> = offers.iter().map(|o| format!("{}@{}", o.instance_type, o.zone)).collect();
+    assert_eq!(tried, order);
+    let last = offers.last().unwrap();
+    let last_line = format!(
+        "{} in {}: out of stock (OperationDenied.NoStock), no offers left",
+        last.instance_type, last.zone
+    );
+    assert!(log.lines().any(|l| l == last_line), "{log}");
+    assert!(w.emulator.instances().is_empty(), "{:#?}", w.emulator.instances());
+
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn instances_shows_the_prepared_job_until_cleanup() {
+    let w = World::new();
+    let job = w.job("3001", "echo hi");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    let created = w.emulator.instances();
+    assert_eq!(created.len(), 1);
+    let inst = &created[0];
+
+    let rows: Value = serde_json::from_slice(&with_config(&w, &["instances", "--json"]).stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let row = &rows[0];
+    assert_eq!(row["id"], inst.id.as_str());
+    assert_eq!(row["job"], "3001");
+    assert_eq!(row["project"], "42");
+    assert_eq!(row["runner"], "7");
+    assert_eq!(row["instance_type"], inst.instance_type.as_str());
+    assert_eq!(row["zone"], inst.zone.as_str());
+    assert_eq!(row["status"], "Running");
+    assert!(row["spot_price_limit"].as_f64().is_some_and(|p| p > 0.0), "{row:#}");
+
+    let table = stdout(&with_config(&w, &["instances"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[0], "1 managed instance(s) in cn-hangzhou", "{table}");
+    let cols: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(cols[0], inst.id, "{table}");
+    assert!(cols.contains(&"3001"), "{table}");
+
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+    let rows: Value = serde_json::from_slice(&with_config(&w, &["instances", "--json"]).stdout).unwrap();
+    assert_eq!(rows, serde_json::json!([]));
+    assert_eq!(stdout(&with_config(&w, &["instances"])), "0 managed instance(s) in cn-hangzhou\n");
+}
+
+#[test]
+fn a_warm_price_cache_spares_the_catalogue_calls_of_the_next_prepare() {
+    // One fitting type is sold out everywhere: its prices are never asked for.
+    let w = World::with_faults(Faults { no_stock: vec!["ecs.c7.2xlarge@*".into()], ..Faults::default() });
+    // The types whose prices a cold prepare must read: fitting types in stock somewhere.
+    let priced: BTreeSet<String> =
+        expected_offers(&client(&w), &AMD64).into_iter().map(|o| o.instance_type).collect();
+    assert!(!priced.contains("ecs.c7.2xlarge") && priced.contains("ecs.c7.4xlarge"), "{priced:?}");
+    let baseline = catalogue_calls(&w);
+    let seen = w.emulator.requests().len();
+
+    let run_prepare = |job_id: &str| {
+        let job = w.job(job_id, "echo hi");
+        let mut attempt = w.attempt(&job);
+        assert!(attempt.config().unwrap().0.success());
+        assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+        attempt
+    };
+    let delta = |before: &BTreeMap<&'static str, usize>| -> Vec<(&'static str, usize)> {
+        catalogue_calls(&w).into_iter().map(|(a, n)| (a, n - before[a])).collect()
+    };
+
+    let first = run_prepare("4001");
+    let cold = delta(&baseline);
+    assert_eq!(
+        cold,
+        [
+            ("DescribeAvailableResource", 1),
+            ("DescribeInstanceTypes", 1),
+            ("DescribeSpotPriceHistory", priced.len())
+        ]
+    );
+    // One call per priced type, each for that type in every zone.
+    let asked: Vec<(String, Option<String>)> = w.emulator.requests()[seen..]
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("DescribeSpotPriceHistory"))
+        .map(|r| (r.params["InstanceType"].clone(), r.params.get("ZoneId").cloned()))
+        .collect();
+    let asked_types: BTreeSet<String> = asked.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(asked_types, priced);
+    assert!(asked.iter().all(|(_, zone)| zone.is_none()), "{asked:?}");
+    assert_eq!(first.cleanup().unwrap(), Exit::Code(0), "{}", first.runner_log.text());
+
+    let after_first = catalogue_calls(&w);
+    let second = run_prepare("4002");
+    assert_eq!(
+        delta(&after_first),
+        [("DescribeAvailableResource", 0), ("DescribeInstanceTypes", 0), ("DescribeSpotPriceHistory", 0)]
+    );
+    // Both jobs got the same cheapest offer.
+    let created = w.emulator.instances();
+    assert_eq!(created.len(), 2);
+    assert_eq!((&created[0].instance_type, &created[0].zone), (&created[1].instance_type, &created[1].zone));
+    assert_eq!(second.cleanup().unwrap(), Exit::Code(0), "{}", second.runner_log.text());
+    w.assert_nothing_left();
+}
