@@ -18,10 +18,9 @@
 //! - the cache is an optimisation only: when its directory cannot be used, the catalogue is
 //!   fetched directly and a warning is logged, rather than failing the job.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
+use crate::fsutil::FileLock;
 use crate::selection::{Catalogue, Shape};
 
 /// Version of the cache file format; files of another version are rebuilt.
@@ -183,67 +183,27 @@ impl PriceCache {
         Entry::Fresh(file.catalogue)
     }
 
-    fn lock(&self, key: &str) -> anyhow::Result<FlockGuard> {
+    fn lock(&self, key: &str) -> anyhow::Result<FileLock> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .with_context(|| format!("cannot create the price cache directory `{}`", self.dir.display()))?;
         let path = self.dir.join(format!("{}.lock", sanitize(key)));
-        FlockGuard::exclusive(&path)
+        FileLock::exclusive(&path)
     }
 }
 
 fn write_file(path: &Path, file: &CacheFile) -> anyhow::Result<()> {
-    let dir = path.parent().context("cache file path has no directory")?;
     let data = serde_json::to_vec(file).context("cannot serialize the price cache")?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temporary file in `{}`", dir.display()))?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot set the mode of `{}`", tmp.path().display()))?;
-    tmp.write_all(&data).with_context(|| format!("cannot write `{}`", tmp.path().display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("cannot sync `{}`", tmp.path().display()))?;
-    tmp.persist(path).with_context(|| format!("cannot rename the price cache into `{}`", path.display()))?;
-    Ok(())
-}
-
-/// An exclusive `flock` held until drop. Kept private and tiny on purpose; it duplicates what
-/// `fsutil::FileLock` provides and can be replaced by it.
-struct FlockGuard {
-    _file: File,
-}
-
-impl FlockGuard {
-    fn exclusive(path: &Path) -> anyhow::Result<FlockGuard> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("cannot open the lock file `{}`", path.display()))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != ErrorKind::Interrupted {
-                return Err(err).with_context(|| format!("cannot lock `{}`", path.display()));
-            }
-        }
-        // Closing the descriptor on drop releases the lock.
-        Ok(FlockGuard { _file: file })
-    }
+    crate::fsutil::write_atomic(path, &data, 0o600)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::selection::{Arch, PricePoint, TypeInfo, ZoneStock};
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Barrier};
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Exit, Job};
+use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Exit, Job, Running};
 use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions, Faults};
 
 /// One test's world: an emulator, a configuration pointing at it, and private directories.
@@ -156,12 +156,7 @@ fn output_reaches_the_log_while_the_stage_runs() {
     );
     let job = w.job("1004", &script);
     let mut attempt = w.attempt(&job);
-    assert!(attempt.config().unwrap().0.success());
-    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
-    for (stage, body) in &job.stages[..2] {
-        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
-    }
-    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    let running = start_build_script(&mut attempt, &job);
     // The script waits for the gate, which opens only once its first line is in the log.
     assert!(
         attempt.log.wait_for("FIRST-LINE", Duration::from_secs(60)),
@@ -183,12 +178,7 @@ fn sigterm_during_a_stage_stops_the_remote_script_and_cleanup_releases() {
     let script = format!("echo STARTED\nbash -c 'exec -a {marker} sleep 300'");
     let job = w.job("1005", &script);
     let mut attempt = w.attempt(&job);
-    assert!(attempt.config().unwrap().0.success());
-    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
-    for (stage, body) in &job.stages[..2] {
-        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
-    }
-    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    let running = start_build_script(&mut attempt, &job);
     assert!(attempt.log.wait_for("STARTED", Duration::from_secs(60)), "{}", attempt.log.text());
     // Wait for the remote process to exist, then cancel like gitlab-runner does.
     assert!(wait_until(Duration::from_secs(20), || pgrep(&marker)), "remote sleep never started");
@@ -207,12 +197,7 @@ fn spot_reclaim_mid_stage_is_a_system_failure_that_says_reclaimed() {
     let w = World::new();
     let job = w.job("1006", "echo RUNNING\nsleep 300");
     let mut attempt = w.attempt(&job);
-    assert!(attempt.config().unwrap().0.success());
-    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
-    for (stage, body) in &job.stages[..2] {
-        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
-    }
-    let running = attempt.start_stage("build_script", &job.stages[2].1).unwrap();
+    let running = start_build_script(&mut attempt, &job);
     assert!(attempt.log.wait_for("RUNNING", Duration::from_secs(60)), "{}", attempt.log.text());
     let id = w.emulator.instances()[0].id.clone();
     w.emulator.reclaim(&id);
@@ -270,6 +255,17 @@ fn cleanup_twice_and_without_prepare_is_harmless() {
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     w.assert_nothing_left();
+}
+
+/// config, prepare and the stages before the job's script, each passing; then the script's
+/// stage is started and left running.
+fn start_build_script(attempt: &mut Attempt, job: &Job) -> Running {
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    for (stage, body) in &job.stages[..2] {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    attempt.start_stage("build_script", &job.stages[2].1).unwrap()
 }
 
 fn attempt_exes(w: &World) -> Executables {
