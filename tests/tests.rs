@@ -3,6 +3,7 @@
 mod client_emulator;
 mod config;
 mod demo;
+mod doctor;
 mod ecs_client;
 mod emulator;
 mod executor;
