@@ -4,4 +4,5 @@ mod config;
 mod ecs_client;
 mod emulator;
 mod executor;
+mod faults;
 mod ssh;
