@@ -504,7 +504,6 @@ pub fn run_script_with_hooks(
     };
     // Blocking steps after the handshake may take longer than a connect (a large script).
     c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
-    c.session.set_keepalive(true, KEEPALIVE_SECS);
 
     let dir = upload(&c, script)?;
     if cancel.load(Ordering::SeqCst) {
@@ -515,6 +514,10 @@ pub fn run_script_with_hooks(
     ch.exec(&wrapper_command(&dir, interpreter, hooks)).map_err(|e| lost("starting the script", &e))?;
     ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
 
+    // Keepalives only from here on: in blocking mode libssh2 waits at most until the next
+    // keepalive is due and then fails with "Timed out waiting on socket", so configured before
+    // the upload they would cut the timeout above down to the keepalive interval.
+    c.session.set_keepalive(true, KEEPALIVE_SECS);
     c.session.set_blocking(false);
     let mut out_stream = ch.stream(0);
     let mut err_stream = ch.stderr();

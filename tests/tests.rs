@@ -7,6 +7,7 @@ mod doctor;
 mod ecs_client;
 mod emulator;
 mod executor;
+mod faults;
 mod safety;
 mod selection_live;
 mod ssh;

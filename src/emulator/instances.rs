@@ -555,6 +555,10 @@ impl Core {
             cmd.pre_exec(move || {
                 libc::setpgid(0, 0);
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                // Orphans of the instance's sessions (a job's `setsid` process group whose SSH
+                // connection died) are re-parented to this sshd instead of init, so deleting the
+                // instance still finds and kills them, as deleting a VM would.
+                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }

@@ -260,7 +260,8 @@ impl Context {
         }
     }
 
-    /// Instances of this job found by tag (the truth when local state is missing).
+    /// Instances of this job found by tag (the truth when local state is missing). A busy API
+    /// (throttling, 5xx) gets [`PERSIST_ROUNDS`] rounds of the client's retries.
     pub fn find_job_instances(&self) -> Result<Vec<Instance>, StageError> {
         let filter = DescribeInstancesFilter {
             tags: vec![
@@ -270,20 +271,38 @@ impl Context {
             ],
             ..Default::default()
         };
-        self.client.describe_instances(&filter).map_err(|e| StageError::System(e.into()))
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            match self.client.describe_instances(&filter) {
+                Ok(found) => return Ok(found),
+                Err(e) if e.is_retriable() && rounds < PERSIST_ROUNDS => std::thread::sleep(PERSIST_PAUSE),
+                Err(e) => return Err(StageError::System(e.into())),
+            }
+        }
     }
 }
 
+/// Rounds of the client's whole retry policy that releasing an instance (and finding it by
+/// tags) gets while the API stays busy: the client gives up after a few seconds of throttling,
+/// but giving up here leaves a paid instance running.
+pub const PERSIST_ROUNDS: u32 = 10;
+const PERSIST_PAUSE: Duration = Duration::from_secs(2);
+
 /// Deletes an instance, treating "already gone" as success and retrying transient errors
-/// (the client's retry policy) plus `IncorrectInstanceStatus` (the instance is mid-transition).
+/// ([`PERSIST_ROUNDS`] rounds of the client's retry policy) plus `IncorrectInstanceStatus`
+/// (the instance is mid-transition).
 pub fn delete_instance(ctx: &Context, id: &str) -> Result<(), StageError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
         match ctx.client.delete_instance(id, true) {
             Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::IncorrectStatus && attempts < 10 => {
-                std::thread::sleep(Duration::from_secs(2));
+            Err(e)
+                if (e.kind() == ErrorKind::IncorrectStatus || e.is_retriable())
+                    && attempts < PERSIST_ROUNDS =>
+            {
+                std::thread::sleep(PERSIST_PAUSE);
             }
             Err(e) => {
                 return Err(StageError::System(
