@@ -387,6 +387,46 @@ fn server_error_bursts_are_retried_and_the_job_passes() {
 }
 
 #[test]
+fn an_outage_longer_than_the_clients_retries_during_creation_is_outlasted_with_one_instance() {
+    let _seed = Seed::new("outage");
+    let bed = Bed::start(BedOptions::default());
+    // A first job fills the price cache, so the second prepare goes straight to RunInstances.
+    let warm = bed.job("3201", "echo WARM");
+    assert_passed(&bed.attempt(&warm).run_job(&warm).unwrap(), "WARM");
+    let job = bed.job("3202", "echo AFTER-THE-OUTAGE");
+    let mut attempt = bed.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    bed.emu().set_faults(Faults { error_rate: 1.0, ..Faults::default() });
+    let prepare = attempt.spawn(&bed.exes().prepare, &[], &attempt.log.clone()).unwrap();
+    // More failed RunInstances than one round of the client's retry policy allows…
+    let failed_creates = || {
+        bed.emu()
+            .requests()
+            .iter()
+            .filter(|r| r.action.as_deref() == Some("RunInstances") && r.status == 503)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while failed_creates() < 8 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(failed_creates() >= 8, "the outage did not reach RunInstances: {}", attempt.log.text());
+    // …then the API recovers, and the same ClientToken creates exactly one instance.
+    bed.emu().set_faults(Faults::default());
+    assert_eq!(prepare.wait().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    for (stage, body) in &job.stages {
+        assert!(attempt.run_stage(stage, body).unwrap().success(), "{}", attempt.log.text());
+    }
+    assert!(attempt.log.text().contains("AFTER-THE-OUTAGE"));
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    let tokens = run_instances_by_token(&bed.http_requests());
+    assert_eq!(tokens.len(), 2, "one ClientToken per job: {tokens:?}");
+    assert!(tokens.values().all(|(_, ok)| *ok == 1), "{tokens:?}");
+    assert_eq!(bed.emu().instances().len(), 2);
+    bed.finish();
+}
+
+#[test]
 fn slow_answers_do_not_fail_the_job() {
     let _seed = Seed::new("latency");
     let bed = Bed::start(BedOptions {

@@ -287,7 +287,8 @@ impl Context {
 /// tags) gets while the API stays busy: the client gives up after a few seconds of throttling,
 /// but giving up here leaves a paid instance running.
 pub const PERSIST_ROUNDS: u32 = 10;
-const PERSIST_PAUSE: Duration = Duration::from_secs(2);
+/// The pause between those rounds.
+pub const PERSIST_PAUSE: Duration = Duration::from_secs(2);
 
 /// Deletes an instance, treating "already gone" as success and retrying transient errors
 /// ([`PERSIST_ROUNDS`] rounds of the client's retry policy) plus `IncorrectInstanceStatus`

@@ -181,7 +181,17 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             if let Err(e) = ctx.store.save(&ctx.key, &state) {
                 return WalkAttempt::Fatal(StageError::System(e));
             }
-            match ctx.client.run_instances(&req) {
+            // A busy API (throttling, 5xx) gets more rounds of the client's retries while the
+            // prepare deadline allows: the same ClientToken makes every repeat safe.
+            let mut answer = ctx.client.run_instances(&req);
+            while matches!(&answer, Err(e) if e.is_retriable())
+                && Instant::now() + super::PERSIST_PAUSE < deadline
+                && !ctx.terminated()
+            {
+                ctx.sleep(super::PERSIST_PAUSE);
+                answer = ctx.client.run_instances(&req);
+            }
+            match answer {
                 Ok(ids) => match ids.into_iter().next() {
                     Some(id) => WalkAttempt::Created(id),
                     None => {
