@@ -347,3 +347,40 @@ fn no_secret_reaches_any_log_even_at_trace_level_and_state_files_are_private() {
     );
     w.assert_nothing_left();
 }
+
+#[test]
+fn every_stage_name_gitlab_runner_may_pass_is_run() {
+    let w = World::new();
+    let builds = w.builds_dir();
+    let mut job = w.job("1010", "echo BUILD");
+    // A release step, the worktree clearing before a second get_sources attempt, after_script
+    // and the artifact stages, in gitlab-runner's order.
+    job.stages = vec![
+        ("prepare_script".into(), "echo PREPARE".into()),
+        ("get_sources".into(), "false".into()),
+        ("clear_worktree".into(), "echo CLEAR".into()),
+        ("get_sources".into(), format!("mkdir -p '{builds}/group/project' && echo SOURCES")),
+        ("restore_cache".into(), "echo RESTORE".into()),
+        ("download_artifacts".into(), "echo DOWNLOAD".into()),
+        ("build_script".into(), "echo BUILD".into()),
+        ("step_release".into(), "echo RELEASE".into()),
+        ("after_script".into(), "echo AFTER".into()),
+        ("archive_cache".into(), "echo ARCHIVE".into()),
+        ("upload_artifacts_on_success".into(), "echo UPLOAD".into()),
+        ("cleanup_file_variables".into(), "echo CLEANUP-FILES".into()),
+    ];
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    for (stage, body) in &job.stages {
+        let exit = attempt.run_stage(stage, body).unwrap();
+        let expected = if body == "false" { Exit::Code(1) } else { Exit::Code(0) };
+        assert_eq!(exit, expected, "stage `{stage}`: {}", attempt.log.text());
+    }
+    let log = attempt.log.text();
+    for marker in ["PREPARE", "CLEAR", "SOURCES", "RELEASE", "AFTER", "UPLOAD", "CLEANUP-FILES"] {
+        assert!(log.lines().any(|l| l == marker), "`{marker}` missing:\n{log}");
+    }
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
