@@ -384,3 +384,24 @@ fn every_stage_name_gitlab_runner_may_pass_is_run() {
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     w.assert_nothing_left();
 }
+
+#[test]
+fn a_prepare_retried_without_cleanup_releases_the_earlier_attempts_instance() {
+    let w = World::new();
+    let job = w.job("1011", "true");
+    let first = w.attempt(&job);
+    assert!(first.prepare().unwrap().success(), "{}", first.log.text());
+    let old = w.emulator.instances()[0].id.clone();
+    // A second preparation attempt of the same job, whose cleanup never ran in between.
+    let second = w.attempt(&job);
+    assert!(second.prepare().unwrap().success(), "{}", second.log.text());
+    let log = second.log.text();
+    assert!(
+        log.contains(&format!("Releasing instance {old} left by an earlier attempt of this job")),
+        "{log}"
+    );
+    assert_eq!(w.live(), 1, "only the new attempt's instance is alive");
+    assert_eq!(w.emulator.instances().len(), 2);
+    assert!(second.cleanup().unwrap().success(), "{}", second.runner_log.text());
+    w.assert_nothing_left();
+}

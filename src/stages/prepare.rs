@@ -32,8 +32,15 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     // A state left by an earlier attempt of this job means its cleanup did not finish: release
     // that instance first, so a retried prepare never adds a second paid machine.
+    // (`config_exec` is optional in gitlab-runner, so the settings are checked here too.)
+    ctx.config.require_for_prepare(ctx.spec.shape.arch)?;
     if let Some(old) = ctx.store.load(&ctx.key).unwrap_or(None) {
-        if let Some(id) = old.instance_id.as_deref() {
+        let mut ids: Vec<String> = old.instance_id.into_iter().collect();
+        // Its RunInstances may have been in flight: the tags find what the state could not.
+        ids.extend(ctx.find_job_instances()?.into_iter().map(|i| i.id));
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
             p.line(format!("Releasing instance {id} left by an earlier attempt of this job"));
             super::delete_instance(ctx, id)?;
         }
