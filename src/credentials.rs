@@ -373,7 +373,17 @@ impl CredentialsProvider for InstanceRoleProvider {
                 return Ok(c.clone());
             }
         }
-        match self.fetch() {
+        // The metadata service is local and fast; a failure is usually a blip (the service
+        // restarting, a dropped connection), so two more tries, briefly spaced, come first.
+        let mut fetched = self.fetch();
+        for pause_ms in [200, 800] {
+            if fetched.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
+            fetched = self.fetch();
+        }
+        match fetched {
             Ok(c) => {
                 *cache = Some(c.clone());
                 Ok(c)

@@ -320,3 +320,38 @@ fn unreachable_metadata_service_is_a_credentials_error() {
         )
     );
 }
+
+#[test]
+fn a_metadata_service_blip_is_retried() {
+    let server = Server::start(|seen, i| {
+        match (seen.method.as_str(), seen.url.as_str()) {
+        // The very first request meets a restarting metadata service.
+        _ if i == 0 => (503, "restarting".into()),
+        ("PUT", "/latest/api/token") => (200, "meta-session".into()),
+        ("GET", "/latest/meta-data/ram/security-credentials/ci-runner-role") => (
+            200,
+            json!({"AccessKeyId": "STS.loopbackRole02", "AccessKeySecret": ROLE_SECRET, "SecurityToken": ROLE_TOKEN,
+                   "Expiration": "2099-01-01T00:00:00Z", "Code": "Success"})
+            .to_string(),
+        ),
+        _ => (404, "not found".into()),
+    }
+    });
+    let spec = CredentialSpec {
+        use_instance_role: true,
+        instance_ram_role: Some("ci-runner-role".into()),
+        metadata_endpoint: server.endpoint(),
+        ..Default::default()
+    };
+    let c = provider_from_spec(&spec).unwrap().credentials().unwrap();
+    assert_eq!(c.access_key_id, "STS.loopbackRole02");
+    let paths: Vec<String> = server.seen().iter().map(|s| format!("{} {}", s.method, s.url)).collect();
+    assert_eq!(
+        paths,
+        [
+            "PUT /latest/api/token",
+            "PUT /latest/api/token",
+            "GET /latest/meta-data/ram/security-credentials/ci-runner-role"
+        ]
+    );
+}
