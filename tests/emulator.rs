@@ -119,15 +119,7 @@ impl Api {
 }
 
 fn timestamp(t: time::OffsetDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    aliyun_spot_executor::ecs::types::format_utc(t)
 }
 
 /// Polls `f` until it returns `Some` (safety deadline only; never a timing assertion).

@@ -293,16 +293,7 @@ pub(crate) fn now() -> OffsetDateTime {
 
 /// `yyyy-MM-ddTHH:mm:ssZ`, the format ECS uses.
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    crate::ecs::types::format_utc(t)
 }
 
 /// `yyyy-MM-ddTHH:mmZ`, the short format of `CreationTime`.
