@@ -123,8 +123,15 @@ fn passing_job_runs_on_a_spot_instance_and_releases_it() {
 #[test]
 fn failing_script_is_a_build_failure_with_its_status() {
     let w = World::new();
-    let job = w.job("1002", "echo before\nexit 42");
+    let mut job = w.job("1002", "echo before\nexit 42");
+    job.after_script = Some("echo \"AFTER: $CI_JOB_STATUS\"".into());
     let out = w.attempt(&job).run_job(&job).unwrap();
+    let names: Vec<&str> = out.stages.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        names,
+        ["prepare_script", "get_sources", "build_script", "after_script", "cleanup_file_variables"]
+    );
+    assert!(out.job_log.contains("AFTER: "), "after_script ran after the failed step: {}", show(&out));
     let build = out.stages.iter().find(|(s, _)| s == "build_script").unwrap();
     assert_eq!(build.1, Exit::Code(1), "{}", show(&out));
     assert_eq!(out.build_exit_code.as_deref(), Some("42\n"));

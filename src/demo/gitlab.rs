@@ -112,7 +112,7 @@ pub struct Job {
     /// `(stage name, bash body)` in execution order, as gitlab-runner would generate them;
     /// see [`Job::standard_stages`].
     pub stages: Vec<(String, String)>,
-    /// Stage bodies that run only when an earlier user stage failed (`after_script`, …).
+    /// The `after_script` body: run after the user steps, whether they passed or failed.
     pub after_script: Option<String>,
 }
 
@@ -338,6 +338,57 @@ impl Attempt {
         self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
     }
 
+    /// The stages after prepare, with gitlab-runner's branches (CUSTOM_EXECUTOR.md §2.3–§2.4):
+    /// a failed `prepare_script` ends the job; a failed source, cache or artifact stage skips
+    /// the user steps and `after_script`; a failed user step skips the remaining steps;
+    /// `after_script` runs after the user steps whether they passed or not; cache and artifact
+    /// stages switch to their `_on_failure` variants after a failure; `cleanup_file_variables`
+    /// always runs last.
+    fn run_stages(&self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
+        let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
+        let is_post = |s: &str| s.starts_with("archive_cache") || s.starts_with("upload_artifacts");
+        let mut pre_failed = false;
+        let mut failed = false;
+        let mut after_done = job.after_script.is_none();
+        for (stage, body) in &job.stages {
+            let mut stage = stage.clone();
+            if (is_post(&stage) || stage == "cleanup_file_variables") && !after_done {
+                after_done = true;
+                if !pre_failed {
+                    let after = job.after_script.as_deref().unwrap_or_default();
+                    let exit = self.run_stage("after_script", after)?;
+                    // after_script errors are ignored (AFTER_SCRIPT_IGNORE_ERRORS defaults to true).
+                    outcome.stages.push(("after_script".into(), exit));
+                }
+            }
+            if failed && (is_user(&stage) || !(is_post(&stage) || stage == "cleanup_file_variables")) {
+                continue;
+            }
+            if failed && is_post(&stage) {
+                stage = match stage.as_str() {
+                    "archive_cache" => "archive_cache_on_failure".into(),
+                    "upload_artifacts_on_success" => "upload_artifacts_on_failure".into(),
+                    other => other.into(),
+                };
+            }
+            let exit = self.run_stage(&stage, body)?;
+            if exit == Exit::Code(1) && outcome.build_exit_code.is_none() {
+                // gitlab-runner reads the file right after the stage that failed.
+                outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
+            }
+            let ok = exit.success();
+            outcome.stages.push((stage.clone(), exit));
+            if !ok && stage != "cleanup_file_variables" {
+                if stage == "prepare_script" {
+                    break;
+                }
+                failed = true;
+                pre_failed |= !is_user(&stage) && !is_post(&stage);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the whole job the way gitlab-runner's `Build.Run` does for one attempt.
     pub fn run_job(mut self, job: &Job) -> Result<JobOutcome> {
         let (config, config_json) = self.config()?;
@@ -355,32 +406,7 @@ impl Attempt {
             let prepare = self.prepare()?;
             outcome.prepare = Some(prepare.clone());
             if prepare.success() {
-                let mut failed = false;
-                for (stage, body) in &job.stages {
-                    let is_last = stage == "cleanup_file_variables";
-                    if failed && !is_last {
-                        continue;
-                    }
-                    let exit = self.run_stage(stage, body)?;
-                    if exit == Exit::Code(1) && outcome.build_exit_code.is_none() {
-                        // gitlab-runner reads the file right after the stage that failed.
-                        outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
-                    }
-                    let ok = exit.success();
-                    outcome.stages.push((stage.clone(), exit));
-                    if !ok {
-                        failed = true;
-                        if stage == "prepare_script" {
-                            break;
-                        }
-                        if stage == "build_script" || stage.starts_with("step_") {
-                            if let Some(after) = &job.after_script {
-                                let exit = self.run_stage("after_script", after)?;
-                                outcome.stages.push(("after_script".into(), exit));
-                            }
-                        }
-                    }
-                }
+                self.run_stages(job, &mut outcome)?;
             }
         }
         outcome.cleanup = Some(self.cleanup()?);
