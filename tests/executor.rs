@@ -21,6 +21,11 @@ impl World {
     }
 
     pub fn with_faults(faults: Faults) -> World {
+        World::with(faults, &[])
+    }
+
+    /// An emulator with `faults`, and the configuration with `(table, key, value)` overrides.
+    pub fn with(faults: Faults, overrides: &[(&str, &str, toml::Value)]) -> World {
         let emulator = Emulator::start(EmulatorOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             boot_delay: Duration::from_millis(300),
@@ -31,7 +36,12 @@ impl World {
         .expect("emulator starts");
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_text(&emulator.endpoint(), dir.path())).unwrap();
+        let mut doc: toml::Table = config_text(&emulator.endpoint(), dir.path()).parse().unwrap();
+        for (table, key, value) in overrides {
+            let t = doc.entry(table.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+            t.as_table_mut().expect("a table").insert(key.to_string(), value.clone());
+        }
+        std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
         World { emulator, dir, config }
     }
 

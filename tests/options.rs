@@ -1,0 +1,114 @@
+//! Configuration options that change what prepare asks ECS for, checked in the emulator's
+//! request log and through a real job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aliyun_spot_executor::credentials::{Credentials, StaticProvider};
+use aliyun_spot_executor::ecs::{ClientConfig, EcsClient, RetryPolicy};
+use aliyun_spot_executor::emulator::{Faults, DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET};
+use aliyun_spot_executor::secret::Secret;
+use toml::Value;
+
+use super::executor::World;
+
+fn run_instances_params(w: &World) -> Vec<serde_json::Value> {
+    w.emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.action.as_deref() == Some("RunInstances"))
+        .map(|r| serde_json::to_value(&r.params).unwrap())
+        .collect()
+}
+
+#[test]
+fn spot_as_price_go_sends_no_price_limit() {
+    let w = World::with(Faults::default(), &[("spot", "strategy", Value::String("SpotAsPriceGo".into()))]);
+    let job = w.job("5001", "echo PRICE-GO");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}\n{}", out.job_log, out.runner_log);
+    let params = run_instances_params(&w);
+    assert_eq!(params.len(), 1);
+    assert_eq!(params[0]["SpotStrategy"], "SpotAsPriceGo");
+    assert!(params[0].get("SpotPriceLimit").is_none(), "{}", params[0]);
+    w.assert_nothing_left();
+}
+
+#[test]
+fn the_default_price_limit_is_the_factor_times_the_offer_price() {
+    let w = World::new();
+    let job = w.job("5002", "true");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}", out.job_log);
+    let params = run_instances_params(&w);
+    assert_eq!(params[0]["SpotStrategy"], "SpotWithPriceLimit");
+    let limit: f64 = params[0]["SpotPriceLimit"].as_str().unwrap().parse().unwrap();
+    let created = &w.emulator.instances()[0];
+    let line = out.job_log.lines().find(|l| l.starts_with("Trying ")).unwrap().to_string();
+    let price: f64 = line
+        .split(", ")
+        .nth(2)
+        .unwrap()
+        .trim_end_matches(" CNY/hour")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((limit - (price * 1.2)).abs() < 0.0002, "limit {limit} for price {price}: {line}");
+    assert_eq!(created.spot_price_limit, Some(limit));
+    w.assert_nothing_left();
+}
+
+#[test]
+fn offers_above_the_price_cap_are_skipped_and_a_cap_below_all_fails_cleanly() {
+    // A cap between the cheapest offers: the first ones tried are affordable.
+    let w = World::with(Faults::default(), &[("spot", "max_price_per_hour", Value::Float(0.0001))]);
+    let job = w.job("5003", "true");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert_eq!(out.prepare, Some(aliyun_spot_executor::demo::gitlab::Exit::Code(2)), "{}", out.job_log);
+    assert!(out.job_log.contains("spot price above the cap of 0.0001 CNY/hour"), "{}", out.job_log);
+    assert!(out.job_log.lines().any(|l| l.starts_with("ERROR: no spot capacity: all ")), "{}", out.job_log);
+    assert!(run_instances_params(&w).is_empty(), "nothing above the cap is even tried");
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
+    use std::os::unix::fs::PermissionsExt;
+    let keys = aliyun_spot_executor::keys::generate_ed25519("team-key").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("id_ed25519");
+    std::fs::write(&key_file, keys.private_openssh.expose()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("ssh", "key_pair_name", Value::String("ci-team-key".into())),
+            ("ssh", "private_key_file", Value::String(key_file.display().to_string())),
+        ],
+    );
+    let api = EcsClient::new(
+        ClientConfig {
+            region_id: "cn-hangzhou".into(),
+            endpoint: Some(w.emulator.endpoint()),
+            timeout: Duration::from_secs(20),
+            retry: RetryPolicy::default(),
+        },
+        Arc::new(StaticProvider::new(Credentials {
+            access_key_id: DEFAULT_ACCESS_KEY_ID.into(),
+            access_key_secret: Secret::new(DEFAULT_ACCESS_KEY_SECRET.into()),
+            security_token: None,
+            expiration: None,
+        })),
+    )
+    .unwrap();
+    api.import_key_pair("ci-team-key", &keys.public_openssh).unwrap();
+    let job = w.job("5004", "echo KEY-PAIR-LOGIN");
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}\n{}", out.job_log, out.runner_log);
+    assert!(out.job_log.contains("KEY-PAIR-LOGIN"));
+    assert_eq!(run_instances_params(&w)[0]["KeyPairName"], "ci-team-key");
+    assert_eq!(w.emulator.instances()[0].key_pair_name.as_deref(), Some("ci-team-key"));
+    w.assert_nothing_left();
+}
