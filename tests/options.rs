@@ -61,8 +61,8 @@ fn the_default_price_limit_is_the_factor_times_the_offer_price() {
 }
 
 #[test]
-fn offers_above_the_price_cap_are_skipped_and_a_cap_below_all_fails_cleanly() {
-    // A cap between the cheapest offers: the first ones tried are affordable.
+fn a_price_cap_below_every_offer_skips_them_all_and_fails_cleanly() {
+    // A cap below every offer: each is passed over with the reason, and nothing is created.
     let w = World::with(Faults::default(), &[("spot", "max_price_per_hour", Value::Float(0.0001))]);
     let job = w.job("5003", "true");
     let out = w.attempt(&job).run_job(&job).unwrap();
