@@ -197,6 +197,9 @@ pub struct SpotConfig {
     pub ranking: Ranking,
     /// How long price data may be reused across jobs on this host (default 5 minutes).
     pub price_cache_ttl: Duration,
+    /// How long an offer that ran out of stock is tried last by later jobs on this host
+    /// (default 10 minutes; zero turns it off).
+    pub stock_cooldown: Duration,
 }
 
 /// How the driver reaches the instance over SSH.
@@ -909,6 +912,7 @@ struct RawSpot {
     max_price_per_hour: Option<f64>,
     ranking: Option<Ranking>,
     price_cache_ttl: Option<Dur>,
+    stock_cooldown: Option<Dur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1542,12 +1546,21 @@ impl<'a> Validator<'a> {
                 "is longer than an hour, and spot prices move; set at most \"1h\" (\"0s\" disables the cache)",
             ));
         }
+        let stock_cooldown = raw.stock_cooldown.map(|d| d.0).unwrap_or(Duration::from_secs(600));
+        if stock_cooldown > Duration::from_secs(6 * 3600) {
+            return Err(self.err(
+                Origin::File("spot.stock_cooldown"),
+                format_duration(stock_cooldown),
+                "is longer than 6 hours, and spot stock comes back; set at most \"6h\" (\"0s\" turns it off)",
+            ));
+        }
         Ok(SpotConfig {
             strategy: raw.strategy.unwrap_or_default(),
             price_limit_factor,
             max_price_per_hour: raw.max_price_per_hour,
             ranking: raw.ranking.unwrap_or_default(),
             price_cache_ttl,
+            stock_cooldown,
         })
     }
 

@@ -14,7 +14,8 @@
 //!   `CUSTOM_ENV_*` overrides, validated once into typed values.
 //! - [`ecs`]: the ECS RPC client (signing, transport, typed errors, retry, actions) and
 //!   [`credentials`]: the AccessKey / profile / instance RAM role chain.
-//! - [`selection`] and [`price_cache`]: candidate types, availability and spot prices, ranked.
+//! - [`selection`], [`price_cache`] and [`cooldown`]: candidate types, availability and spot
+//!   prices, ranked; recent stock-outs tried last.
 //! - [`keys`], [`ssh`], [`state`], [`fsutil`]: per-job keys, the SSH session, the job-state file.
 //! - [`userdata`] and [`watchdog`]: the cloud-config given to each instance (keys, the
 //!   self-destruct watchdog).
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod cooldown;
 pub mod credentials;
 pub mod demo;
 pub mod ecs;

@@ -69,7 +69,7 @@ fn unknown_key_names_the_key_and_its_table() {
         err("[spot]\nprice_limit_factor = 1.5\nprice_limit_facter = 2\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 3: unknown key `price_limit_facter` in table \
          `[spot]`; expected one of `strategy`, `price_limit_factor`, `max_price_per_hour`, `ranking`, \
-         `price_cache_ttl` (see docs/configuration.md)"
+         `price_cache_ttl`, `stock_cooldown` (see docs/configuration.md)"
     );
     assert_eq!(
         err("regionid = \"cn-hangzhou\"\n", &no_env()),
@@ -642,4 +642,13 @@ fn the_aliyun_cli_profile_file_is_found_in_home_when_no_key_is_given() {
     assert!(!cfg.credentials.use_instance_role, "the instance role is never assumed");
     let with_key = parse(COMPLETE, &env).unwrap();
     assert_eq!(with_key.credentials.profile_file, None, "an explicit AccessKey comes first");
+}
+
+#[test]
+fn stock_cooldown_defaults_to_ten_minutes_and_is_bounded() {
+    assert_eq!(parse(COMPLETE, &no_env()).unwrap().spot.stock_cooldown, Duration::from_secs(600));
+    let off = format!("{COMPLETE}\n[spot]\nstock_cooldown = \"0s\"\n");
+    assert_eq!(parse(&off, &no_env()).unwrap().spot.stock_cooldown, Duration::ZERO);
+    let e = err(&format!("{COMPLETE}\n[spot]\nstock_cooldown = \"1d\"\n"), &no_env());
+    assert!(e.contains("`spot.stock_cooldown`") && e.contains("is longer than 6 hours"), "{e}");
 }

@@ -406,8 +406,25 @@ fn prepare_falls_back_when_the_cheapest_offer_is_out_of_stock() {
         "{log}"
     );
     assert_eq!(count_action(&w, "RunInstances"), 2);
-
     assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+
+    // The next job on this host remembers the stock-out: it tries that offer last, so its first
+    // RunInstances goes to the second offer and succeeds.
+    let job = w.job("2003", "echo hi");
+    let mut next = w.attempt(&job);
+    assert!(next.config().unwrap().0.success());
+    assert_eq!(next.prepare().unwrap(), Exit::Code(0), "{}", next.log.text());
+    let log = next.log.text();
+    let remembered = format!(
+        "Trying last what ran out of stock on this host in the last 10m: {} in {}",
+        first.instance_type, first.zone
+    );
+    assert!(log.lines().any(|l| l == remembered), "no line `{remembered}` in:\n{log}");
+    assert!(!log.contains("out of stock (OperationDenied.NoStock)"), "{log}");
+    assert_eq!(count_action(&w, "RunInstances"), 3, "one call for the second job");
+    let created = w.emulator.instances();
+    assert_eq!((&created[1].instance_type, &created[1].zone), (&second.instance_type, &second.zone));
+    assert_eq!(next.cleanup().unwrap(), Exit::Code(0), "{}", next.runner_log.text());
     w.assert_nothing_left();
 }
 

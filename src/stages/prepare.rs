@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context as _, Result};
 use time::OffsetDateTime;
 
 use super::{cost, Context, Progress};
+use crate::cooldown::Cooldown;
 use crate::ecs::{EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
 use crate::exit::StageError;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
@@ -114,6 +115,17 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         best.spot_price
     ));
 
+    // Offers that just ran out of stock for an earlier job on this host go last.
+    let cooldown = Cooldown::new(&ctx.config.paths.cache_dir, ctx.config.spot.stock_cooldown);
+    let (offers, cold) = crate::cooldown::demote(offers, &cooldown.active(&ctx.region));
+    if !cold.is_empty() {
+        p.line(format!(
+            "Trying last what ran out of stock on this host in the last {}: {}",
+            crate::config::format_duration(ctx.config.spot.stock_cooldown),
+            cold.iter().map(|o| format!("{} in {}", o.instance_type, o.zone)).collect::<Vec<_>>().join(", ")
+        ));
+    }
+
     // 3. Create, walking the offers.
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
@@ -206,6 +218,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                     }
                 },
                 Err(e) if e.kind() == ErrorKind::NoCapacity => {
+                    if !e.code().unwrap_or_default().contains("PriceLimit") {
+                        if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
+                            log::warn!("could not remember the stock-out: {err:#}");
+                        }
+                    }
                     WalkAttempt::NextOffer(describe_capacity_error(&e))
                 }
                 Err(e) => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
