@@ -30,23 +30,25 @@ fn emulator(faults: Faults) -> Emulator {
     .unwrap()
 }
 
-fn client(emu: &Emulator, secret: &str) -> EcsClient {
+/// The client configuration for an emulator.
+pub fn client_config(emu: &Emulator) -> ClientConfig {
+    ClientConfig {
+        region_id: "cn-hangzhou".into(),
+        endpoint: Some(emu.endpoint()),
+        timeout: Duration::from_secs(20),
+        retry: RetryPolicy::default(),
+    }
+}
+
+/// Our client for an emulator, with the emulator's key id and `secret`.
+pub fn client(emu: &Emulator, secret: &str) -> EcsClient {
     let creds = Arc::new(StaticProvider::new(Credentials {
         access_key_id: DEFAULT_ACCESS_KEY_ID.to_string(),
         access_key_secret: Secret::new(secret.to_string()),
         security_token: None,
         expiration: None,
     }));
-    EcsClient::new(
-        ClientConfig {
-            region_id: "cn-hangzhou".into(),
-            endpoint: Some(emu.endpoint()),
-            timeout: Duration::from_secs(20),
-            retry: RetryPolicy::default(),
-        },
-        creds,
-    )
-    .unwrap()
+    EcsClient::new(client_config(emu), creds).unwrap()
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -207,16 +209,7 @@ fn the_runner_hosts_ram_role_signs_requests_through_metadata() {
     let creds = provider_from_spec(&spec).unwrap();
     let c = creds.credentials().unwrap();
     assert!(c.access_key_id.starts_with("STS."), "{}", c.access_key_id);
-    let api = EcsClient::new(
-        ClientConfig {
-            region_id: "cn-hangzhou".into(),
-            endpoint: Some(emu.endpoint()),
-            timeout: Duration::from_secs(20),
-            retry: RetryPolicy::default(),
-        },
-        creds,
-    )
-    .unwrap();
+    let api = EcsClient::new(client_config(&emu), creds).unwrap();
     assert!(!api.describe_zones().unwrap().is_empty());
     let last =
         emu.requests().into_iter().rev().find(|r| r.action.as_deref() == Some("DescribeZones")).unwrap();

@@ -1,13 +1,7 @@
 //! Configuration options that change what prepare asks ECS for, checked in the emulator's
 //! request log and through a real job.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use aliyun_spot_executor::credentials::{Credentials, StaticProvider};
-use aliyun_spot_executor::ecs::{ClientConfig, EcsClient, RetryPolicy};
-use aliyun_spot_executor::emulator::{Faults, DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET};
-use aliyun_spot_executor::secret::Secret;
+use aliyun_spot_executor::emulator::{Faults, DEFAULT_ACCESS_KEY_SECRET};
 use toml::Value;
 
 use super::executor::World;
@@ -88,21 +82,7 @@ fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
             ("ssh", "private_key_file", Value::String(key_file.display().to_string())),
         ],
     );
-    let api = EcsClient::new(
-        ClientConfig {
-            region_id: "cn-hangzhou".into(),
-            endpoint: Some(w.emulator.endpoint()),
-            timeout: Duration::from_secs(20),
-            retry: RetryPolicy::default(),
-        },
-        Arc::new(StaticProvider::new(Credentials {
-            access_key_id: DEFAULT_ACCESS_KEY_ID.into(),
-            access_key_secret: Secret::new(DEFAULT_ACCESS_KEY_SECRET.into()),
-            security_token: None,
-            expiration: None,
-        })),
-    )
-    .unwrap();
+    let api = super::client_emulator::client(&w.emulator, DEFAULT_ACCESS_KEY_SECRET);
     api.import_key_pair("ci-team-key", &keys.public_openssh).unwrap();
     let job = w.job("5004", "echo KEY-PAIR-LOGIN");
     let out = w.attempt(&job).run_job(&job).unwrap();
