@@ -1119,6 +1119,12 @@ fn import_key_pair(core: &Core, p: &Params) -> ApiResult {
         )
     })?;
     let fp = key_fingerprint(&public);
+    add_key_pair(core, name, body.trim().to_string(), fp.clone())?;
+    Ok(json!({ "KeyPairName": name, "KeyPairFingerPrint": fp }))
+}
+
+/// Registers a key pair; a name already taken answers `KeyPair.AlreadyExist`.
+fn add_key_pair(core: &Core, name: &str, public_key: String, fingerprint: String) -> Result<(), ApiError> {
     let mut st = lock(&core.state);
     if st.key_pairs.contains_key(name) {
         return Err(ApiError::invalid(
@@ -1128,14 +1134,9 @@ fn import_key_pair(core: &Core, p: &Params) -> ApiResult {
     }
     st.key_pairs.insert(
         name.to_string(),
-        KeyPair {
-            name: name.to_string(),
-            public_key: body.trim().to_string(),
-            fingerprint: fp.clone(),
-            created: now(),
-        },
+        KeyPair { name: name.to_string(), public_key, fingerprint, created: now() },
     );
-    Ok(json!({ "KeyPairName": name, "KeyPairFingerPrint": fp }))
+    Ok(())
 }
 
 fn create_key_pair(core: &Core, p: &Params) -> ApiResult {
@@ -1151,17 +1152,7 @@ fn create_key_pair(core: &Core, p: &Params) -> ApiResult {
     })?;
     let public = key.public_key().to_openssh().unwrap_or_default();
     let fp = key_fingerprint(key.public_key());
-    let mut st = lock(&core.state);
-    if st.key_pairs.contains_key(name) {
-        return Err(ApiError::invalid(
-            "KeyPair.AlreadyExist",
-            &format!("The key pair \"{name}\" already exists."),
-        ));
-    }
-    st.key_pairs.insert(
-        name.to_string(),
-        KeyPair { name: name.to_string(), public_key: public, fingerprint: fp.clone(), created: now() },
-    );
+    add_key_pair(core, name, public, fp.clone())?;
     Ok(json!({
         "KeyPairName": name,
         "KeyPairFingerPrint": fp,
