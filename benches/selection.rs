@@ -216,11 +216,7 @@ fn attempt(bed: &Bed, job_id: &str) -> Attempt {
         args: vec!["--config".into(), bed.config.display().to_string()],
     };
     let builds = bed.dir.path().join("builds").display().to_string();
-    let job = Job {
-        variables: Job::ci_variables("1", "100", job_id, &builds),
-        stages: Job::standard_stages(&format!("{builds}/group/project"), "true"),
-        after_script: None,
-    };
+    let job = Job::new(100, job_id.parse().expect("a numeric job id"), &builds, "true");
     let mut env = BTreeMap::new();
     env.insert(
         "PATH".to_string(),

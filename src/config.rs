@@ -329,6 +329,9 @@ pub struct Paths {
 /// What the `config` stage reports to gitlab-runner (paths on the instance).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunnerConfig {
+    /// `id` / `ALIYUN_SPOT_RUNNER_ID`: the runner id in tags and state paths; `None` means this
+    /// host's name ([`crate::identity::runner_id`]).
+    pub id: Option<String>,
     /// `builds_dir` (default `/builds`).
     pub builds_dir: String,
     /// `cache_dir` (default `/cache`).
@@ -957,6 +960,7 @@ struct RawPaths {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawRunner {
+    id: Option<String>,
     builds_dir: Option<String>,
     cache_dir: Option<String>,
     shell: Option<String>,
@@ -1771,7 +1775,17 @@ impl<'a> Validator<'a> {
                 "is not supported; use `bash` or `sh`",
             ));
         }
-        Ok(RunnerConfig { builds_dir, cache_dir, shell })
+        let id = match self.string(&[crate::identity::RUNNER_ID_VAR], "runner.id", raw.id) {
+            Some((v, origin)) if !crate::identity::is_id(&v) => {
+                return Err(self.err(
+                    origin,
+                    &v,
+                    "is not a usable runner id; use at most 64 letters, digits, `.`, `_` or `-`",
+                ))
+            }
+            other => other.map(|(v, _)| v),
+        };
+        Ok(RunnerConfig { id, builds_dir, cache_dir, shell })
     }
 
     fn timeouts(&self, raw: RawTimeouts, ssh: &SshConfig) -> anyhow::Result<Timeouts> {

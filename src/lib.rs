@@ -34,6 +34,7 @@ pub mod emulator;
 pub mod env;
 pub mod exit;
 pub mod fsutil;
+pub mod identity;
 pub mod keys;
 pub mod logging;
 pub mod offers;

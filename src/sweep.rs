@@ -59,8 +59,13 @@ pub fn verdict(
         }
     }
     if ours {
-        let key =
-            JobKey { runner_id: tag(tags::RUNNER), project_id: tag(tags::PROJECT), job_id: tag(tags::JOB) };
+        // The tags name the job's preparation attempt, whose state directory is keyed the same.
+        let key = JobKey {
+            runner_id: tag(tags::RUNNER),
+            project_id: tag(tags::PROJECT),
+            job_id: tag(tags::JOB),
+            binding: tag(tags::BINDING),
+        };
         match store.load(&key) {
             Ok(None) => return Some("its job has ended on this host (no job state)".to_string()),
             Ok(Some(s)) if s.instance_id.as_deref().is_some_and(|id| id != inst.id) => {
@@ -127,6 +132,11 @@ mod tests {
 
     const HOST: &str = "runner-host-1";
 
+    /// A binding per job, as the job's attempt would have.
+    fn binding(job: &str) -> String {
+        format!("{job:0>32}")
+    }
+
     fn instance(id: &str, job: &str, host: &str, age_secs: i64, now: OffsetDateTime) -> Instance {
         let safety = Config::defaults().safety;
         let mut tags = BTreeMap::new();
@@ -134,6 +144,7 @@ mod tests {
         tags.insert(safety.tag_key(tags::RUNNER), "7".to_string());
         tags.insert(safety.tag_key(tags::PROJECT), "42".to_string());
         tags.insert(safety.tag_key(tags::JOB), job.to_string());
+        tags.insert(safety.tag_key(tags::BINDING), binding(job));
         tags.insert(safety.tag_key(tags::HOST), host.to_string());
         Instance {
             id: id.to_string(),
@@ -166,6 +177,8 @@ mod tests {
             runner_id: "7".into(),
             project_id: "42".into(),
             job_id: job.into(),
+            binding: binding(job),
+            token_digest: String::new(),
             pipeline_id: None,
             client_token: "token".into(),
             region: "cn-hangzhou".into(),

@@ -142,11 +142,7 @@ impl Bed {
 
     fn job(&self, job_id: &str, script: &str) -> Job {
         let builds = self.dir.path().join("builds").display().to_string();
-        Job {
-            variables: Job::ci_variables("7", "42", job_id, &builds),
-            stages: Job::standard_stages(&format!("{builds}/group/project"), script),
-            after_script: None,
-        }
+        Job::new(42, job_id.parse().expect("a numeric job id"), &builds, script)
     }
 
     fn attempt(&self, job: &Job) -> Attempt {

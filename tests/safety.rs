@@ -129,7 +129,7 @@ impl Drop for MarkerDir {
 fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_role_credentials() {
     let w = World::new();
     let job = w.job("3001", "true");
-    let attempt = w.attempt(&job);
+    let mut attempt = w.attempt(&job);
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     let record = w.emulator.instances().into_iter().next().expect("one instance");
     let id = record.id.clone();
@@ -208,7 +208,7 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
 fn watchdog_deletes_a_busy_instance_past_its_maximum_lifetime() {
     let w = World::new();
     let job = w.job("3002", "true");
-    let attempt = w.attempt(&job);
+    let mut attempt = w.attempt(&job);
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     let id = w.emulator.instances()[0].id.clone();
 
@@ -323,8 +323,8 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
     let w = World::new();
     let job_a = w.job("4001", "true");
     let job_b = w.job("4002", "true");
-    let running = w.attempt(&job_a);
-    let leaking = w.attempt(&job_b);
+    let mut running = w.attempt(&job_a);
+    let mut leaking = w.attempt(&job_b);
     assert!(running.prepare().unwrap().success(), "{}", running.log.text());
     assert!(leaking.prepare().unwrap().success(), "{}", leaking.log.text());
     let a = job_instance(&w.emulator, "4001");
@@ -332,10 +332,11 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
 
     // Job B's runner host lost track of it: its job state is gone, cleanup never ran.
     let state_root = w.dir.path().join("state");
-    let b_dir = std::fs::read_dir(state_root.join("7"))
+    let runner = aliyun_spot_executor::identity::default_runner_id(&Env::default().hostname());
+    let b_dir = std::fs::read_dir(state_root.join(runner))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("-4002")))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("42-4002-")))
         .expect("job 4002 has a state directory");
     std::fs::remove_dir_all(&b_dir).unwrap();
 

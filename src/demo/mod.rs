@@ -87,14 +87,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("Configuration: {}", config.display());
 
     let builds = dir.path().join("builds").display().to_string();
-    let mut job = Job {
-        variables: Job::ci_variables("1", "100", "4242", &builds),
-        stages: Job::standard_stages(
-            &format!("{builds}/group/project"),
-            args.script.as_deref().unwrap_or(SAMPLE),
-        ),
-        after_script: Some("echo \"after_script: job status $CI_JOB_STATUS\"".to_string()),
-    };
+    let mut job = Job::new(100, 4242, &builds, args.script.as_deref().unwrap_or(SAMPLE));
+    job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".to_string());
     job.variables.push(("ALIYUN_SPOT_ARCH".to_string(), args.arch.clone()));
     let exes = Executables { args: vec!["--config".into(), config.display().to_string()], ..exes };
     let mut base_env = BTreeMap::new();

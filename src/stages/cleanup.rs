@@ -3,9 +3,11 @@
 //! gitlab-runner calls cleanup after every failed preparation attempt, after the job, possibly
 //! while a `run` is still dying, and never if the runner itself dies (CUSTOM_EXECUTOR.md §2.5,
 //! §9 P6/P7). So cleanup trusts nothing it does not check: it deletes the instance named in the
-//! job state *and* every instance tagged with this runner and job (the state may be missing or
-//! written before the id was known), treats "already gone" as success, records the cost once,
-//! and removes the job's state and keys last.
+//! job state *and* every instance tagged with this runner, project, job and preparation
+//! attempt's binding (the state may be missing or written before the id was known), treats
+//! "already gone" as success, records the cost once, and removes the job's state and keys last.
+//! It acts only with the attempt's secret ([`crate::identity`]), so it can reach no instance
+//! of another job or attempt, whatever the job's variables say.
 
 use std::time::Duration;
 

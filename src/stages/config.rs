@@ -3,6 +3,12 @@
 //! This is the first thing gitlab-runner runs for a job, before anything is billed, so every
 //! configuration or job-variable mistake must surface here as one clear line. stdout carries
 //! only the JSON (gitlab-runner parses all of it); messages go to stderr, i.e. the job log.
+//!
+//! It also mints the preparation attempt's secret ([`crate::identity::JobSecret`]) and returns
+//! it in `job_env`, which gitlab-runner hands unprefixed to `prepare`, every `run` and `cleanup`
+//! of this attempt (gitlab-runner `executors/custom/custom.go`: `ConfigExecOutput.InjectInto`
+//! keeps `job_env`, `prepareCommand` adds it to every later command's environment). A retried
+//! preparation runs `config` again and gets a new secret.
 
 use std::path::PathBuf;
 
@@ -19,13 +25,17 @@ pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json
     }
     config.require_for_prepare(spec.shape.arch)?;
     crate::offers::validate_endpoint(&config)?;
+    // The job payload is checked here too, so a runner set up without it fails before
+    // anything is billed.
+    crate::identity::read_payload(env)?;
+    let secret = crate::identity::JobSecret::mint();
     Ok(json!({
         "builds_dir": config.runner.builds_dir,
         "cache_dir": config.runner.cache_dir,
         "builds_dir_is_shared": false,
         "hostname": format!("{}-{}", crate::DRIVER_NAME, spec.shape.arch),
         "driver": { "name": crate::DRIVER_NAME, "version": crate::DRIVER_VERSION },
-        "job_env": {},
+        "job_env": { crate::identity::JOB_SECRET_VAR: secret.expose() },
         "shell": config.runner.shell,
     }))
 }

@@ -24,6 +24,7 @@ use crate::ecs::{DeleteOutcome, DescribeInstancesFilter, EcsClient, ErrorKind, I
 use crate::env::{Env, JobInfo};
 use crate::exit::StageError;
 use crate::fsutil::FileLock;
+use crate::identity::{JobIdentity, JobSecret};
 use crate::secret::Secret;
 use crate::selection::{Offer, Shape};
 use crate::state::{JobKey, StateStore};
@@ -32,12 +33,15 @@ use crate::{keys, offers, userdata, watchdog};
 /// Names of the tags every managed instance carries, besides the managed-by marker; the key
 /// is `{safety.tag_prefix}:{name}` ([`crate::config::Safety::tag_key`]).
 pub mod tags {
-    /// The runner id (`CI_RUNNER_ID`).
+    /// The runner id (`runner.id`, else the runner host's name).
     pub const RUNNER: &str = "runner";
-    /// The project id.
+    /// The project id (from the job payload).
     pub const PROJECT: &str = "project";
-    /// The job id.
+    /// The job id (from the job payload).
     pub const JOB: &str = "job";
+    /// The hash of the preparation attempt's secret ([`crate::identity::JobSecret::binding`]):
+    /// only stages holding the secret act on an instance with this tag.
+    pub const BINDING: &str = "binding";
     /// The pipeline id.
     pub const PIPELINE: &str = "pipeline";
     /// The runner host's name.
@@ -63,9 +67,14 @@ pub struct Context {
     pub config: Config,
     /// What this job asked for (shape within the administrator's bounds).
     pub spec: JobSpec,
-    /// The job's identity from `CUSTOM_ENV_CI_*`.
+    /// What the job's variables say (checked; never identity). Its project path is the
+    /// payload's when gitlab-runner sends one.
     pub job: JobInfo,
-    /// The job-state key.
+    /// The job's trusted identity (payload and administrator).
+    pub identity: JobIdentity,
+    /// The preparation attempt's secret, from `config`'s `job_env`.
+    pub secret: JobSecret,
+    /// The job-state key: trusted ids and the attempt's binding.
     pub key: JobKey,
     /// Where job states live.
     pub store: StateStore,
@@ -110,13 +119,23 @@ impl Context {
             }
             Err(e) => return Err(e.into()),
         };
-        let job = env.job();
-        let ids = job.ids()?;
-        let key = JobKey { runner_id: ids.runner_id, project_id: ids.project_id, job_id: ids.job_id };
+        // Identity before anything else: without the attempt's secret and the job payload a
+        // stage touches nothing.
+        let secret = JobSecret::from_env(&env)?;
+        let payload = crate::identity::read_payload(&env)?;
+        let runner_id = crate::identity::runner_id(config.runner.id.as_deref(), &env);
+        let identity = JobIdentity::new(payload, runner_id, &env);
+        let job = JobInfo { project_path: identity.project_path.clone(), ..env.job() };
+        let key = JobKey {
+            runner_id: identity.runner_id.clone(),
+            project_id: identity.project_id.clone(),
+            job_id: identity.job_id.clone(),
+            binding: secret.binding(),
+        };
         let region = config.region()?.to_string();
         let store = StateStore::new(config.paths.state_dir.clone());
         let client = offers::client(&config)?;
-        Ok(Context { env, config, spec, job, key, store, client, region, terminated })
+        Ok(Context { env, config, spec, job, identity, secret, key, store, client, region, terminated })
     }
 
     /// The tag key for one of the [`tags`] names.
@@ -232,16 +251,11 @@ impl Context {
         format!("{}-{}-spot-{}", self.config.instance.name_prefix, self.spec.shape.arch, ts)
     }
 
-    /// Tags for a new instance: the managed marker, runner, project, job, pipeline, host, and
-    /// the administrator's extra tags.
+    /// Tags for a new instance: the managed marker, runner, project, job, attempt binding,
+    /// pipeline, host, and the administrator's extra tags.
     pub fn tags(&self) -> Vec<(String, String)> {
-        let mut t = vec![
-            (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
-            (self.tag_key(tags::RUNNER), self.key.runner_id.clone()),
-            (self.tag_key(tags::PROJECT), self.key.project_id.clone()),
-            (self.tag_key(tags::JOB), self.key.job_id.clone()),
-        ];
-        if let Some(p) = self.job.pipeline_id.as_ref().filter(|p| !p.is_empty()) {
+        let mut t = self.job_tags(&self.key);
+        if let Some(p) = self.identity.pipeline_id.as_ref().filter(|p| !p.is_empty()) {
             t.push((self.tag_key(tags::PIPELINE), p.clone()));
         }
         t.push((self.tag_key(tags::HOST), self.env.hostname()));
@@ -260,22 +274,39 @@ impl Context {
         }
     }
 
-    /// Instances of this job found by tag (the truth when local state is missing). A busy API
-    /// (throttling, 5xx) gets [`PERSIST_ROUNDS`] rounds of the client's retries.
+    /// The tags naming one preparation attempt of a job: the managed marker, runner, project,
+    /// job and binding. Every instance is created with them and only searched for by all of
+    /// them, so no search finds an instance of another job or attempt.
+    fn job_tags(&self, key: &JobKey) -> Vec<(String, String)> {
+        vec![
+            (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
+            (self.tag_key(tags::RUNNER), key.runner_id.clone()),
+            (self.tag_key(tags::PROJECT), key.project_id.clone()),
+            (self.tag_key(tags::JOB), key.job_id.clone()),
+            (self.tag_key(tags::BINDING), key.binding.clone()),
+        ]
+    }
+
+    /// Instances of this attempt found by tag (the truth when local state is missing).
     pub fn find_job_instances(&self) -> Result<Vec<Instance>, StageError> {
-        let filter = DescribeInstancesFilter {
-            tags: vec![
-                (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
-                (self.tag_key(tags::RUNNER), self.key.runner_id.clone()),
-                (self.tag_key(tags::JOB), self.key.job_id.clone()),
-            ],
-            ..Default::default()
-        };
+        self.find_instances_of(&self.key)
+    }
+
+    /// Instances of the attempt `key` found by its tags, their ids checked
+    /// ([`crate::identity::checked_instance_id`]). A busy API (throttling, 5xx) gets
+    /// [`PERSIST_ROUNDS`] rounds of the client's retries.
+    pub fn find_instances_of(&self, key: &JobKey) -> Result<Vec<Instance>, StageError> {
+        let filter = DescribeInstancesFilter { tags: self.job_tags(key), ..Default::default() };
         let mut rounds = 0;
         loop {
             rounds += 1;
             match self.client.describe_instances(&filter) {
-                Ok(found) => return Ok(found),
+                Ok(found) => {
+                    for i in &found {
+                        crate::identity::checked_instance_id(&i.id)?;
+                    }
+                    return Ok(found);
+                }
                 Err(e) if e.is_retriable() && rounds < PERSIST_ROUNDS => std::thread::sleep(PERSIST_PAUSE),
                 Err(e) => return Err(StageError::System(e.into())),
             }

@@ -4,9 +4,10 @@
 //! The order of events is what makes a crash at any point recoverable by `cleanup`:
 //! 1. the job state is written (phase `Creating`, with the per-job keys) before any API call
 //!    that could create something;
-//! 2. every instance is created with tags naming runner, project and job, and a `ClientToken`
-//!    derived from runner, job, preparation attempt and offer, so a retried `RunInstances`
-//!    cannot create a second instance and `cleanup` can find it without local state;
+//! 2. every instance is created with tags naming runner, project, job and the attempt's
+//!    binding, and a `ClientToken` derived from those, the attempt and the offer, so a retried
+//!    `RunInstances` cannot create a second instance and `cleanup` can find it without local
+//!    state;
 //! 3. the instance id is written to the state the moment `RunInstances` answers;
 //! 4. a prepare that gives up (timeout, signal, SSH never ready) deletes what it created before
 //!    it exits, and `AutoReleaseTime` plus the in-instance watchdog cover a `SIGKILL`.
@@ -22,7 +23,7 @@ use crate::ecs::{EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrateg
 use crate::exit::StageError;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
 use crate::ssh::{self, SshError, SshTarget};
-use crate::state::{JobState, Phase, STATE_VERSION};
+use crate::state::{JobKey, JobState, Phase, STATE_VERSION};
 
 /// Runs the prepare stage.
 pub fn run(ctx: &Context) -> Result<(), StageError> {
@@ -31,22 +32,12 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     let deadline = started + ctx.config.timeouts.prepare;
     let _lock = ctx.lock_job()?;
 
-    // A state left by an earlier attempt of this job means its cleanup did not finish: release
-    // that instance first, so a retried prepare never adds a second paid machine.
     // (`config_exec` is optional in gitlab-runner, so the settings are checked here too.)
     ctx.config.require_for_prepare(ctx.spec.shape.arch)?;
-    if let Some(old) = ctx.store.load(&ctx.key).unwrap_or(None) {
-        let mut ids: Vec<String> = old.instance_id.into_iter().collect();
-        // Its RunInstances may have been in flight: the tags find what the state could not.
-        ids.extend(ctx.find_job_instances()?.into_iter().map(|i| i.id));
-        ids.sort();
-        ids.dedup();
-        for id in &ids {
-            p.line(format!("Releasing instance {id} left by an earlier attempt of this job"));
-            super::delete_instance(ctx, id)?;
-        }
-        ctx.store.remove(&ctx.key)?;
+    if let Some(line) = ctx.identity.disagreement(&ctx.env) {
+        p.line(line);
     }
+    release_earlier_attempts(ctx)?;
 
     let shape = &ctx.spec.shape;
     p.line(format!(
@@ -66,7 +57,9 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         runner_id: ctx.key.runner_id.clone(),
         project_id: ctx.key.project_id.clone(),
         job_id: ctx.key.job_id.clone(),
-        pipeline_id: ctx.job.pipeline_id.clone(),
+        binding: ctx.key.binding.clone(),
+        token_digest: ctx.identity.token_digest.clone(),
+        pipeline_id: ctx.identity.pipeline_id.clone(),
         client_token: String::new(),
         region: ctx.region.clone(),
         phase: Phase::Creating,
@@ -160,7 +153,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                     }
                 },
             };
-            let token = client_token(&ctx.key.runner_id, &ctx.key.job_id, &state.attempt_id, offer);
+            let token = client_token(&ctx.key, &state.attempt_id, offer);
             let req = RunInstancesRequest {
                 zone_id: offer.zone.clone(),
                 instance_type: offer.instance_type.clone(),
@@ -212,7 +205,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             }
             match answer {
                 Ok(ids) => match ids.into_iter().next() {
-                    Some(id) => WalkAttempt::Created(id),
+                    // The id reaches shell commands (the watchdog's markers) and paths.
+                    Some(id) => match crate::identity::checked_instance_id(&id) {
+                        Ok(_) => WalkAttempt::Created(id),
+                        Err(e) => WalkAttempt::Fatal(StageError::System(e)),
+                    },
                     None => {
                         WalkAttempt::Fatal(StageError::system("RunInstances answered without an instance id"))
                     }
@@ -281,6 +278,51 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             Err(e)
         }
     }
+}
+
+/// Releases what earlier preparation attempts of this job left (their cleanup did not finish),
+/// so a retried prepare never adds a second paid machine: this attempt's own state (a prepare
+/// run twice) and every other attempt's state of the same runner, project and job whose job
+/// token digest equals this one's, i.e. that is provably the same job. An instance is found by
+/// the state and by the attempt's tags (its `RunInstances` may have been in flight). Anything
+/// else is left alone: another job's instance is never released here.
+fn release_earlier_attempts(ctx: &Context) -> Result<(), StageError> {
+    let p = Progress;
+    let mut earlier: Vec<(JobKey, Option<JobState>)> = Vec::new();
+    if let Some(own) = ctx.store.load(&ctx.key).unwrap_or(None) {
+        earlier.push((ctx.key.clone(), Some(own)));
+    }
+    for listed in ctx.store.other_attempts(&ctx.key)? {
+        match listed.state {
+            Ok(s)
+                if s.token_digest == ctx.identity.token_digest
+                    && crate::identity::is_binding(&s.binding)
+                    && ctx.store.job_dir(&s.key()) == listed.dir =>
+            {
+                earlier.push((s.key(), Some(s)))
+            }
+            Ok(_) => log::info!("leaving `{}` alone: not an attempt of this job", listed.dir.display()),
+            Err(e) => log::warn!("leaving `{}` alone: {e:#}", listed.dir.display()),
+        }
+    }
+    for (key, state) in earlier {
+        // That attempt's cleanup may still be running; wait for it.
+        let _lock = if key == ctx.key {
+            None
+        } else {
+            Some(crate::fsutil::FileLock::exclusive(&ctx.store.job_dir(&key).join(".lock"))?)
+        };
+        let mut ids: Vec<String> = state.and_then(|s| s.instance_id).into_iter().collect();
+        ids.extend(ctx.find_instances_of(&key)?.into_iter().map(|i| i.id));
+        ids.sort();
+        ids.dedup();
+        for id in &ids {
+            p.line(format!("Releasing instance {id} left by an earlier attempt of this job"));
+            super::delete_instance(ctx, id)?;
+        }
+        ctx.store.remove(&key)?;
+    }
+    Ok(())
 }
 
 /// Waits for `Running`, an address, and an SSH login that sees the pinned host key.
@@ -383,12 +425,21 @@ fn wait_until_ready(
     Ok(())
 }
 
-/// `ClientToken`: the same for a retry of the same request, different for every runner, job,
-/// preparation attempt and offer (ASCII, at most 64 characters).
-pub fn client_token(runner: &str, job: &str, attempt: &str, offer: &Offer) -> String {
+/// `ClientToken`: the same for a retry of the same request, different for every runner,
+/// project, job, preparation attempt (its secret's binding and temporary directory) and offer
+/// (ASCII, at most 64 characters).
+pub fn client_token(key: &JobKey, attempt: &str, offer: &Offer) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for part in [runner, job, attempt, &offer.instance_type, &offer.zone] {
+    for part in [
+        &key.runner_id,
+        &key.project_id,
+        &key.job_id,
+        &key.binding,
+        attempt,
+        &offer.instance_type,
+        &offer.zone,
+    ] {
         h.update(part.as_bytes());
         h.update([0u8]);
     }

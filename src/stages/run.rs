@@ -49,7 +49,8 @@ pub fn run(ctx: &Context, script_path: &Path, stage: &str) -> Result<(), StageEr
     let cancel = ctx.cancel_flag();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let (before, after) = crate::watchdog::stage_markers(&id);
+    // The id goes into the shell commands that mark the stage for the watchdog.
+    let (before, after) = crate::watchdog::stage_markers(crate::identity::checked_instance_id(&id)?);
     let hooks = ssh::StageHooks { before, after };
     let outcome = ssh::run_script_with_hooks(
         &target,
