@@ -46,11 +46,14 @@ fn victim_runs_on_its_own_instance(victim: &Attempt, ip: &str, marker: &str) {
     );
 }
 
+/// The attacker's own job id, the variables it forges, and how the warning names them.
+type Forgery = (u64, &'static [(&'static str, &'static str)], &'static str);
+
 #[test]
 fn forged_job_and_project_ids_cannot_reach_another_jobs_instance() {
     let w = World::new();
     let (_victim, victim, victim_id, victim_ip) = prepared_victim(&w);
-    let forgeries: [(u64, &[(&str, &str)], &str); 3] = [
+    let forgeries: [Forgery; 3] = [
         (3001, &[("CI_JOB_ID", "2001")], "CI_JOB_ID=2001"),
         (2001, &[("CI_PROJECT_ID", "42")], "CI_PROJECT_ID=42"),
         (3003, &[("CI_JOB_ID", "2001"), ("CI_PROJECT_ID", "42")], "CI_JOB_ID=2001 and CI_PROJECT_ID=42"),
