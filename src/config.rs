@@ -40,9 +40,10 @@ pub const CONFIG_PATH_VAR: &str = "ALIYUN_SPOT_CONFIG";
 pub const DEFAULT_METADATA_ENDPOINT: &str = "http://100.100.100.200";
 /// Aliyun's shortest accepted distance between now and `AutoReleaseTime`.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
-/// Tags Aliyun accepts per instance; the executor's own tags take six of them.
+/// Tags Aliyun accepts per instance; the executor's own tags take seven of them (managed marker,
+/// runner, project, job, attempt binding, pipeline, host: `crate::stages::tags`).
 const MAX_TAGS: usize = 20;
-const OWN_TAGS: usize = 6;
+const OWN_TAGS: usize = 7;
 /// The job variables a job may set (without the `CUSTOM_ENV_` prefix gitlab-runner adds).
 pub const JOB_VAR_ARCH: &str = "ALIYUN_SPOT_ARCH";
 

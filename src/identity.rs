@@ -495,6 +495,42 @@ mod tests {
     }
 
     #[test]
+    fn runner_id_comes_from_the_administrator_only() {
+        let load = |toml: &str, env: &Env| crate::config::from_toml(toml, None, env).map(|c| c.runner.id);
+        let none = Env::default();
+        assert_eq!(load("[runner]\nid = \"ci-7\"\n", &none).unwrap().as_deref(), Some("ci-7"));
+        let admin = Env::from_map([(RUNNER_ID_VAR, "fleet-a")]);
+        assert_eq!(load("[runner]\nid = \"ci-7\"\n", &admin).unwrap().as_deref(), Some("fleet-a"));
+        let job = Env::from_map([(format!("CUSTOM_ENV_{RUNNER_ID_VAR}"), "evil")]);
+        assert_eq!(load("", &job).unwrap(), None, "a job variable is never the runner id");
+        assert_eq!(runner_id(None, &job), default_runner_id(&job.hostname()));
+        assert_eq!(
+            format!("{:#}", load("[runner]\nid = \"a b\"\n", &none).unwrap_err()),
+            "`runner.id` = `a b` is not a usable runner id; use at most 64 letters, digits, `.`, `_` or `-`"
+        );
+        let bad = Env::from_map([(RUNNER_ID_VAR, "../x")]);
+        assert_eq!(
+            format!("{:#}", load("", &bad).unwrap_err()),
+            "environment variable `ALIYUN_SPOT_RUNNER_ID`=`../x` is not a usable runner id; use at most 64 \
+             letters, digits, `.`, `_` or `-`"
+        );
+    }
+
+    #[test]
+    fn extra_tags_leave_room_for_the_executors_seven() {
+        let tags = |n: usize| {
+            let mut t = String::from("[instance.tags]\n");
+            for i in 0..n {
+                t.push_str(&format!("team{i} = \"x\"\n"));
+            }
+            crate::config::from_toml(&t, None, &Env::default())
+        };
+        assert!(tags(13).is_ok());
+        let err = format!("{:#}", tags(14).unwrap_err());
+        assert!(err.contains("the executor uses 7; keep at most 13"), "{err}");
+    }
+
+    #[test]
     fn value_checks() {
         assert_eq!(default_runner_id("build-01.example.com"), "build-01.example.com");
         assert_eq!(default_runner_id("weird host/../x"), "weird-host-..-x");
