@@ -223,6 +223,14 @@ mod tests {
         assert_eq!(v(&running_old, &old).as_deref(), Some("older than 1h00m"));
         assert_eq!(v(&running, &old), None, "10 minutes old is not older than 1h");
 
+        // The same job's tags with another attempt's binding: that attempt's state is gone.
+        let mut other_attempt = instance("i-other-attempt", "1", HOST, 60, now);
+        other_attempt.tags.insert(safety.tag_key(tags::BINDING), binding("9"));
+        assert_eq!(
+            v(&other_attempt, &plain).as_deref(),
+            Some("its job has ended on this host (no job state)")
+        );
+
         // No job state on this host: its job has ended.
         let leaked = instance("i-leaked", "2", HOST, 60, now);
         assert_eq!(v(&leaked, &plain).as_deref(), Some("its job has ended on this host (no job state)"));
