@@ -1,0 +1,148 @@
+//! The runner host's own files: another local user cannot plant a job state, redirect the
+//! ledger, or make a stage act on their behalf; the driver refuses such a location in one line
+//! before it creates anything or calls the API.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aliyun_spot_executor::demo::gitlab::{Attempt, Exit};
+
+use crate::executor::World;
+
+/// Sets `[paths] key = value` in the world's configuration file.
+fn set_path(w: &World, key: &str, value: &Path) {
+    let mut doc: toml::Table = std::fs::read_to_string(&w.config).unwrap().parse().unwrap();
+    doc["paths"].as_table_mut().unwrap().insert(key.into(), toml::Value::String(value.display().to_string()));
+    std::fs::write(&w.config, toml::to_string(&doc).unwrap()).unwrap();
+}
+
+/// Runs `sh -c script` as the unprivileged user `nobody`.
+fn as_nobody(script: &str) {
+    let status = Command::new("runuser").args(["-u", "nobody", "--", "sh", "-c", script]).status().unwrap();
+    assert!(status.success(), "`{script}` as nobody failed");
+}
+
+/// Every file under `dir`, sorted.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs config, prepare, one `run` stage and cleanup; each must fail as a system failure with
+/// `line` as its error, without a single API call.
+fn every_stage_refuses(w: &World, line: &str) {
+    let job = w.job("1001", "echo the job ran");
+    let mut a: Attempt = w.attempt(&job);
+    let (exit, _) = a.config().unwrap();
+    assert_ne!(exit, Exit::Code(0), "config: {}", a.log.text());
+    assert!(a.log.text().contains(&format!("ERROR: {line}\n")), "config:\n{}", a.log.text());
+    let exit = a.prepare().unwrap();
+    assert_ne!(exit, Exit::Code(0), "prepare: {}", a.log.text());
+    assert_eq!(a.log.text().matches(&format!("ERROR: {line}\n")).count(), 2, "{}", a.log.text());
+    let exit = a.run_stage("build_script", "echo the job ran").unwrap();
+    assert_ne!(exit, Exit::Code(0), "run: {}", a.log.text());
+    assert_eq!(a.log.text().matches(&format!("ERROR: {line}\n")).count(), 3, "{}", a.log.text());
+    assert_ne!(a.cleanup().unwrap(), Exit::Code(0));
+    assert_eq!(a.runner_log.text(), format!("ERROR: {line}\n"));
+    assert!(!a.log.text().contains("the job ran"), "{}", a.log.text());
+    assert!(w.emulator.requests().is_empty(), "no API call: {:?}", w.emulator.requests());
+    assert_eq!(w.live(), 0);
+}
+
+#[test]
+fn a_state_planted_by_another_user_is_refused_by_every_stage() {
+    let w = World::new();
+    // A shared sticky directory like /tmp, where `nobody` pre-created the state directory
+    // world-writable and planted a job state pointing at their own sshd.
+    let shared = w.dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let state = shared.join("state");
+    as_nobody(&format!(
+        "umask 0 && mkdir -m 777 {s} {s}/7 {s}/7/42-1001 && printf '%s' '{{\"version\":1,\"runner_id\":\"7\",\
+         \"project_id\":\"42\",\"job_id\":\"1001\",\"phase\":\"Ready\",\"ip\":\"127.0.0.1\",\"ssh_port\":2222}}' \
+         > {s}/7/42-1001/state.json",
+        s = state.display()
+    ));
+    set_path(&w, "state_dir", &state);
+    let planted = tree(&state);
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `paths.state_dir` = `{}`: it is owned by uid 65534, not by this user (uid 0) or root; remove \
+             it or choose a directory only root can write to",
+            state.display()
+        ),
+    );
+    assert_eq!(tree(&state), planted, "nothing was created in the planted directory");
+
+    // The same directory made root's but left world-writable is refused for its mode.
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `paths.state_dir` = `{s}`: it is writable by other users without the sticky bit (mode 0777); \
+             run `chmod go-w {s}` or choose a directory only root can write to",
+            s = state.display()
+        ),
+    );
+    // And a private state directory below a directory others can write to.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `paths.state_dir` = `{}`: its ancestor `{s}` is writable by other users without the sticky \
+             bit (mode 0777); run `chmod go-w {s}` or choose a directory only root can write to",
+            state.display(),
+            s = shared.display()
+        ),
+    );
+}
+
+#[test]
+fn a_symlinked_ledger_is_refused_and_its_target_is_untouched() {
+    let w = World::new();
+    let victim = w.dir.path().join("victim.conf");
+    std::fs::write(&victim, "precious\n").unwrap();
+    let ledger = w.dir.path().join("ledger.jsonl");
+    std::os::unix::fs::symlink(&victim, &ledger).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `paths.ledger` = `{}`: it is a symbolic link; remove the link or set the real path",
+            ledger.display()
+        ),
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(std::fs::symlink_metadata(&ledger).unwrap().file_type().is_symlink());
+    assert!(!w.dir.path().join("state").exists(), "nothing created");
+}
+
+#[test]
+fn a_cache_directory_of_another_user_is_refused() {
+    let w = World::new();
+    let cache = w.dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(65534), Some(65534)).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `paths.cache_dir` = `{}`: it is owned by uid 65534, not by this user (uid 0) or root; remove \
+             it or choose a directory only root can write to",
+            cache.display()
+        ),
+    );
+}
