@@ -281,6 +281,7 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     if !session.authenticated() {
         return Err(SshError::Auth { addr, user: t.user.clone(), message: "not authenticated".into() });
     }
+    log::debug!("SSH to {addr} as `{}`: the host key matches the pinned one", t.user);
     Ok(Connection { session, fd, addr })
 }
 

@@ -146,3 +146,47 @@ fn a_cache_directory_of_another_user_is_refused() {
         ),
     );
 }
+
+#[test]
+fn trace_logging_never_shows_the_metadata_token_or_role_credentials() {
+    use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions};
+    let emu = Emulator::start(EmulatorOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        host_ram_role: Some("runner-host-role".to_string()),
+        ..EmulatorOptions::default()
+    })
+    .unwrap();
+    let dir = crate::private_tempdir();
+    let mut doc: toml::Table = crate::executor::config_text(&emu.endpoint(), dir.path()).parse().unwrap();
+    let creds = doc["credentials"].as_table_mut().unwrap();
+    creds.remove("access_key_id");
+    creds.remove("access_key_secret");
+    creds.insert("use_instance_role".into(), toml::Value::Boolean(true));
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, toml::to_string(&doc).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
+        .args(["--config", &config.display().to_string(), "prices", "--fresh"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir.path())
+        .env("RUST_LOG", "trace,ureq=trace,rustls=trace")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The role chain was used: a session token, then the role's STS credentials signed the calls.
+    let requests = emu.requests();
+    assert!(requests.iter().any(|r| r.access_key_id.as_deref().is_some_and(|k| k.starts_with("STS."))));
+    assert!(
+        stderr.contains(
+            "DEBUG aliyun_spot_executor::credentials] RAM role `runner-host-role`: credentials from"
+        ),
+        "debug logging was on:\n{stderr}"
+    );
+    let lower = stderr.to_lowercase();
+    // The emulator's STS tokens start with `CAIS`; the session token travels only in its header.
+    for leak in ["x-aliyun-ecs-metadata-token", "cais", "accesskeysecret", "securitytoken", "writing prelude"]
+    {
+        assert!(!lower.contains(leak), "`{leak}` reached the log:\n{stderr}");
+    }
+}
