@@ -14,6 +14,17 @@
 
 use log::{Level, Log, Metadata, Record};
 
+/// Writes one line to stderr, ignoring a failed write.
+///
+/// `eprintln!` panics when the write fails, and Rust programs ignore SIGPIPE, so a stage whose
+/// stderr is a closed pipe (`prepare 2>&1 | head -4`, a runner that went away) would die with
+/// exit code 101 half-way through creating an instance. A progress line nobody can read is
+/// not worth that: the stage goes on and records or releases what it created.
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// The target prefix of this crate's own records.
 const OWN_TARGET: &str = "aliyun_spot_executor";
 

@@ -190,3 +190,32 @@ fn trace_logging_never_shows_the_metadata_token_or_role_credentials() {
         assert!(!lower.contains(leak), "`{leak}` reached the log:\n{stderr}");
     }
 }
+
+#[test]
+fn prepare_whose_output_is_a_closed_pipe_still_records_its_instance() {
+    let w = World::new();
+    // `prepare 2>&1 | head -4`: after four lines every write to stderr fails with EPIPE.
+    let wrapper = w.dir.path().join("prepare-head");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/bash\nset -o pipefail\n{} \"$@\" 2>&1 | head -4\n", env!("CARGO_BIN_EXE_prepare")),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let job = w.job("1003", "echo still here");
+    let mut exes = w.exes();
+    exes.prepare = wrapper;
+    let mut a = Attempt::new(exes, w.base_env(), &job).unwrap();
+    assert!(a.config().unwrap().0.success(), "{}", a.log.text());
+    let exit = a.prepare().unwrap();
+    assert_eq!(a.log.text().lines().count(), 4, "{}", a.log.text());
+    assert_eq!(exit, Exit::Code(0), "no panic (101), a finished prepare:\n{}", a.log.text());
+    assert_eq!(w.live(), 1);
+    // The instance was recorded as ready: the job's stages run on it, cleanup releases it.
+    for (stage, body) in &job.stages {
+        assert!(a.run_stage(stage, body).unwrap().success(), "{stage}: {}", a.log.text());
+    }
+    assert!(a.log.text().contains("still here"), "{}", a.log.text());
+    assert!(a.cleanup().unwrap().success(), "{}", a.runner_log.text());
+    w.assert_nothing_left();
+}
