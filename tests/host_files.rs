@@ -219,3 +219,21 @@ fn prepare_whose_output_is_a_closed_pipe_still_records_its_instance() {
     assert!(a.cleanup().unwrap().success(), "{}", a.runner_log.text());
     w.assert_nothing_left();
 }
+
+#[test]
+fn the_emulator_refuses_to_listen_beyond_loopback() {
+    for addr in ["0.0.0.0:0", "[::]:0", "192.0.2.1:9470"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
+            .args(["emulator", "--listen", addr])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            format!(
+                "aliyun-spot: refusing to listen on `{addr}`: the emulator serves every instance's credentials and \
+                 user data to whoever can connect; use a loopback address such as `127.0.0.1:9470`\n"
+            )
+        );
+    }
+}
