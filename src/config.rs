@@ -378,7 +378,8 @@ pub fn resolve_path(cli: Option<&Path>, env: &Env) -> (PathBuf, bool) {
 }
 
 /// Reads and validates the configuration: the file (optional when not named explicitly), the
-/// driver's environment, the defaults.
+/// driver's environment, the defaults; refuses a file or host path other users could read or
+/// plant ([`crate::config_perms`]).
 pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
     let (path, explicit) = resolve_path(path, env);
     let text = match std::fs::read_to_string(&path) {
@@ -394,18 +395,9 @@ pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
                 .with_context(|| format!("cannot read the configuration file `{}`{how}", path.display()));
         }
     };
-    match text {
-        Some(text) => {
-            let mut cfg = from_toml(&text, Some(&path), env)?;
-            // Plain http is accepted only for loopback, i.e. the emulator and its public test key.
-            let emulator = cfg.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-            if !emulator {
-                warn_if_secret_readable(&path, &text, &mut cfg.warnings);
-            }
-            Ok(cfg)
-        }
-        None => from_toml("", None, env),
-    }
+    let mut cfg = from_toml(text.as_deref().unwrap_or(""), text.as_ref().map(|_| path.as_path()), env)?;
+    crate::config_perms::check(&mut cfg, text.as_deref().map(|t| (path.as_path(), t)))?;
+    Ok(cfg)
 }
 
 /// [`load`], then the job's overrides.
@@ -449,26 +441,6 @@ fn parse_raw(text: &str, path: Option<&Path>) -> anyhow::Result<RawConfig> {
         }
     })
 }
-
-#[cfg(unix)]
-fn warn_if_secret_readable(path: &Path, text: &str, warnings: &mut Vec<String>) {
-    use std::os::unix::fs::PermissionsExt;
-    if !(text.contains("access_key_secret") || text.contains("security_token")) {
-        return;
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            warnings.push(format!(
-                "`{}` holds credentials and is readable by every user; run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ));
-        }
-    }
-}
-
-#[cfg(not(unix))]
-fn warn_if_secret_readable(_: &Path, _: &str, _: &mut Vec<String>) {}
 
 // ---------------------------------------------------------------------------------------------
 // Queries

@@ -43,7 +43,7 @@ impl Cooldown {
     }
 
     fn read(&self) -> Vec<Entry> {
-        match std::fs::read(&self.path) {
+        match crate::fsutil::read_nofollow(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 log::warn!("ignoring the unreadable stock cooldown file `{}`: {e}", self.path.display());
                 Vec::new()

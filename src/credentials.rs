@@ -349,6 +349,12 @@ impl InstanceRoleProvider {
             })?),
             None => None,
         };
+        // Names and times only: the token, secret and session token never reach a log.
+        log::debug!(
+            "RAM role `{role}`: credentials from the metadata service `{}`, expiring {}",
+            self.base,
+            s("Expiration").as_deref().unwrap_or("never")
+        );
         Ok(Credentials {
             access_key_id: s("AccessKeyId").ok_or_else(|| missing("AccessKeyId"))?,
             access_key_secret: Secret::new(s("AccessKeySecret").ok_or_else(|| missing("AccessKeySecret"))?),

@@ -72,13 +72,16 @@ impl ExitCodes {
                 if let Some(path) = &self.build_exit_code_file {
                     // Only the bare integer: anything else turns into a system failure.
                     if let Err(e) = std::fs::write(path, format!("{status}\n")) {
-                        eprintln!("WARNING: could not write `{}`: {e}", path.display());
+                        crate::logging::stderr_line(&format!(
+                            "WARNING: could not write `{}`: {e}",
+                            path.display()
+                        ));
                     }
                 }
                 self.build_failure
             }
             Err(StageError::System(e)) => {
-                eprintln!("ERROR: {}", one_line(e));
+                crate::logging::stderr_line(&format!("ERROR: {}", one_line(e)));
                 self.system_failure
             }
         }

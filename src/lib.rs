@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod config_perms;
 pub mod cooldown;
 pub mod credentials;
 pub mod demo;

@@ -151,7 +151,7 @@ impl PriceCache {
     }
 
     fn read(&self, path: &Path, key: &str) -> Entry {
-        let bytes = match fs::read(path) {
+        let bytes = match crate::fsutil::read_nofollow(path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Entry::Missing,
             Err(e) => return Entry::Unusable(format!("cannot read it: {e}")),

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::fsutil::{create_private_dir, write_atomic};
+use crate::fsutil::{create_private_dir, read_nofollow, write_atomic};
 use crate::secret::Secret;
 use crate::selection::Arch;
 
@@ -199,7 +199,7 @@ impl StateStore {
     /// Loads a job's state; `Ok(None)` when there is none.
     pub fn load(&self, key: &JobKey) -> Result<Option<JobState>> {
         let path = self.state_path(key);
-        match fs::read(&path) {
+        match read_nofollow(&path) {
             Ok(bytes) => read_state(&path, &bytes).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("failed to read job state `{}`", path.display())),
@@ -231,7 +231,7 @@ impl StateStore {
     /// Loads the job's client private key; `Ok(None)` when there is none.
     pub fn load_private_key(&self, key: &JobKey) -> Result<Option<Secret<String>>> {
         let path = self.private_key_path(key);
-        match fs::read(&path) {
+        match read_nofollow(&path) {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(s) => Ok(Some(Secret::new(s))),
                 Err(_) => bail!("private key `{}` is not text", path.display()),
@@ -279,7 +279,7 @@ impl StateStore {
 /// The job directory `dir` with its state; `None` when it holds no state file.
 fn listed(dir: PathBuf) -> Result<Option<ListedJob>> {
     let path = dir.join(STATE_FILE);
-    let state = match fs::read(&path) {
+    let state = match read_nofollow(&path) {
         Ok(bytes) => read_state(&path, &bytes),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => Err(e).with_context(|| format!("failed to read job state `{}`", path.display())),

@@ -177,7 +177,7 @@ fn an_auth_error_fails_at_once_with_one_line_carrying_the_request_id() {
     assert_eq!(emu.requests().len(), 1, "an auth error is not retried");
 
     // The same through the administrator's tool: one line on stderr, non-zero exit.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
         .arg("instances")
         .env_clear()

@@ -416,7 +416,7 @@ fn annotated_example_parses() {
 
 #[test]
 fn config_path_resolution() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let named = dir.path().join("named.toml");
     std::fs::write(&named, "[aliyun]\nregion_id = \"cn-beijing\"\n").unwrap();
     let via_env = dir.path().join("via-env.toml");
@@ -462,21 +462,55 @@ fn config_path_resolution() {
 
 #[cfg(unix)]
 #[test]
-fn world_readable_file_with_a_secret_warns() {
+fn a_readable_file_with_a_secret_for_a_real_endpoint_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, COMPLETE).unwrap();
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = config::load(Some(&path), &no_env()).unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "refusing the configuration file `{p}`: it holds an AccessKey secret and is readable by other \
+                 users (mode {mode:04o}); run `chmod 600 {p}`",
+                p = path.display()
+            )
+        );
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(config::load(Some(&path), &no_env()).unwrap().warnings.is_empty());
+    // Without a secret in the file (credentials from the environment or the instance role)
+    // a readable file is fine.
+    let no_secret =
+        COMPLETE.replace("access_key_id = \"LTAIfile\"\naccess_key_secret = \"file-secret-value\"\n", "");
+    assert_ne!(no_secret, COMPLETE);
+    std::fs::write(&path, no_secret).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    config::load(Some(&path), &no_env()).unwrap();
+}
+
+#[test]
+fn a_readable_secret_for_a_loopback_endpoint_only_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::private_tempdir();
+    let path = dir.path().join("c.toml");
+    let local = COMPLETE.replace("[aliyun]\n", "[aliyun]\nendpoint = \"http://127.0.0.1:9470\"\n");
+    std::fs::write(&path, &local).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let c = config::load(Some(&path), &no_env()).unwrap();
     assert_eq!(
         c.warnings,
         [format!(
-            "`{p}` holds credentials and is readable by every user; run `chmod 600 {p}`",
+            "`{p}` holds credentials and is readable by other users (mode 0644); run `chmod 600 {p}`",
             p = path.display()
         )]
     );
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The emulator's built-in test key is public: nothing to warn about.
+    let emulator =
+        local.replace("file-secret-value", aliyun_spot_executor::emulator::DEFAULT_ACCESS_KEY_SECRET);
+    std::fs::write(&path, emulator).unwrap();
     assert!(config::load(Some(&path), &no_env()).unwrap().warnings.is_empty());
 }
 
@@ -617,9 +651,10 @@ fn empty_job_variables_are_ignored() {
 
 #[test]
 fn load_for_job_combines_both() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, COMPLETE).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let env = job(&[("ALIYUN_SPOT_ARCH", "arm64")]);
     let (cfg, spec) = config::load_for_job(Some(&path), &env).unwrap();
     assert_eq!(spec.arch, Arch::Arm64);
@@ -630,7 +665,7 @@ fn load_for_job_combines_both() {
 
 #[test]
 fn the_aliyun_cli_profile_file_is_found_in_home_when_no_key_is_given() {
-    let home = tempfile::tempdir().unwrap();
+    let home = crate::private_tempdir();
     let env = Env::from_map([("HOME".to_string(), home.path().display().to_string())]);
     let text = "[aliyun]\nregion_id = \"cn-hangzhou\"\n";
     assert_eq!(parse(text, &env).unwrap().credentials.profile_file, None, "no file, nothing assumed");

@@ -4,7 +4,7 @@ use std::process::Command;
 
 #[test]
 fn demo_runs_a_job_on_an_emulated_spot_instance_and_leaves_nothing() {
-    let home = tempfile::tempdir().unwrap();
+    let home = crate::private_tempdir();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
         .arg("demo")
         .env_clear()

@@ -12,7 +12,7 @@ fn doctor(config_text: &str) -> (Option<i32>, String, Emulator, tempfile::TempDi
         ..EmulatorOptions::default()
     })
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let text = aliyun_spot_executor::demo::config_for(config_text, &emu.endpoint(), dir.path()).unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, text).unwrap();

@@ -384,7 +384,7 @@ fn instance_runs_real_sshd_with_cloud_config_keys_and_dies_with_delete() {
 
 #[test]
 fn no_sshd_outlives_the_emulator() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let emu = Emulator::start(EmulatorOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         boot_delay: Duration::from_millis(100),

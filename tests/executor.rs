@@ -34,7 +34,7 @@ impl World {
             ..EmulatorOptions::default()
         })
         .expect("emulator starts");
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private_tempdir();
         let config = dir.path().join("config.toml");
         let mut doc: toml::Table = config_text(&emulator.endpoint(), dir.path()).parse().unwrap();
         for (table, key, value) in overrides {

@@ -107,7 +107,7 @@ impl Bed {
             ..EmulatorOptions::default()
         })
         .expect("emulator starts");
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private_tempdir();
         let config = dir.path().join("config.toml");
         let text = config_with(&emulator.endpoint(), dir.path(), &opts.overrides);
         std::fs::write(&config, text).unwrap();

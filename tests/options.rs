@@ -71,7 +71,7 @@ fn a_price_cap_below_every_offer_skips_them_all_and_fails_cleanly() {
 fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
     use std::os::unix::fs::PermissionsExt;
     let keys = aliyun_spot_executor::keys::generate_ed25519("team-key").unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let key_file = dir.path().join("id_ed25519");
     std::fs::write(&key_file, keys.private_openssh.expose()).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();

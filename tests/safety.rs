@@ -151,7 +151,7 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
     // The only change: where the API and this instance's metadata are.
     conf["endpoint"] = json!(w.emulator.endpoint());
     conf["metadata"] = json!(format!("{}/instances/{id}", w.emulator.endpoint()));
-    let files = tempfile::tempdir().unwrap();
+    let files = crate::private_tempdir();
     let script_path = files.path().join("watchdog.py");
     let conf_path = files.path().join("watchdog.json");
     std::fs::write(&script_path, &script).unwrap();
@@ -212,7 +212,7 @@ fn watchdog_deletes_a_busy_instance_past_its_maximum_lifetime() {
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     let id = w.emulator.instances()[0].id.clone();
 
-    let files = tempfile::tempdir().unwrap();
+    let files = crate::private_tempdir();
     let root = files.path().join("markers");
     std::fs::create_dir_all(root.join(&id)).unwrap();
     std::fs::write(root.join(&id).join(format!("busy.{}", std::process::id())), "").unwrap();

@@ -47,7 +47,7 @@ fn free_endpoint() -> (String, u16) {
 
 impl SshdSetup {
     fn new() -> SshdSetup {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private_tempdir();
         let (ip, port) = free_endpoint();
         let host = keys::generate_ed25519("test-host").unwrap();
         let client = keys::generate_ed25519("test-client").unwrap();

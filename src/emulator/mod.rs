@@ -186,6 +186,15 @@ impl Emulator {
         if opts.access_keys.is_empty() {
             anyhow::bail!("the emulator needs at least one AccessKey");
         }
+        if !opts.listen.ip().is_loopback() {
+            // Anyone who reaches it can read every instance's RAM role credentials and user
+            // data (the per-job host key) from its metadata service: loopback only.
+            anyhow::bail!(
+                "refusing to listen on `{}`: the emulator serves every instance's credentials and user data to \
+                 whoever can connect; use a loopback address such as `{DEFAULT_LISTEN}`",
+                opts.listen
+            );
+        }
         let catalogue = catalogue::Catalogue::builtin()?;
         let (tmp, work_dir) = match &opts.work_dir {
             Some(d) => {

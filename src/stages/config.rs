@@ -21,7 +21,7 @@ use crate::exit::StageError;
 pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json::Value, StageError> {
     let (config, spec) = crate::config::load_for_job(config_path.as_deref(), env)?;
     for w in &config.warnings {
-        eprintln!("WARNING: {w}");
+        crate::logging::stderr_line(&format!("WARNING: {w}"));
     }
     config.require_for_prepare(spec.shape.arch)?;
     crate::offers::validate_endpoint(&config)?;
@@ -44,6 +44,11 @@ pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json
 pub fn main(config_path: Option<PathBuf>) -> ! {
     let env = Env::from_process();
     let codes = env.exit_codes();
-    let result = runner_json(&env, config_path).map(|json| println!("{json}"));
+    let result = runner_json(&env, config_path).and_then(|json| {
+        use std::io::Write;
+        // A failed write is an error, not a panic: gitlab-runner needs the whole JSON.
+        writeln!(std::io::stdout().lock(), "{json}")
+            .map_err(|e| StageError::system(format!("failed to write the runner JSON to stdout: {e}")))
+    });
     std::process::exit(codes.code_for(&result));
 }

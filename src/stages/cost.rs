@@ -91,13 +91,20 @@ pub fn summary(e: &LedgerEntry) -> String {
     )
 }
 
-/// Appends one JSON line; the file is created 0600.
+/// Appends one JSON line; the file is created 0600, missing directories 0700. A symbolic link in
+/// place of the ledger is refused, never followed (`O_NOFOLLOW`): root must not append to a
+/// file another user chose.
 pub fn append_ledger(path: &Path, e: &LedgerEntry) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Missing directories are created 0700; an existing one (maybe `/var/log`) keeps its mode.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("failed to create `{}`", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    let mut f = crate::fsutil::open_append_nofollow(path, 0o600)?;
     // One write of one line: concurrent cleanups on O_APPEND never interleave within a line.
     let mut line = serde_json::to_vec(e)?;
     line.push(b'\n');

@@ -53,9 +53,9 @@ pub mod tags {
 pub struct Progress;
 
 impl Progress {
-    /// Prints one line.
+    /// Prints one line; a closed stderr is ignored ([`crate::logging::stderr_line`]).
     pub fn line(&self, s: impl AsRef<str>) {
-        eprintln!("{}", s.as_ref());
+        crate::logging::stderr_line(s.as_ref());
     }
 }
 
