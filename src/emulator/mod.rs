@@ -14,6 +14,7 @@
 //! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset).
 
 mod auth;
+mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod instances;
