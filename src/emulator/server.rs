@@ -297,6 +297,9 @@ fn metadata(
         if method != "PUT" {
             return Reply::text(405, "method not allowed");
         }
+        if core.faults().metadata_token_error {
+            return Reply::text(404, "Not Found");
+        }
         let ttl = headers.get(TTL_HEADER).and_then(|v| v.trim().parse::<i64>().ok());
         let Some(ttl) = ttl.filter(|t| (1..=21600).contains(t)) else {
             return Reply::text(400, "X-aliyun-ecs-metadata-token-ttl-seconds must be between 1 and 21600");
