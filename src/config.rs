@@ -831,6 +831,7 @@ struct RawCredentials {
     instance_ram_role: Option<String>,
     use_instance_role: Option<bool>,
     metadata_endpoint: Option<String>,
+    hardened_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1182,6 +1183,7 @@ impl<'a> Validator<'a> {
             instance_ram_role,
             use_instance_role,
             metadata_endpoint,
+            hardened_only: raw.hardened_only.unwrap_or(false),
         })
     }
 

@@ -216,3 +216,44 @@ fn the_runner_hosts_ram_role_signs_requests_through_metadata() {
     assert_eq!(last.status, 200);
     assert!(last.access_key_id.as_deref().unwrap_or("").starts_with("STS."));
 }
+
+/// A metadata service that gives no hardened-mode token (`--metadata-token-error`): the role's
+/// credentials are read in plain mode, as Aliyun's credentials provider does, unless
+/// `credentials.hardened_only`, which fails with one line and sends no plain request.
+#[test]
+fn without_a_metadata_token_the_role_is_read_in_plain_mode_unless_hardened_only() {
+    let emu = emulator(Faults { metadata_token_error: true, ..Faults::default() });
+    let spec = CredentialSpec {
+        use_instance_role: true,
+        metadata_endpoint: emu.endpoint(),
+        ..CredentialSpec::default()
+    };
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&spec).unwrap()).unwrap();
+    assert!(!api.describe_zones().unwrap().is_empty());
+    let last = emu.requests().into_iter().last().unwrap();
+    assert_eq!((last.action.as_deref(), last.status), (Some("DescribeZones"), 200));
+    assert_eq!(last.role.as_deref(), Some("runner-host-role"));
+
+    let strict = CredentialSpec { hardened_only: true, ..spec.clone() };
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&strict).unwrap()).unwrap();
+    let e = api.describe_zones().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "ECS `DescribeZones` not sent: no credentials: failed to get the instance RAM role credentials from the \
+             metadata service: the metadata service answered HTTP 404 to PUT `{}/latest/api/token` (hardened mode \
+             token), and `credentials.hardened_only` forbids the plain request: unset it to fall back to the plain \
+             request as Aliyun's credentials provider does",
+            emu.endpoint()
+        )
+    );
+
+    // With tokens back (switched through the faults endpoint), hardened mode works again.
+    let r = ureq::post(&format!("{}/_emulator/faults", emu.endpoint()))
+        .send_string(r#"{"metadata-token-error": false}"#)
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&strict).unwrap()).unwrap();
+    assert!(!api.describe_zones().unwrap().is_empty());
+}

@@ -290,6 +290,9 @@ max_cpu = 32
     assert_eq!(from_file.paths.state_dir, Path::new("/var/lib/aliyun-spot-executor"));
     assert_eq!(from_file.paths.ledger, Path::new("/var/lib/aliyun-spot-executor/ledger.jsonl"));
     assert_eq!(from_file.credentials.metadata_endpoint, "http://100.100.100.200");
+    assert!(!from_file.credentials.hardened_only, "the plain-request fallback is on by default");
+    let strict = parse("[credentials]\nuse_instance_role = true\nhardened_only = true\n", &no_env()).unwrap();
+    assert!(strict.credentials.hardened_only);
     assert_eq!(from_file.endpoint_url().unwrap(), "https://ecs.cn-shanghai.aliyuncs.com");
 
     let env = Env::from_map([

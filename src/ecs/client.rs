@@ -5,11 +5,13 @@
 //! guarantee that no secret ever reaches an error or a log line — easier to prove on a few
 //! hundred lines of our own.
 //!
-//! Each call is a `POST /` with an `application/x-www-form-urlencoded` body (what Aliyun's SDKs
-//! send), holding the action's parameters and the common ones (`Action`, `Version=2014-05-26`,
-//! `Format=JSON`, `AccessKeyId`, `SignatureMethod=HMAC-SHA1`, `SignatureVersion=1.0`,
-//! `SignatureNonce`, `Timestamp`, `RegionId`, `SecurityToken` with STS credentials), signed with
-//! [`super::sign`]. Every attempt is signed afresh, with a new nonce and timestamp.
+//! Each call is a `POST /?<common parameters>` with the action's parameters in an
+//! `application/x-www-form-urlencoded` body, as Aliyun's legacy SDK lays out an RPC POST: the
+//! common parameters (`Action`, `Version=2014-05-26`, `Format=JSON`, `AccessKeyId`,
+//! `SignatureMethod=HMAC-SHA1`, `SignatureVersion=1.0`, `SignatureNonce`, `Timestamp`,
+//! `RegionId`, `SecurityToken` with STS credentials) and the `Signature` in the query, one
+//! signature over query and body together ([`super::sign::sign_split`], which cites the SDK).
+//! Every attempt is signed afresh, with a new nonce and timestamp.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -176,8 +178,8 @@ fn is_loopback_authority(authority: &str) -> bool {
     }
 }
 
-/// The full, signed parameter set of one attempt (common parameters over `params`), with the
-/// `Signature`. Pure: the time, nonce and credentials are arguments.
+/// The signed request of one attempt (common parameters over `params`), split into query and
+/// body. Pure: the time, nonce and credentials are arguments.
 pub fn signed_params(
     action: &str,
     params: &[(String, String)],
@@ -185,7 +187,7 @@ pub fn signed_params(
     creds: &crate::credentials::Credentials,
     timestamp: OffsetDateTime,
     nonce: &str,
-) -> BTreeMap<String, String> {
+) -> sign::SignedRpc {
     let mut p: BTreeMap<String, String> = params.iter().cloned().collect();
     let common = [
         ("Action", action.to_string()),
@@ -201,22 +203,11 @@ pub fn signed_params(
     for (k, v) in common {
         p.insert(k.to_string(), v);
     }
-    p.remove("Signature");
     p.remove("SecurityToken");
     if let Some(token) = &creds.security_token {
         p.insert("SecurityToken".to_string(), token.expose().clone());
     }
-    let signature = sign::sign("POST", &p, creds.access_key_secret.expose());
-    p.insert("Signature".to_string(), signature);
-    p
-}
-
-/// `k=v&...`, RFC 3986 percent-encoded (a valid `application/x-www-form-urlencoded` body).
-fn form_body(p: &BTreeMap<String, String>) -> String {
-    p.iter()
-        .map(|(k, v)| format!("{}={}", sign::percent_encode(k), sign::percent_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    sign::sign_split("POST", &p, creds.access_key_secret.expose())
 }
 
 /// A parameter list under construction.
@@ -314,10 +305,10 @@ impl EcsClient {
             self.stamp.timestamp(),
             &self.stamp.nonce(),
         );
-        let mut req = HttpRequest::new("POST", format!("{}/", self.endpoint))
+        let mut req = HttpRequest::new("POST", format!("{}/?{}", self.endpoint, signed.query_string()))
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("Accept", "application/json");
-        req.body = Some(form_body(&signed));
+        req.body = Some(signed.form_body());
         let secrets: Vec<&str> = std::iter::once(creds.access_key_secret.expose().as_str())
             .chain(creds.security_token.as_ref().map(|t| t.expose().as_str()))
             .collect();
@@ -715,34 +706,12 @@ mod tests {
     const SECRET: &str = "testSecret/with+special=chars";
     const TOKEN: &str = "CAIS.sts/token+value==";
 
-    /// Percent-decodes a form value.
-    pub(crate) fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%' && i + 2 < b.len() {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else if b[i] == b'+' {
-                out.push(b' ');
-                i += 1;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
-    }
-
-    pub(crate) fn parse_form(body: &str) -> BTreeMap<String, String> {
-        body.split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap();
-                (decode(k), decode(v))
-            })
-            .collect()
+    /// Every parameter of a request: its URL query and its form body (the body's win).
+    pub(crate) fn params_of(req: &HttpRequest) -> BTreeMap<String, String> {
+        let query = req.url.split_once('?').map_or("", |(_, q)| q);
+        let mut p: BTreeMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        p.extend(form_urlencoded::parse(req.body.as_deref().unwrap_or("").as_bytes()).into_owned());
+        p
     }
 
     type Handler = Box<dyn Fn(&BTreeMap<String, String>) -> HttpResponse + Send + Sync>;
@@ -759,7 +728,7 @@ mod tests {
         fn send(&self, req: &HttpRequest) -> Result<HttpResponse, TransportError> {
             self.seen.lock().unwrap().push(req.clone());
             if let Some(h) = &self.handler {
-                return Ok(h(&parse_form(req.body.as_deref().unwrap_or(""))));
+                return Ok(h(&params_of(req)));
             }
             self.script.lock().unwrap().pop_front().unwrap_or_else(|| Ok(ok(json!({"RequestId": "end"}))))
         }
@@ -810,7 +779,7 @@ mod tests {
     }
 
     fn forms(seen: &Arc<Mutex<Vec<HttpRequest>>>) -> Vec<BTreeMap<String, String>> {
-        seen.lock().unwrap().iter().map(|r| parse_form(r.body.as_deref().unwrap_or(""))).collect()
+        seen.lock().unwrap().iter().map(params_of).collect()
     }
 
     struct FixedStamp;
@@ -841,9 +810,15 @@ mod tests {
         assert_eq!(regions[0].region_id, "cn-hangzhou");
         let req = seen.lock().unwrap()[0].clone();
         assert_eq!(req.method, "POST");
-        assert_eq!(req.url, "http://127.0.0.1:9470/");
+        assert!(req.url.starts_with("http://127.0.0.1:9470/?"), "{}", req.url);
         assert_eq!(req.header_value("content-type"), Some("application/x-www-form-urlencoded"));
-        let p = parse_form(req.body.as_deref().unwrap());
+        let p = params_of(&req);
+        // Common parameters and the signature in the query, the action's in the body
+        // (`sign::sign_split`).
+        let query: BTreeMap<String, String> =
+            form_urlencoded::parse(req.url.split_once('?').unwrap().1.as_bytes()).into_owned().collect();
+        assert!(query.contains_key("Signature") && query.contains_key("SecurityToken"), "{query:?}");
+        assert!(query.keys().all(|k| sign::COMMON_PARAMETERS.contains(&k.as_str())), "{query:?}");
         let get = |k: &str| p.get(k).map(String::as_str);
         assert_eq!(get("Action"), Some("DescribeRegions"));
         assert_eq!(get("Version"), Some("2014-05-26"));

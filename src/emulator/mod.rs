@@ -14,6 +14,7 @@
 //! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset).
 
 mod auth;
+mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod instances;
@@ -66,6 +67,9 @@ pub struct Faults {
     pub never_boot: Vec<String>,
     /// Seed of the fault dice (error rate).
     pub seed: u64,
+    /// The metadata token request (`PUT /latest/api/token`, hardened mode) answers 404, so
+    /// clients must fall back to plain requests.
+    pub metadata_token_error: bool,
 }
 
 impl Faults {
@@ -429,6 +433,9 @@ pub struct EmulatorArgs {
     /// Instances of TYPE in ZONE never reach Running (`*` wildcards; repeatable).
     #[arg(long = "never-boot", value_name = "TYPE@ZONE")]
     pub never_boot: Vec<String>,
+    /// The metadata service gives no hardened-mode token (`PUT /latest/api/token` answers 404).
+    #[arg(long)]
+    pub metadata_token_error: bool,
     /// Directory for instance files (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -447,6 +454,7 @@ impl EmulatorArgs {
                 reclaim_after: self.reclaim_after,
                 never_boot: self.never_boot.clone(),
                 seed: self.seed,
+                metadata_token_error: self.metadata_token_error,
             },
             boot_delay: self.boot_delay,
             ssh_delay: self.ssh_delay,
