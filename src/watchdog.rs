@@ -105,6 +105,20 @@ pub fn add_to(cc: &mut CloudConfig, spec: &WatchdogSpec) {
     )));
 }
 
+/// A spec with realistic values, for tests that need a full document.
+#[cfg(test)]
+pub(crate) fn example_spec() -> WatchdogSpec {
+    WatchdogSpec {
+        region_id: "cn-hangzhou".into(),
+        endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
+        metadata: "http://100.100.100.200".into(),
+        ram_role: "aliyun-spot-self-destruct".into(),
+        idle_timeout: Duration::from_secs(600),
+        created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        max_lifetime: Duration::from_secs(3 * 3600),
+    }
+}
+
 /// Shell lines a stage wraps around the job's script so the watchdog sees it: a `busy.<pid>`
 /// marker while it runs and `activity` touched at both ends. Returns (before, after).
 pub fn stage_markers(instance_id: &str) -> (String, String) {
@@ -121,15 +135,7 @@ mod tests {
 
     #[test]
     fn settings_carry_the_deadline_and_no_secret() {
-        let spec = WatchdogSpec {
-            region_id: "cn-hangzhou".into(),
-            endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
-            metadata: "http://100.100.100.200".into(),
-            ram_role: "aliyun-spot-self-destruct".into(),
-            idle_timeout: Duration::from_secs(600),
-            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
-            max_lifetime: Duration::from_secs(3 * 3600),
-        };
+        let spec = example_spec();
         let v: serde_json::Value = serde_json::from_str(&config_json(&spec)).unwrap();
         assert_eq!(v["deadline_epoch"], 1_700_000_000 + 3 * 3600);
         assert_eq!(v["idle_timeout_seconds"], 600);
@@ -167,12 +173,13 @@ mod tests {
             ud.base64_len(),
             crate::userdata::USER_DATA_MAX_BASE64
         );
-        // The program goes in as a literal block, byte for byte (the integration test reads
-        // it back from a real instance's user data and runs it).
-        let text = ud.text.expose();
-        assert!(
-            text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n"))
-        );
-        assert!(text.contains("\n      def check(conf, started):\n"));
+        // The program goes in byte for byte (the integration test reads it back from a real
+        // instance's user data and runs it).
+        let body = ud.text.expose().strip_prefix("#cloud-config\n").unwrap();
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+        let script =
+            doc["write_files"].as_array().unwrap().iter().find(|f| f["path"] == SCRIPT_PATH).unwrap();
+        assert_eq!(script["permissions"], "0755");
+        assert_eq!(script["content"], SCRIPT);
     }
 }

@@ -42,32 +42,21 @@ fn instance_metadata(emulator: &Emulator, id: &str, path: &str) -> String {
         .unwrap()
 }
 
-/// The content of the `write_files` entry for `path` in a cloud-config document, read the way
-/// cloud-init reads the literal block scalars prepare writes (`|`, `|-`, `|+`). Panics without
-/// showing the document (it holds a private key).
+/// The content of the `write_files` entry for `path` in a cloud-config document (JSON after
+/// the `#cloud-config` line, which cloud-init reads as YAML). Panics without showing the
+/// document (it holds a private key).
 fn write_file_content(doc: &str, path: &str) -> String {
-    let lines: Vec<&str> = doc.split('\n').collect();
-    let start = lines
+    let body = doc.strip_prefix("#cloud-config\n").expect("user data starts with #cloud-config");
+    let doc: Value = serde_json::from_str(body).map_err(|e| e.to_string()).expect("user data is JSON");
+    let files = doc["write_files"].as_array().expect("user data has write_files");
+    let file = files
         .iter()
-        .position(|l| *l == format!("  - path: {path}"))
+        .find(|f| f["path"] == path)
         .unwrap_or_else(|| panic!("user data has no write_files entry for {path}"));
-    let content = (start + 1..lines.len())
-        .take_while(|&i| lines[i].starts_with("    "))
-        .find(|&i| lines[i].starts_with("    content: "))
-        .unwrap_or_else(|| panic!("the write_files entry for {path} has no content"));
-    let header = &lines[content]["    content: ".len()..];
-    assert!(["|", "|-", "|+"].contains(&header), "content of {path} is not a literal block: `{header}`");
-    let mut text = String::new();
-    for l in lines[content + 1..].iter().take_while(|l| l.is_empty() || l.starts_with("      ")) {
-        text.push_str(l.get(6..).unwrap_or(""));
-        text.push('\n');
-    }
-    let clipped = text.trim_end_matches('\n');
-    match header {
-        "|" => format!("{clipped}\n"),
-        "|-" => clipped.to_string(),
-        _ => text,
-    }
+    file["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the write_files entry for {path} has no content"))
+        .to_string()
 }
 
 /// Runs `watchdog.py CONFIG --once` with the system python3.
