@@ -43,6 +43,7 @@ pub mod selection;
 pub mod ssh;
 pub mod stages;
 pub mod state;
+pub mod sts;
 pub mod sweep;
 pub mod userdata;
 pub mod watchdog;

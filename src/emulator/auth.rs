@@ -16,6 +16,8 @@ use crate::ecs::sign;
 pub(crate) struct Principal {
     /// The RAM role, for STS credentials.
     pub role: Option<String>,
+    /// The session policy of `AssumeRole` credentials, enforced on every call.
+    pub policy: Option<super::ram::Policy>,
 }
 
 const MAX_SKEW_SECONDS: i64 = 15 * 60;
@@ -68,8 +70,8 @@ pub(crate) fn authenticate(
         ));
     }
     let id = &params["AccessKeyId"];
-    let (secret, role) = if let Some((_, secret)) = core.access_keys.iter().find(|(k, _)| k == id) {
-        (secret.expose().clone(), None)
+    let (secret, role, policy) = if let Some((_, secret)) = core.access_keys.iter().find(|(k, _)| k == id) {
+        (secret.expose().clone(), None, None)
     } else {
         let st = lock(&core.state);
         let Some(c) = st.sts.iter().find(|c| &c.access_key_id == id) else {
@@ -96,7 +98,7 @@ pub(crate) fn authenticate(
                 "Specified SecurityToken is expired.",
             ));
         }
-        (c.secret.expose().clone(), Some(c.role.clone()))
+        (c.secret.expose().clone(), Some(c.role.clone()), c.policy.clone())
     };
     let string_to_sign = sign::string_to_sign(method, params);
     if sign::signature(&secret, &string_to_sign) != params["Signature"] {
@@ -113,5 +115,5 @@ pub(crate) fn authenticate(
     if !lock(&core.nonces).insert(&params["SignatureNonce"]) {
         return Err(ApiError::new(400, "SignatureNonceUsed", "Specified signature nonce was used already."));
     }
-    Ok(Principal { role })
+    Ok(Principal { role, policy })
 }
