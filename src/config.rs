@@ -80,6 +80,8 @@ pub struct Config {
     pub job_overrides: JobOverrides,
     /// The nets that catch an instance nobody released.
     pub safety: Safety,
+    /// The self-destruct watchdog's credentials and endpoint (`[self_destruct]`).
+    pub self_destruct: crate::sts::SelfDestruct,
     /// Local files of the driver.
     pub paths: Paths,
     /// What the `config` stage tells gitlab-runner.
@@ -808,6 +810,7 @@ struct RawConfig {
     ssh: RawSsh,
     job_overrides: RawJobOverrides,
     safety: RawSafety,
+    self_destruct: crate::sts::RawSelfDestruct,
     paths: RawPaths,
     runner: RawRunner,
     timeouts: RawTimeouts,
@@ -1044,16 +1047,13 @@ impl<'a> Validator<'a> {
         let ssh = self.ssh(raw.ssh)?;
         let job_overrides = self.job_overrides(raw.job_overrides, &shapes, instance.default_arch)?;
         let safety = self.safety(raw.safety, &instance)?;
+        let self_destruct = crate::sts::SelfDestruct::from_raw(raw.self_destruct, region_id.as_deref())?;
         let paths = self.paths(raw.paths);
         let runner = self.runner(raw.runner)?;
         let timeouts = self.timeouts(raw.timeouts, &ssh)?;
 
-        if safety.watchdog && instance.ram_role_name.is_none() {
-            self.warnings.push(
-                "`safety.watchdog` is on but `instance.ram_role_name` is empty: the watchdog cannot delete the \
-                 instance itself and only powers it off; `AutoReleaseTime` still releases it"
-                    .into(),
-            );
+        if let Some(w) = crate::sts::config_warning(&safety, &instance, &self_destruct) {
+            self.warnings.push(w);
         }
 
         Ok(Config {
@@ -1069,6 +1069,7 @@ impl<'a> Validator<'a> {
             ssh,
             job_overrides,
             safety,
+            self_destruct,
             paths,
             runner,
             timeouts,

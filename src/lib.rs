@@ -45,6 +45,7 @@ pub mod selection;
 pub mod ssh;
 pub mod stages;
 pub mod state;
+pub mod sts;
 pub mod sweep;
 pub mod userdata;
 pub mod watchdog;

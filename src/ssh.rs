@@ -402,6 +402,36 @@ fn wrapper_command(dir: &str, interpreter: &str, hooks: &StageHooks) -> String {
     )
 }
 
+/// Writes `content` to `path` on the instance, root-owned, mode 0600 in a 0700 directory,
+/// replaced atomically (a reader never sees half a file). Through `sudo -n` when the login user
+/// is not root. The content goes over the channel's stdin, never on a command line.
+pub fn install_private_file(t: &SshTarget, path: &str, content: &[u8]) -> Result<(), SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    let (dir, _) = path.rsplit_once('/').unwrap_or(("", path));
+    let script = format!(
+        "umask 077 && mkdir -p {d} && chown root:root {d} && chmod 700 {d} && cat > {p}.new && mv -f {p}.new {p}",
+        d = sh_quote(if dir.is_empty() { "/" } else { dir }),
+        p = sh_quote(path)
+    );
+    let command = if t.user == "root" {
+        format!("sh -c {}", sh_quote(&script))
+    } else {
+        format!("sudo -n sh -c {}", sh_quote(&script))
+    };
+    let (status, _, err) = exec_blocking(&c, &command, content).map_err(|message| SshError::Lost {
+        addr: c.addr.clone(),
+        message: format!("writing {path}: {message}"),
+    })?;
+    let _ = c.session.disconnect(None, "done", None);
+    if status != 0 {
+        return Err(SshError::Io {
+            addr: c.addr.clone(),
+            message: format!("writing {path} failed (status {status}): {}", err.trim()),
+        });
+    }
+    Ok(())
+}
+
 /// Shell commands run on the instance around a stage script (by the wrapper shell, whose pid
 /// is `$$`), e.g. the markers the self-destruct watchdog reads. They must not fail the stage.
 #[derive(Debug, Clone, Default)]

@@ -44,8 +44,8 @@ security_group_id = "sg-1"
 [images]
 amd64 = "img-x86"
 arm64 = "img-arm"
-[instance]
-ram_role_name = "ci-spot-self-destruct"
+[self_destruct]
+role_arn = "acs:ram::1234567890123456:role/ci-spot-self-destruct"
 "#;
 
 fn job(pairs: &[(&str, &str)]) -> Env {
@@ -75,7 +75,7 @@ fn unknown_key_names_the_key_and_its_table() {
         err("regionid = \"cn-hangzhou\"\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 1: unknown key `regionid` at the top level; expected \
          one of `aliyun`, `credentials`, `network`, `images`, `instance`, `shape`, `spot`, `ssh`, `job_overrides`, \
-         `safety`, `paths`, `runner`, `timeouts` (see docs/configuration.md)"
+         `safety`, `self_destruct`, `paths`, `runner`, `timeouts` (see docs/configuration.md)"
     );
     // Nested tables too.
     let e = err("[shape.arm64]\nmin_cpus = 4\n", &no_env());
@@ -518,14 +518,28 @@ fn a_readable_secret_for_a_loopback_endpoint_only_warns() {
 }
 
 #[test]
-fn watchdog_without_an_instance_role_warns() {
+fn watchdog_without_credentials_or_with_the_shared_role_warns() {
     let c = parse("", &no_env()).unwrap();
     assert_eq!(
         c.warnings,
-        ["`safety.watchdog` is on but `instance.ram_role_name` is empty: the watchdog cannot delete the instance \
-          itself and only powers it off; `AutoReleaseTime` still releases it"]
+        ["`safety.watchdog` is on but `self_destruct.role_arn` is empty: instances get no credentials, so the \
+          watchdog cannot delete them; `AutoReleaseTime` still releases them (docs/safety.md)"]
     );
     assert!(parse("[safety]\nwatchdog = false\n", &no_env()).unwrap().warnings.is_empty());
+    let arn = "[self_destruct]\nrole_arn = \"acs:ram::1:role/r\"\n";
+    assert!(parse(arn, &no_env()).unwrap().warnings.is_empty());
+    let shared = "[self_destruct]\ncredentials = \"instance_role\"\n[instance]\nram_role_name = \"r\"\n";
+    assert_eq!(
+        parse(shared, &no_env()).unwrap().warnings,
+        ["`self_destruct.credentials = \"instance_role\"`: every job can read the instance role's credentials and \
+          delete any instance the role's policy covers; the default `sts` mode limits them to the job's own \
+          instance (docs/safety.md)"]
+    );
+    assert_eq!(
+        parse(&format!("{arn}[instance]\nram_role_name = \"r\"\n"), &no_env()).unwrap().warnings,
+        ["`instance.ram_role_name` is not given to instances unless `self_destruct.credentials = \"instance_role\"`: \
+          every job could read that role's credentials (docs/safety.md)"]
+    );
 }
 
 // ----- job overrides -----

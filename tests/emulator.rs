@@ -184,12 +184,12 @@ fn keys() -> Keys {
 }
 
 fn cloud_config(k: &Keys) -> String {
-    let indented: String = k.host_private.lines().map(|l| format!("    {l}\n")).collect();
-    let doc = format!(
-        "#cloud-config\nssh_authorized_keys:\n  - {}\nssh_keys:\n  ed25519_private: |\n{indented}\nruncmd:\n  - echo ignored\n",
-        k.client_public
-    );
-    base64::engine::general_purpose::STANDARD.encode(doc)
+    let doc = serde_json::json!({
+        "ssh_authorized_keys": [k.client_public],
+        "ssh_keys": { "ed25519_private": k.host_private },
+        "runcmd": ["echo ignored"],
+    });
+    base64::engine::general_purpose::STANDARD.encode(format!("#cloud-config\n{doc}\n"))
 }
 
 fn ssh(addr: SocketAddr, k: &Keys) -> ssh2::Session {

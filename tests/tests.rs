@@ -2,6 +2,7 @@
 
 mod client_emulator;
 mod config;
+mod credentials_scope;
 mod demo;
 mod doctor;
 mod ecs_client;

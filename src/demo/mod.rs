@@ -44,6 +44,7 @@ pub fn config_for(base: &str, endpoint: &str, dir: &Path) -> Result<String> {
     let d = |p: &str| dir.join(p).display().to_string();
     set("aliyun", "endpoint", endpoint.to_string());
     set("credentials", "metadata_endpoint", endpoint.to_string());
+    set("self_destruct", "sts_endpoint", endpoint.to_string());
     set("paths", "state_dir", d("state"));
     set("paths", "cache_dir", d("cache"));
     set("paths", "ledger", d("ledger.jsonl"));

@@ -181,6 +181,7 @@ fn is_loopback_authority(authority: &str) -> bool {
 /// The signed request of one attempt (common parameters over `params`), split into query and
 /// body. Pure: the time, nonce and credentials are arguments.
 pub fn signed_params(
+    version: &str,
     action: &str,
     params: &[(String, String)],
     region_id: &str,
@@ -191,7 +192,7 @@ pub fn signed_params(
     let mut p: BTreeMap<String, String> = params.iter().cloned().collect();
     let common = [
         ("Action", action.to_string()),
-        ("Version", API_VERSION.to_string()),
+        ("Version", version.to_string()),
         ("Format", "JSON".to_string()),
         ("AccessKeyId", creds.access_key_id.clone()),
         ("SignatureMethod", "HMAC-SHA1".to_string()),
@@ -288,16 +289,28 @@ impl EcsClient {
     /// Calls `action` with `params` (plus the common ones), signed, retried per the policy;
     /// returns the JSON answer.
     pub fn call(&self, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
-        self.retry.run(action, |_attempt| self.call_once(action, params))
+        self.call_api(API_VERSION, action, params)
+    }
+
+    /// [`EcsClient::call`] for another RPC product's API `version` at this client's endpoint
+    /// (STS `2015-04-01` signs and answers the same way: [`crate::sts`]).
+    pub fn call_api(
+        &self,
+        version: &str,
+        action: &str,
+        params: &[(String, String)],
+    ) -> Result<Value, EcsError> {
+        self.retry.run(action, |_attempt| self.call_once(version, action, params))
     }
 
     /// One signed attempt.
-    fn call_once(&self, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
+    fn call_once(&self, version: &str, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
         let creds = self
             .creds
             .credentials()
             .map_err(|e| EcsError::Credentials { action: action.to_string(), message: format!("{e:#}") })?;
         let signed = signed_params(
+            version,
             action,
             params,
             &self.region_id,

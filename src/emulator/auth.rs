@@ -24,6 +24,8 @@ use crate::ecs::sign;
 pub(crate) struct Principal {
     /// The RAM role, for STS credentials.
     pub role: Option<String>,
+    /// The session policy of `AssumeRole` credentials, enforced on every call.
+    pub policy: Option<super::ram::Policy>,
 }
 
 /// One RPC request as received: method, decoded query and form parameters (the form's win on
@@ -100,15 +102,16 @@ pub(crate) fn check_timestamp(ts: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The secret of AccessKey `id` and, for emulator-issued STS credentials, their role; `token` is
+/// The secret of AccessKey `id` and, for emulator-issued STS credentials, their role and session
+/// policy; `token` is
 /// the security token sent with the request.
 pub(crate) fn secret_of(
     core: &Core,
     id: &str,
     token: Option<&str>,
-) -> Result<(String, Option<String>), ApiError> {
+) -> Result<(String, Option<String>, Option<super::ram::Policy>), ApiError> {
     if let Some((_, secret)) = core.access_keys.iter().find(|(k, _)| k == id) {
-        return Ok((secret.expose().clone(), None));
+        return Ok((secret.expose().clone(), None, None));
     }
     let st = lock(&core.state);
     let Some(c) = st.sts.iter().find(|c| c.access_key_id == id) else {
@@ -128,7 +131,7 @@ pub(crate) fn secret_of(
             "Specified SecurityToken is expired.",
         ));
     }
-    Ok((c.secret.expose().clone(), Some(c.role.clone())))
+    Ok((c.secret.expose().clone(), Some(c.role.clone()), c.policy.clone()))
 }
 
 /// Records `nonce`; a nonce seen before is a replay.
@@ -176,7 +179,7 @@ fn authenticate_v1(
         }
     }
     check_timestamp(&params["Timestamp"])?;
-    let (secret, role) =
+    let (secret, role, policy) =
         secret_of(core, &params["AccessKeyId"], params.get("SecurityToken").map(String::as_str))?;
     let string_to_sign = sign::string_to_sign(method, params);
     if sign::signature(&secret, &string_to_sign) != params["Signature"] {
@@ -191,5 +194,5 @@ fn authenticate_v1(
         ));
     }
     use_nonce(core, &params["SignatureNonce"])?;
-    Ok(Principal { role })
+    Ok(Principal { role, policy })
 }

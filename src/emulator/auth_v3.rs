@@ -166,7 +166,7 @@ pub(crate) fn authenticate(core: &super::instances::Core, req: &Incoming) -> Res
     }
     check_timestamp(req.header("x-acs-date").unwrap_or("").trim())?;
     let token = req.header("x-acs-security-token").map(str::trim);
-    let (secret, role) = secret_of(core, &auth.credential, token)?;
+    let (secret, role, policy) = secret_of(core, &auth.credential, token)?;
     // The payload line is the hash of the body actually received, so a body changed after
     // signing fails even if `x-acs-content-sha256` was left alone.
     let payload = sha256_hex(req.body);
@@ -181,7 +181,7 @@ pub(crate) fn authenticate(core: &super::instances::Core, req: &Incoming) -> Res
         ));
     }
     use_nonce(core, req.header("x-acs-signature-nonce").unwrap_or("").trim())?;
-    Ok(Principal { role })
+    Ok(Principal { role, policy })
 }
 
 #[cfg(test)]

@@ -212,6 +212,8 @@ pub(crate) struct StsRecord {
     pub token: Secret<String>,
     pub issued: OffsetDateTime,
     pub expiration: OffsetDateTime,
+    /// The session policy of `AssumeRole` credentials ([`super::ram`]); `None`: the role's.
+    pub policy: Option<super::ram::Policy>,
 }
 
 /// Everything behind the state lock.
@@ -429,6 +431,7 @@ impl Core {
             token: Secret::new(format!("CAIS{}", random_alnum(160))),
             issued: t,
             expiration: t + ttl,
+            policy: None,
         };
         let out = StsCredentials {
             access_key_id: rec.access_key_id.clone(),

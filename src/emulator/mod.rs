@@ -11,15 +11,18 @@
 //!
 //! Layout: [`catalogue`](self) (the shipped world), `auth` (signature, timestamp, nonce, STS),
 //! `rpc` (the actions), `instances` (state, lifecycle, the sshd supervisor), `server` (HTTP
-//! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset).
+//! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset),
+//! `sts` (STS `AssumeRole`, routed by `Version`) and `ram` (session policies enforced on ECS calls).
 
 mod auth;
 mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod instances;
+mod ram;
 mod rpc;
 mod server;
+mod sts;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -206,7 +206,10 @@ fn round4(x: f64) -> f64 {
 
 /// Dispatches an authenticated request.
 pub(crate) fn dispatch(core: &Core, action: &str, p: &Params, who: &Principal) -> ApiResult {
-    let _ = who;
+    if p.get("Version").map(String::as_str) == Some(super::sts::VERSION) {
+        return super::sts::dispatch(core, action, p, who);
+    }
+    super::ram::authorize(&core.catalogue.region, action, p, who)?;
     match action {
         "DescribeRegions" => describe_regions(core, p),
         "DescribeZones" => describe_zones(core, p),

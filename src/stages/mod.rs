@@ -226,21 +226,39 @@ impl Context {
         cc
     }
 
-    /// What the in-instance watchdog needs; `None` when it is off (no instance RAM role).
+    /// What the in-instance watchdog needs; `None` when it is off or could never get
+    /// credentials (see [`crate::sts`]).
     pub fn watchdog_spec(&self, created_at: OffsetDateTime) -> Option<watchdog::WatchdogSpec> {
         if !self.config.safety.watchdog {
             return None;
         }
-        let role = self.config.instance.ram_role_name.clone()?;
+        let sd = &self.config.self_destruct;
+        let credentials = match sd.credentials {
+            crate::sts::CredentialMode::Sts if sd.hands_over() => {
+                watchdog::WatchdogCredentials::HandedOver(watchdog::CREDENTIALS_DIR.to_string())
+            }
+            crate::sts::CredentialMode::Sts => return None,
+            crate::sts::CredentialMode::InstanceRole => {
+                watchdog::WatchdogCredentials::InstanceRole(self.config.instance.ram_role_name.clone()?)
+            }
+        };
         Some(watchdog::WatchdogSpec {
             region_id: self.region.clone(),
-            endpoint: self.client.endpoint().to_string(),
+            endpoint: sd
+                .watchdog_endpoint(&self.config)
+                .unwrap_or_else(|_| self.client.endpoint().to_string()),
             metadata: self.config.credentials.metadata_endpoint.clone(),
-            ram_role: role,
+            credentials,
             idle_timeout: self.config.safety.idle_timeout,
             created_at,
             max_lifetime: self.config.safety.max_lifetime,
         })
+    }
+
+    /// The file in the job's private state directory that records when the instance's
+    /// handed-over credentials expire.
+    pub fn credentials_stamp(&self) -> std::path::PathBuf {
+        self.store.job_dir(&self.key).join("instance-credentials-expiry")
     }
 
     /// `ci-runner-{arch}-spot-{timestamp}` (prefix configurable).

@@ -169,7 +169,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 system_disk_category: Some(ctx.config.instance.system_disk_category.clone()),
                 system_disk_size: Some(ctx.config.instance.system_disk_size_gib),
                 key_pair_name: ctx.config.ssh.key_pair_name.clone(),
-                ram_role_name: ctx.config.instance.ram_role_name.clone(),
+                ram_role_name: ctx.config.self_destruct.instance_role(&ctx.config.instance),
                 user_data: Some(user_data.clone()),
                 tags: ctx.tags(),
                 auto_release_time: Some(auto_release),
@@ -419,6 +419,7 @@ fn wait_until_ready(
             "prepare was terminated (SIGTERM) while waiting for SSH on {id}"
         )));
     }
+    crate::sts::hand_over_at_prepare(ctx, &target, id);
     state.phase = Phase::Ready;
     state.ready_at = Some(OffsetDateTime::now_utc());
     ctx.store.save(&ctx.key, state).context("failed to record the ready instance")?;

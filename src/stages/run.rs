@@ -46,6 +46,7 @@ pub fn run(ctx: &Context, script_path: &Path, stage: &str) -> Result<(), StageEr
         host_key: state.host_public_key.clone(),
         connect_timeout: ctx.config.ssh.connect_timeout,
     };
+    crate::sts::renew_at_run(ctx, &target, &id);
     let cancel = ctx.cancel_flag();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
