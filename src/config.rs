@@ -194,8 +194,15 @@ pub struct SpotConfig {
     pub strategy: SpotStrategy,
     /// `SpotPriceLimit` = factor × the offer's spot price (≥ 1.0, default 1.2).
     pub price_limit_factor: f64,
-    /// Offers above this price (CNY/hour) are never used.
+    /// Offers above this price per hour are never used; in the account's currency (CNY on the
+    /// China site, USD on the international one: `crate::pricing`).
     pub max_price_per_hour: Option<f64>,
+    /// `SpotDuration`, the protection period in hours (0 or 1, default 1), sent alike to pricing,
+    /// availability and creation (`crate::pricing`).
+    pub protection_hours: u32,
+    /// Shared, burstable and GPU types allowed (`allow_shared`, `allow_burstable`, `allow_gpu`;
+    /// all off by default: `crate::families`).
+    pub kinds: crate::families::TypeKinds,
     /// Per core (default) or total price.
     pub ranking: Ranking,
     /// How long price data may be reused across jobs on this host (default 5 minutes).
@@ -893,6 +900,10 @@ struct RawSpot {
     ranking: Option<Ranking>,
     price_cache_ttl: Option<Dur>,
     stock_cooldown: Option<Dur>,
+    protection_hours: Option<u32>,
+    allow_shared: Option<bool>,
+    allow_burstable: Option<bool>,
+    allow_gpu: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1042,8 +1053,11 @@ impl<'a> Validator<'a> {
         }
 
         let instance = self.instance(raw.instance)?;
-        let shapes = self.shapes(raw.shape)?;
+        let mut shapes = self.shapes(raw.shape)?;
         let spot = self.spot(raw.spot)?;
+        for shape in shapes.values_mut() {
+            shape.kinds = spot.kinds;
+        }
         let ssh = self.ssh(raw.ssh)?;
         let job_overrides = self.job_overrides(raw.job_overrides, &shapes, instance.default_arch)?;
         let safety = self.safety(raw.safety, &instance)?;
@@ -1514,7 +1528,7 @@ impl<'a> Validator<'a> {
                 return Err(self.err(
                     Origin::File("spot.max_price_per_hour"),
                     num(cap),
-                    "is not a positive price; set a price in CNY per hour, or leave it out for no cap",
+                    "is not a positive price; set a price per hour in the account's currency (CNY or USD), or leave it out for no cap",
                 ));
             }
         }
@@ -1534,10 +1548,24 @@ impl<'a> Validator<'a> {
                 "is longer than 6 hours, and spot stock comes back; set at most \"6h\" (\"0s\" turns it off)",
             ));
         }
+        let protection_hours = raw.protection_hours.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS);
+        if !crate::pricing::PROTECTION_HOURS.contains(&protection_hours) {
+            return Err(self.err(
+                Origin::File("spot.protection_hours"),
+                protection_hours.to_string(),
+                "is not a protection period ECS offers; set 1 (the default) or 0 (cheaper, but the instance may be reclaimed at any time)",
+            ));
+        }
         Ok(SpotConfig {
             strategy: raw.strategy.unwrap_or_default(),
             price_limit_factor,
             max_price_per_hour: raw.max_price_per_hour,
+            protection_hours,
+            kinds: crate::families::TypeKinds {
+                shared: raw.allow_shared.unwrap_or(false),
+                burstable: raw.allow_burstable.unwrap_or(false),
+                gpu: raw.allow_gpu.unwrap_or(false),
+            },
             ranking: raw.ranking.unwrap_or_default(),
             price_cache_ttl,
             stock_cooldown,

@@ -115,6 +115,7 @@ mod tests {
             price_per_core: 0.025,
             on_demand_price: None,
             discount: None,
+            currency: "CNY".into(),
             vswitch_id: None,
             vswitch_configured: true,
         }

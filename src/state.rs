@@ -89,8 +89,12 @@ pub struct JobState {
     pub instance_type: String,
     /// The zone chosen.
     pub zone: String,
-    /// The spot price (CNY/hour) seen when the offer was chosen.
+    /// The spot price per hour seen when the offer was chosen, in `currency`.
     pub spot_price: Option<f64>,
+    /// The currency of `spot_price` and `price_limit` (`CNY`, `USD`; `crate::pricing`); states
+    /// written before it was recorded read as CNY.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// The `SpotPriceLimit` sent, if any.
     pub price_limit: Option<f64>,
     /// CPU architecture.
@@ -118,6 +122,10 @@ pub struct JobState {
     /// The preparation attempt that wrote this state (part of the `ClientToken`).
     #[serde(default)]
     pub attempt_id: String,
+}
+
+fn default_currency() -> String {
+    crate::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 impl JobState {
@@ -373,6 +381,7 @@ mod tests {
             instance_type: "ecs.c7.large".into(),
             zone: "cn-hangzhou-b".into(),
             spot_price: Some(0.123),
+            currency: "CNY".into(),
             price_limit: Some(0.1476),
             arch: Arch::Amd64,
             ip: Some("127.0.3.4".into()),

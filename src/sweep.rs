@@ -187,6 +187,7 @@ mod tests {
             instance_type: "ecs.c7.large".into(),
             zone: "cn-hangzhou-b".into(),
             spot_price: None,
+            currency: "CNY".into(),
             price_limit: None,
             arch: Arch::Amd64,
             ip: Some("10.0.0.2".into()),

@@ -69,7 +69,7 @@ fn unknown_key_names_the_key_and_its_table() {
         err("[spot]\nprice_limit_factor = 1.5\nprice_limit_facter = 2\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 3: unknown key `price_limit_facter` in table \
          `[spot]`; expected one of `strategy`, `price_limit_factor`, `max_price_per_hour`, `ranking`, \
-         `price_cache_ttl`, `stock_cooldown` (see docs/configuration.md)"
+         `price_cache_ttl`, `stock_cooldown`, `protection_hours`, `allow_shared`, `allow_burstable`, `allow_gpu` (see docs/configuration.md)"
     );
     assert_eq!(
         err("regionid = \"cn-hangzhou\"\n", &no_env()),

@@ -81,13 +81,23 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
         shape.min_mem_gib,
         shape.max_mem_gib
     );
+    // Prices are in the account's currency (`Currency` of DescribeSpotPriceHistory: CNY on the
+    // China site, USD on the international one), named in each price column's heading.
+    let currency = offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::pricing::DEFAULT_CURRENCY);
     println!(
-        "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>11} {:>9}  VSWITCH",
-        "TYPE", "ZONE", "vCPU", "MEM GiB", "SPOT/h CNY", "PER CORE", "ON-DEMAND/h", "DISCOUNT"
+        "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>15} {:>9}  VSWITCH",
+        "TYPE",
+        "ZONE",
+        "vCPU",
+        "MEM GiB",
+        format!("SPOT/h {currency}"),
+        format!("PER CORE {currency}"),
+        format!("ON-DEMAND/h {currency}"),
+        "SAVING"
     );
     for o in offers {
         println!(
-            "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>11} {:>9}  {}",
+            "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>15} {:>9}  {}",
             o.instance_type,
             o.zone,
             o.cores,
@@ -95,7 +105,7 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
             o.spot_price,
             o.price_per_core,
             o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
-            o.discount.map(|d| format!("{:.0}%", d * 100.0)).unwrap_or_else(|| "-".into()),
+            o.discount.map(crate::pricing::percent_off).unwrap_or_else(|| "-".into()),
             o.vswitch_id.as_deref().unwrap_or("(none: not used)")
         );
     }
@@ -260,11 +270,11 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         "spot offers",
         offers.map(|o| match o.first() {
             Some(b) => format!(
-                "{} offers; cheapest {} in {} at {:.4} CNY/hour",
+                "{} offers; cheapest {} in {} at {}",
                 o.len(),
                 b.instance_type,
                 b.zone,
-                b.spot_price
+                crate::pricing::PerHour(b.spot_price, &b.currency)
             ),
             None => "none fit the default shape".to_string(),
         }),
@@ -285,7 +295,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                 config.spot.price_limit_factor,
                 None,
             ),
-            spot_duration: Some(0),
+            spot_duration: Some(config.spot.protection_hours),
             internet_max_bandwidth_out: config.network.internet_max_bandwidth_out,
             system_disk_category: Some(config.instance.system_disk_category.clone()),
             system_disk_size: Some(config.instance.system_disk_size_gib),

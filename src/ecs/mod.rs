@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod error;
+pub mod paging;
 pub mod retry;
 pub mod sign;
 pub mod transport;
@@ -22,7 +23,8 @@ pub use error::{classify, EcsError, ErrorKind};
 pub use retry::{Backoff, Clock, FakeClock, RetryPolicy, SystemClock};
 pub use transport::{HttpRequest, HttpResponse, Transport, TransportError, UreqTransport};
 pub use types::{
-    AvailableResourceRequest, DeleteOutcome, DescribeInstancesFilter, ImageInfo, Instance, InstanceStatus,
-    InstanceTypeFilter, InstanceTypeInfo, KeyPairInfo, RegionInfo, RunInstancesRequest, SecurityGroupInfo,
-    SpotPriceHistoryRequest, SpotPricePoint, SpotStrategy, ZoneInfo, ZoneResource,
+    format_price, AvailableResourceRequest, DeleteOutcome, DescribeInstancesFilter, ImageInfo, Instance,
+    InstanceStatus, InstanceTypeFilter, InstanceTypeInfo, KeyPairInfo, RegionInfo, RunInstancesRequest,
+    SecurityGroupInfo, SpotPriceHistory, SpotPriceHistoryRequest, SpotPricePoint, SpotStrategy, ZoneInfo,
+    ZoneResource,
 };

@@ -73,6 +73,9 @@ pub struct Faults {
     /// The metadata token request (`PUT /latest/api/token`, hardened mode) answers 404, so
     /// clients must fall back to plain requests.
     pub metadata_token_error: bool,
+    /// The account's currency (`Currency` of `DescribeSpotPriceHistory`): `CNY` (the China
+    /// site, the default) or `USD` (the international site).
+    pub currency: Option<String>,
 }
 
 impl Faults {
@@ -85,6 +88,11 @@ impl Faults {
 
     pub(crate) fn no_stock(&self, instance_type: &str, zone: &str) -> bool {
         self.no_stock.iter().any(|p| Self::pattern_matches(p, instance_type, zone))
+    }
+
+    /// The currency prices are answered in.
+    pub(crate) fn currency(&self) -> &str {
+        self.currency.as_deref().unwrap_or(crate::pricing::DEFAULT_CURRENCY)
     }
 
     pub(crate) fn never_boots(&self, instance_type: &str, zone: &str) -> bool {
@@ -442,6 +450,9 @@ pub struct EmulatorArgs {
     /// Directory for instance files (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// The account's currency: CNY (China site, the default) or USD (international site).
+    #[arg(long, value_name = "CODE", value_parser = ["CNY", "USD"])]
+    pub currency: Option<String>,
 }
 
 impl EmulatorArgs {
@@ -458,6 +469,7 @@ impl EmulatorArgs {
                 never_boot: self.never_boot.clone(),
                 seed: self.seed,
                 metadata_token_error: self.metadata_token_error,
+                currency: self.currency.clone(),
             },
             boot_delay: self.boot_delay,
             ssh_delay: self.ssh_delay,
@@ -524,5 +536,8 @@ mod tests {
         assert_eq!(f.throttle_every, Some(3));
         assert_eq!(f.reclaim_after, Some(Duration::from_millis(1500)));
         assert!(serde_json::from_str::<Faults>(r#"{"no_stock":[]}"#).is_err());
+        let f: Faults = serde_json::from_str(r#"{"currency":"USD"}"#).unwrap();
+        assert_eq!(f.currency(), "USD");
+        assert_eq!(Faults::default().currency(), "CNY");
     }
 }

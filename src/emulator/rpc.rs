@@ -281,7 +281,15 @@ fn describe_zones(core: &Core, p: &Params) -> ApiResult {
 }
 
 fn type_json(t: &InstanceType) -> Value {
-    let category = if t.family.starts_with("ecs.g") { "General-purpose" } else { "Compute-optimized" };
+    let category = if t.gpu_amount > 0 {
+        "GPU-accelerated"
+    } else if t.family_level != "EnterpriseLevel" {
+        "Shared"
+    } else if t.family.starts_with("ecs.g") {
+        "General-purpose"
+    } else {
+        "Compute-optimized"
+    };
     json!({
         "InstanceTypeId": t.id,
         "InstanceTypeFamily": t.family,
@@ -289,10 +297,10 @@ fn type_json(t: &InstanceType) -> Value {
         "CpuCoreCount": t.cores,
         "MemorySize": t.memory_gib,
         "CpuArchitecture": t.arch,
-        "GPUAmount": 0,
-        "GPUSpec": "",
-        "GPUMemorySize": 0.0,
-        "InstanceFamilyLevel": "EnterpriseLevel",
+        "GPUAmount": t.gpu_amount,
+        "GPUSpec": t.gpu_spec,
+        "GPUMemorySize": if t.gpu_amount > 0 { 16.0 * f64::from(t.gpu_amount) } else { 0.0 },
+        "InstanceFamilyLevel": t.family_level,
         "LocalStorageCategory": "",
         "EniQuantity": (t.cores / 2).clamp(2, 8),
         "EniPrivateIpAddressQuantity": 10,
@@ -352,6 +360,8 @@ fn describe_available_resource(core: &Core, p: &Params) -> ApiResult {
     if let Some(s) = get(p, "SpotStrategy") {
         validate_spot_strategy(s)?;
     }
+    // Validated like the other two actions; stock does not depend on it here.
+    spot_duration(p)?;
     let zone_filter = get(p, "ZoneId");
     let type_filter = get(p, "InstanceType");
     let cores = num_param::<u32>(p, "Cores")?;
@@ -466,6 +476,7 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
         ));
     }
     let offset = num_param::<usize>(p, "Offset")?.unwrap_or(0);
+    let protection = spot_duration(p)?;
     let zone_filter = get(p, "ZoneId");
     let latest_hour = t_now.unix_timestamp() / 3600 * 3600;
     let mut points = Vec::new();
@@ -490,11 +501,12 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
             }
             hours.reverse();
             for h in hours {
+                let current = offer.spot_for(protection);
                 let price = if h == latest_hour {
-                    offer.spot
+                    current
                 } else {
                     let wiggle = (fnv(&[itype, &z.id, &h.to_string()]) % 17) as f64 - 8.0;
-                    round4(offer.spot * (1.0 + wiggle / 100.0))
+                    round4(current * (1.0 + wiggle / 100.0))
                 };
                 let ts = OffsetDateTime::from_unix_timestamp(h).unwrap_or(t_now);
                 points.push(json!({
@@ -512,7 +524,21 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
     let total = points.len();
     let page: Vec<Value> = points.into_iter().skip(offset).take(SPOT_PAGE).collect();
     let next = if offset + SPOT_PAGE < total { offset + SPOT_PAGE } else { 0 };
-    Ok(json!({ "Currency": "CNY", "NextOffset": next, "SpotPrices": { "SpotPriceType": page } }))
+    Ok(
+        json!({ "Currency": core.faults().currency(), "NextOffset": next, "SpotPrices": { "SpotPriceType": page } }),
+    )
+}
+
+/// `SpotDuration`, the protection period in hours, of `RunInstances`,
+/// `DescribeSpotPriceHistory` and `DescribeAvailableResource`: "Default value: 1", and
+/// `RunInstances` "can only be set to 0 or 1" (the current SDK's request models; see
+/// `crate::pricing`).
+fn spot_duration(p: &Params) -> Result<u32, ApiError> {
+    let hours = num_param::<u32>(p, "SpotDuration")?.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS);
+    if !crate::pricing::PROTECTION_HOURS.contains(&hours) {
+        return Err(ApiError::invalid("InvalidSpotDuration", "The specified SpotDuration is not valid."));
+    }
+    Ok(hours)
 }
 
 fn validate_spot_strategy(s: &str) -> Result<(), ApiError> {
@@ -651,6 +677,16 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| {
         ApiError::invalid("InvalidSpotPriceLimit.Malformed", "The specified SpotPriceLimit is not valid.")
     })?;
+    // At most three decimals (`RunInstances` request model, see `crate::pricing`). Aliyun's
+    // RunInstances error table names no code of its own for this, so the emulator answers the
+    // common `InvalidParameter` (HTTP 400) naming the parameter.
+    if get(p, "SpotPriceLimit").is_some_and(|v| !crate::pricing::has_at_most_limit_decimals(v)) {
+        return Err(ApiError::invalid(
+            "InvalidParameter",
+            "The specified parameter SpotPriceLimit is not valid: it can have up to three decimal places.",
+        ));
+    }
+    let spot_duration = if spot_strategy == "NoSpot" { None } else { Some(spot_duration(p)?) };
     if spot_strategy == "SpotWithPriceLimit" {
         let Some(limit) = spot_limit else {
             return Err(ApiError::invalid(
@@ -658,16 +694,13 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
                 "SpotPriceLimit is mandatory when SpotStrategy is SpotWithPriceLimit.",
             ));
         };
-        if limit < offer.spot {
+        let price = offer.spot_for(spot_duration.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS));
+        if limit < price {
             return Err(ApiError::invalid(
                 "InvalidSpotPriceLimit.LowerThanPublicPrice",
-                &format!("The specified SpotPriceLimit {limit} is lower than the current spot price {} of \"{itype_id}\" in \"{zone}\".", offer.spot),
+                &format!("The specified SpotPriceLimit {limit} is lower than the current spot price {price} of \"{itype_id}\" in \"{zone}\"."),
             ));
         }
-    }
-    let spot_duration = num_param::<u32>(p, "SpotDuration")?;
-    if spot_duration.is_some_and(|d| d > 6) {
-        return Err(ApiError::invalid("InvalidSpotDuration", "The specified SpotDuration is not valid."));
     }
     let amount = num_param::<i64>(p, "Amount")?.unwrap_or(1);
     if !(1..=100).contains(&amount) {
@@ -871,7 +904,11 @@ fn run_answer(core: &Core, st: &State, ids: &[String]) -> Value {
         .filter_map(|id| st.instances.get(id))
         .filter_map(|i| {
             let o = core.catalogue.offer(&i.instance_type, &i.zone)?;
-            Some(if i.spot_strategy == "NoSpot" { o.on_demand } else { o.spot })
+            Some(if i.spot_strategy == "NoSpot" {
+                o.on_demand
+            } else {
+                o.spot_for(i.spot_duration.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS))
+            })
         })
         .sum();
     json!({

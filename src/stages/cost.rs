@@ -33,12 +33,20 @@ pub struct LedgerEntry {
     pub instance_type: String,
     /// Zone.
     pub zone: String,
-    /// Spot price in CNY per hour at creation.
+    /// Spot price per hour at creation, in `currency`.
     pub price_per_hour: f64,
+    /// The currency of `price_per_hour` and `cost` (`CNY` on Aliyun's China site, `USD` on the
+    /// international one); older lines without it are CNY.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// Seconds from creation to release.
     pub seconds: u64,
-    /// price × hours, CNY.
+    /// price × hours, in `currency`.
     pub cost: f64,
+}
+
+fn default_currency() -> String {
+    crate::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 /// The ledger entry for a state whose instance was created.
@@ -56,6 +64,7 @@ pub fn ledger_entry(s: &JobState, job: &JobInfo, now: OffsetDateTime) -> Option<
         instance_type: s.instance_type.clone(),
         zone: s.zone.clone(),
         price_per_hour: price,
+        currency: s.currency.clone(),
         seconds,
         cost: price * seconds as f64 / 3600.0,
     })
@@ -67,27 +76,29 @@ pub fn job_cost_line(s: &JobState, now: OffsetDateTime) -> Option<String> {
     let price = s.spot_price?;
     let seconds = (now - created).whole_seconds().max(0) as u64;
     Some(format!(
-        "Spot instance {} ({} in {}) at {:.4} CNY/hour for {}: about {:.4} CNY so far",
+        "Spot instance {} ({} in {}) at {} for {}: about {:.4} {} so far",
         s.instance_id.as_deref().unwrap_or("?"),
         s.instance_type,
         s.zone,
-        price,
+        crate::pricing::PerHour(price, &s.currency),
         format_duration(seconds),
-        price * seconds as f64 / 3600.0
+        price * seconds as f64 / 3600.0,
+        s.currency
     ))
 }
 
 /// The line cleanup prints (to the runner log).
 pub fn summary(e: &LedgerEntry) -> String {
     format!(
-        "Job {} used {} ({} in {}) for {} at {:.4} CNY/hour: {:.4} CNY",
+        "Job {} used {} ({} in {}) for {} at {}: {:.4} {}",
         e.job,
         e.instance_id,
         e.instance_type,
         e.zone,
         format_duration(e.seconds),
-        e.price_per_hour,
-        e.cost
+        crate::pricing::PerHour(e.price_per_hour, &e.currency),
+        e.cost,
+        e.currency
     )
 }
 

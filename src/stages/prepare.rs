@@ -21,6 +21,7 @@ use super::{cost, Context, Progress};
 use crate::cooldown::Cooldown;
 use crate::ecs::{EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
 use crate::exit::StageError;
+use crate::pricing::PerHour;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
 use crate::ssh::{self, SshError, SshTarget};
 use crate::state::{JobKey, JobState, Phase, STATE_VERSION};
@@ -67,6 +68,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         instance_type: String::new(),
         zone: String::new(),
         spot_price: None,
+        currency: crate::pricing::DEFAULT_CURRENCY.to_string(),
         price_limit: None,
         arch: shape.arch,
         ip: None,
@@ -99,13 +101,13 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     }
     let best = &offers[0];
     p.line(format!(
-        "Found {} offers; cheapest: {} in {} ({} vCPU, {} GiB) at {:.4} CNY/hour",
+        "Found {} offers; cheapest: {} in {} ({} vCPU, {} GiB) at {}",
         offers.len(),
         best.instance_type,
         best.zone,
         best.cores,
         fmt_num(best.memory_gib),
-        best.spot_price
+        PerHour(best.spot_price, &best.currency)
     ));
 
     // Offers that just ran out of stock for an earlier job on this host go last.
@@ -123,8 +125,10 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
     let auto_release = created_at + ctx.config.safety.max_lifetime;
-    let walk = selection::walk_offers(
+    // When every offer fails, ECS is asked afresh once: the cached catalogue may be stale.
+    let walk = crate::offers::walk_with_fresh_look(
         &offers,
+        || crate::offers::ranked_afresh(&ctx.client, &ctx.config, shape),
         |offer: &Offer| -> WalkAttempt<String, StageError> {
             if ctx.terminated() {
                 return WalkAttempt::Fatal(StageError::system(
@@ -149,6 +153,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                     None => {
                         return WalkAttempt::NextOffer(selection::above_cap_reason(
                             ctx.config.spot.max_price_per_hour.unwrap_or_default(),
+                            &offer.currency,
                         ))
                     }
                 },
@@ -164,7 +169,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 host_name: None,
                 spot_strategy: strategy,
                 spot_price_limit: limit,
-                spot_duration: Some(0),
+                spot_duration: Some(ctx.config.spot.protection_hours),
                 internet_max_bandwidth_out: ctx.config.network.internet_max_bandwidth_out,
                 system_disk_category: Some(ctx.config.instance.system_disk_category.clone()),
                 system_disk_size: Some(ctx.config.instance.system_disk_size_gib),
@@ -177,18 +182,19 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 dry_run: false,
             };
             p.line(format!(
-                "Trying {} in {}: {} vCPU, {} GiB, {:.4} CNY/hour{}",
+                "Trying {} in {}: {} vCPU, {} GiB, {}{}",
                 offer.instance_type,
                 offer.zone,
                 offer.cores,
                 fmt_num(offer.memory_gib),
-                offer.spot_price,
-                limit.map(|l| format!(" (limit {l:.4})")).unwrap_or_default()
+                PerHour(offer.spot_price, &offer.currency),
+                limit.map(|l| format!(" (limit {l:.3})")).unwrap_or_default()
             ));
             state.client_token = token;
             state.instance_type = offer.instance_type.clone();
             state.zone = offer.zone.clone();
             state.spot_price = Some(offer.spot_price);
+            state.currency = offer.currency.clone();
             state.price_limit = limit;
             if let Err(e) = ctx.store.save(&ctx.key, &state) {
                 return WalkAttempt::Fatal(StageError::System(e));
@@ -245,10 +251,10 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // 4. Record the id at once: from here on a crash is cleaned up from the state.
     ctx.store.save(&ctx.key, &state)?;
     p.line(format!(
-        "Created spot instance {id} ({} in {}, {:.4} CNY/hour, auto-release at {})",
+        "Created spot instance {id} ({} in {}, {}, auto-release at {})",
         created.instance_type,
         created.zone,
-        created.spot_price,
+        PerHour(created.spot_price, &created.currency),
         cost::format_time(auto_release)
     ));
 
@@ -468,6 +474,9 @@ fn fatal_create_error(e: &EcsError) -> String {
         ErrorKind::Auth => "check the AccessKey pair or STS token",
         ErrorKind::Permission => "grant the RAM permissions listed in the README",
         ErrorKind::Quota => "raise the quota or top up the account",
+        ErrorKind::Parameter if e.code().is_some_and(|c| c.contains("SpotPriceLimit")) || e.to_string().contains("SpotPriceLimit") => {
+            "ECS refused the price limit; keep `spot.max_price_per_hour` to at most 3 decimals and report this if it persists"
+        }
         ErrorKind::Parameter => "check the image, security group and vswitch settings (`aliyun-spot doctor`)",
         _ => "see the error code in Aliyun's API documentation",
     };
