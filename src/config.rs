@@ -228,6 +228,8 @@ pub struct SshConfig {
     /// The private key of `key_pair_name`: when set, the driver logs in with it instead of a
     /// per-job key (the per-job host key is still pinned).
     pub private_key_file: Option<PathBuf>,
+    /// When a silent sshd counts as a lost connection during `run` (default 10s × 3).
+    pub keepalive: crate::ssh::Keepalive,
 }
 
 impl SshConfig {
@@ -915,6 +917,8 @@ struct RawSsh {
     boot_timeout: Option<Dur>,
     key_pair_name: Option<String>,
     private_key_file: Option<PathBuf>,
+    keepalive_interval: Option<Dur>,
+    keepalive_count_max: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1610,7 +1614,26 @@ impl<'a> Validator<'a> {
                 self.in_file()
             );
         }
-        Ok(SshConfig { user, port, connect_timeout, boot_timeout, key_pair_name, private_key_file })
+        let interval = raw.keepalive_interval.map(|d| d.0).unwrap_or(Duration::from_secs(10));
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&interval) {
+            let why = "is out of range; set between \"1s\" and \"5m\" (default \"10s\")";
+            return Err(self.err(Origin::File("ssh.keepalive_interval"), format_duration(interval), why));
+        }
+        let count_max = raw.keepalive_count_max.unwrap_or(3);
+        if !(1..=100).contains(&count_max) {
+            let why = "is out of range; set 1 to 100 (default 3)";
+            return Err(self.err(Origin::File("ssh.keepalive_count_max"), count_max, why));
+        }
+        let keepalive = crate::ssh::Keepalive { interval, count_max };
+        Ok(SshConfig {
+            user,
+            port,
+            connect_timeout,
+            boot_timeout,
+            key_pair_name,
+            private_key_file,
+            keepalive,
+        })
     }
 
     fn job_overrides(

@@ -704,3 +704,22 @@ fn stock_cooldown_defaults_to_ten_minutes_and_is_bounded() {
     let e = err(&format!("{COMPLETE}\n[spot]\nstock_cooldown = \"1d\"\n"), &no_env());
     assert!(e.contains("`spot.stock_cooldown`") && e.contains("is longer than 6 hours"), "{e}");
 }
+
+#[test]
+fn ssh_keepalive_defaults_and_bounds() {
+    use aliyun_spot_executor::ssh::Keepalive;
+    let c = parse("", &no_env()).unwrap();
+    assert_eq!(c.ssh.keepalive, Keepalive { interval: Duration::from_secs(10), count_max: 3 });
+    assert_eq!(c.ssh.keepalive.silence_limit(), Duration::from_secs(31));
+    let c = parse("[ssh]\nkeepalive_interval = \"2s\"\nkeepalive_count_max = 5\n", &no_env()).unwrap();
+    assert_eq!(c.ssh.keepalive, Keepalive { interval: Duration::from_secs(2), count_max: 5 });
+    assert_eq!(
+        err("[ssh]\nkeepalive_interval = \"10m\"\n", &no_env()),
+        "`ssh.keepalive_interval` = `10m` in `/etc/spot.toml` is out of range; set between \"1s\" and \"5m\" \
+         (default \"10s\")"
+    );
+    assert_eq!(
+        err("[ssh]\nkeepalive_count_max = 0\n", &no_env()),
+        "`ssh.keepalive_count_max` = `0` in `/etc/spot.toml` is out of range; set 1 to 100 (default 3)"
+    );
+}

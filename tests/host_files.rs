@@ -237,3 +237,32 @@ fn the_emulator_refuses_to_listen_beyond_loopback() {
         );
     }
 }
+
+#[test]
+fn doctor_and_every_stage_refuse_a_readable_secret_for_a_real_endpoint() {
+    let w = World::new();
+    let mut doc: toml::Table = std::fs::read_to_string(&w.config).unwrap().parse().unwrap();
+    // Not a loopback address by the rule, yet Linux delivers a connection to it locally, so
+    // nothing would leave the machine even if the refusal were gone.
+    doc["aliyun"]
+        .as_table_mut()
+        .unwrap()
+        .insert("endpoint".into(), toml::Value::String("https://0.0.0.0:1".into()));
+    std::fs::write(&w.config, toml::to_string(&doc).unwrap()).unwrap();
+    std::fs::set_permissions(&w.config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let line = format!(
+        "refusing the configuration file `{p}`: it holds an AccessKey secret and is readable by other users (mode \
+         0640); run `chmod 600 {p}`",
+        p = w.config.display()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
+        .args(["--config", &w.config.display().to_string(), "doctor"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), format!("aliyun-spot: {line}\n"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    every_stage_refuses(&w, &line);
+}

@@ -52,12 +52,13 @@ pub fn run(ctx: &Context, script_path: &Path, stage: &str) -> Result<(), StageEr
     let mut stderr = std::io::stderr();
     // The id goes into the shell commands that mark the stage for the watchdog.
     let (before, after) = crate::watchdog::stage_markers(crate::identity::checked_instance_id(&id)?);
-    let hooks = ssh::StageHooks { before, after };
-    let outcome = ssh::run_script_with_hooks(
+    let options =
+        ssh::RunOptions { hooks: ssh::StageHooks { before, after }, keepalive: ctx.config.ssh.keepalive };
+    let outcome = ssh::run_script_with(
         &target,
         &script,
         &ctx.config.runner.shell,
-        &hooks,
+        &options,
         &mut stdout,
         &mut stderr,
         &cancel,
