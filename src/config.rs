@@ -543,6 +543,8 @@ impl Config {
         let mut applied = Vec::new();
         let mut take = |o: Override| -> anyhow::Result<Option<String>> {
             let Some(v) = env.custom(o.variable()) else { return Ok(None) };
+            // The value is the job's and may reach the job log: control characters escaped.
+            let v = &crate::identity::escape_for_log(v, 64);
             if !jo.allow.contains(&o) {
                 let allowed: Vec<_> = jo.allow.iter().map(|a| format!("`{}`", a.variable())).collect();
                 let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };

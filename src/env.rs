@@ -7,7 +7,8 @@
 //! here — from the process in the binaries, from a map in tests — keeps the rest of the crate
 //! free of hidden inputs, and keeps the line between trusted and job-controlled values visible:
 //! [`Env::get`] is the administrator's world, [`Env::custom`] the job's. Internal variables of
-//! this driver never start with `CUSTOM_ENV_`, so a job cannot set them.
+//! this driver never start with `CUSTOM_ENV_`, so a job cannot set them. The job's identity is
+//! never read from `CUSTOM_ENV_*` (a job may override `CI_JOB_ID`): see [`crate::identity`].
 //!
 //! `clippy.toml` bans `std::env::var` and friends everywhere else.
 

@@ -531,6 +531,15 @@ mod tests {
     }
 
     #[test]
+    fn a_job_variables_control_characters_are_escaped_in_errors() {
+        let cfg = crate::config::from_toml("", None, &Env::default()).unwrap();
+        let env = Env::from_map([("CUSTOM_ENV_ALIYUN_SPOT_ARCH", "arm\u{1b}[2K\rx")]);
+        let err = format!("{:#}", cfg.job_spec(&env).unwrap_err());
+        assert!(err.contains("`arm\\u{1b}[2K\\rx`"), "{err}");
+        assert!(!err.contains('\u{1b}') && !err.contains('\r'), "{err}");
+    }
+
+    #[test]
     fn value_checks() {
         assert_eq!(default_runner_id("build-01.example.com"), "build-01.example.com");
         assert_eq!(default_runner_id("weird host/../x"), "weird-host-..-x");

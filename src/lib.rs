@@ -11,7 +11,9 @@
 //!
 //! Module map:
 //! - [`config`] and [`mod@env`]: the TOML file, the administrator's environment and the job's
-//!   `CUSTOM_ENV_*` overrides, validated once into typed values.
+//!   `CUSTOM_ENV_*` overrides, validated once into typed values; [`identity`]: who a job is,
+//!   from gitlab-runner's job payload, the runner id and a per-attempt secret (never from job
+//!   variables).
 //! - [`ecs`]: the ECS RPC client (signing, transport, typed errors, retry, actions) and
 //!   [`credentials`]: the AccessKey / profile / instance RAM role chain.
 //! - [`selection`], [`price_cache`] and [`cooldown`]: candidate types, availability and spot

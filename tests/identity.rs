@@ -8,7 +8,7 @@ use std::time::Duration;
 use aliyun_spot_executor::demo::gitlab::{Attempt, Exit, Job};
 use aliyun_spot_executor::emulator::Faults;
 
-use super::executor::{World, SECRET_MISSING};
+use super::executor::{World, RUNNER_ID, SECRET_MISSING};
 
 /// The victim: job 2001 of project 42.
 const VICTIM_JOB: u64 = 2001;
@@ -64,6 +64,8 @@ fn forged_job_and_project_ids_cannot_reach_another_jobs_instance() {
         for (k, v) in forged {
             attacker.variables.push((k.to_string(), v.to_string()));
         }
+        // The runner id is the administrator's, whatever the job says.
+        attacker.variables.push(("CI_RUNNER_ID".into(), "999".into()));
         let mut attempt = w.attempt(&attacker);
         assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
         let log = attempt.log.text();
@@ -95,6 +97,10 @@ fn forged_job_and_project_ids_cannot_reach_another_jobs_instance() {
         assert_eq!(
             attacker_instance.tags.get("ci-spot-executor:job").map(String::as_str),
             Some(attacker_id.to_string().as_str())
+        );
+        assert_eq!(
+            attacker_instance.tags.get("ci-spot-executor:runner").map(String::as_str),
+            Some(RUNNER_ID)
         );
 
         // The victim's next stage still runs on its own instance.

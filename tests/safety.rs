@@ -363,8 +363,7 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
 
     // Job B's runner host lost track of it: its job state is gone, cleanup never ran.
     let state_root = w.dir.path().join("state");
-    let runner = aliyun_spot_executor::identity::default_runner_id(&Env::default().hostname());
-    let b_dir = std::fs::read_dir(state_root.join(runner))
+    let b_dir = std::fs::read_dir(state_root.join(super::executor::RUNNER_ID))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("42-4002-")))

@@ -649,6 +649,30 @@ mod tests {
     }
 
     #[test]
+    fn the_job_payload_is_gitlab_runners_schema_and_private() {
+        let mut job = Job::new(43, 3001, "/builds", "true");
+        job.variables.push(("CI_JOB_ID".into(), "2001".into()));
+        let exes = Executables::in_dir(Path::new("/nonexistent"));
+        let attempt = Attempt::new(exes, BTreeMap::new(), &job).unwrap();
+        let path = attempt.dir().join("response.json");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["id"], 3001, "an integer, the job's own id whatever its variables say");
+        assert_eq!(v["job_info"]["project_id"], 43);
+        assert_eq!(v["job_info"]["pipeline_id"], 93001);
+        assert_eq!(v["token"], job.token.as_str());
+        let token_var =
+            v["variables"].as_array().unwrap().iter().find(|x| x["key"] == "CI_JOB_TOKEN").unwrap();
+        assert_eq!(
+            (token_var["value"].as_str(), token_var["masked"].as_bool()),
+            (Some(job.token.as_str()), Some(true))
+        );
+        assert_eq!(attempt.env()["JOB_RESPONSE_FILE"], path.display().to_string());
+        assert_eq!(attempt.env()["CUSTOM_ENV_CI_JOB_ID"], "2001", "the job's override wins in its variables");
+    }
+
+    #[test]
     fn log_wait_for_sees_text() {
         let log = Log::default();
         let l2 = log.clone();
