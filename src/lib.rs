@@ -38,6 +38,7 @@ pub mod keys;
 pub mod logging;
 pub mod offers;
 pub mod price_cache;
+pub mod ram_policy;
 pub mod secret;
 pub mod selection;
 pub mod ssh;
