@@ -44,6 +44,7 @@ pub mod logging;
 pub mod offers;
 pub mod price_cache;
 pub mod pricing;
+pub mod ram_policy;
 pub mod secret;
 pub mod selection;
 pub mod ssh;

@@ -411,6 +411,23 @@ mod tests {
     }
 
     #[test]
+    fn watchdog_uses_the_vpc_endpoint_without_a_public_ip() {
+        let load = |extra: &str| {
+            let text = format!("[aliyun]\nregion_id = \"cn-shanghai\"\n{extra}");
+            crate::config::from_toml(&text, None, &crate::env::Env::default()).unwrap()
+        };
+        let c = load("[network]\nprivate_ip = true\n");
+        assert_eq!(
+            c.self_destruct.watchdog_endpoint(&c).unwrap(),
+            "https://ecs-vpc.cn-shanghai.aliyuncs.com"
+        );
+        let c = load("");
+        assert_eq!(c.self_destruct.watchdog_endpoint(&c).unwrap(), "https://ecs.cn-shanghai.aliyuncs.com");
+        let c = load("[network]\nprivate_ip = true\n[self_destruct]\necs_endpoint = \"https://ecs.example.internal/\"\n");
+        assert_eq!(c.self_destruct.watchdog_endpoint(&c).unwrap(), "https://ecs.example.internal");
+    }
+
+    #[test]
     fn session_policy_names_one_instance_and_one_action() {
         assert_eq!(
             session_policy("i-bp1abc").to_string(),

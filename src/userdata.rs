@@ -11,7 +11,7 @@
 //! document, so no YAML writer is needed. The one gap between the two is characters that
 //! JSON allows raw in a string but YAML 1.1 does not (C1 controls, DEL, U+FEFF, U+FFFE/U+FFFF)
 //! or reads as line breaks inside a quoted scalar (U+0085, U+2028, U+2029, folded to spaces):
-//! [`YamlSafe`] writes those as `\uXXXX`, an escape both languages read the same way (PyYAML's
+//! `YamlSafe` writes those as `\uXXXX`, an escape both languages read the same way (PyYAML's
 //! reader: `NON_PRINTABLE` and the line-break set in `yaml/reader.py` and `yaml/scanner.py`).
 //! A test runs real cloud-init's schema check and PyYAML on the output. Because the text
 //! contains the host private key it is returned wrapped in [`Secret`].

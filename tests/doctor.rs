@@ -36,6 +36,10 @@ fn doctor_passes_on_a_good_configuration_and_creates_nothing() {
         "ok    amd64 image: ubuntu_24_04_x64_20G_alibase_20250101.vhd",
         "ok    security group: sg-bp1emulator0000000001",
         "ok    RunInstances (DryRun): allowed",
+        "ok    watchdog role (STS AssumeRole): assumed (STS.",
+        "RAM policy for the runner's identity:\n{\n",
+        "\"Resource\": \"acs:ram::1234567890123456:role/ci-spot-self-destruct\"",
+        "Trust policy of the watchdog role (self_destruct.role_arn):\n",
         "all checks passed",
     ] {
         assert!(out.contains(line), "missing `{line}` in:\n{out}");

@@ -300,7 +300,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             system_disk_category: Some(config.instance.system_disk_category.clone()),
             system_disk_size: Some(config.instance.system_disk_size_gib),
             key_pair_name: config.ssh.key_pair_name.clone(),
-            ram_role_name: config.instance.ram_role_name.clone(),
+            ram_role_name: config.self_destruct.instance_role(&config.instance),
             user_data: None,
             tags: vec![(config.safety.managed_tag_key.clone(), config.safety.managed_tag_value.clone())],
             auto_release_time: Some(OffsetDateTime::now_utc() + config.safety.max_lifetime),
@@ -312,6 +312,15 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             client.run_instances(&req).map(|_| "allowed".to_string()).map_err(Into::into),
         );
     }
+    if config.safety.watchdog && config.self_destruct.hands_over() {
+        // A real AssumeRole, with a session policy naming an instance that cannot exist.
+        check(
+            "watchdog role (STS AssumeRole)",
+            crate::sts::assume_role(&config, "i-doctor", "doctor")
+                .map(|c| format!("assumed ({})", crate::credentials::mask_key_id(&c.access_key_id))),
+        );
+    }
+    print!("{}", crate::ram_policy::render(&config));
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
     }
