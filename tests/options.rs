@@ -49,7 +49,12 @@ fn the_default_price_limit_is_the_factor_times_the_offer_price() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((limit - (price * 1.2)).abs() < 0.0002, "limit {limit} for price {price}: {line}");
+    // Rounded up at the third decimal, the most ECS accepts (see src/pricing.rs).
+    assert!(
+        limit >= price * 1.2 - 1e-9 && limit < price * 1.2 + 0.001,
+        "limit {limit} for price {price}: {line}"
+    );
+    assert_eq!(limit, (limit * 1000.0).round() / 1000.0, "three decimals: {limit}");
     assert_eq!(created.spot_price_limit, Some(limit));
     w.assert_nothing_left();
 }

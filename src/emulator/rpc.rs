@@ -1027,13 +1027,10 @@ fn describe_instances(core: &Core, p: &Params) -> ApiResult {
     };
     let total = matching.len();
     if get(p, "NextToken").is_some() || get(p, "MaxResults").is_some() {
-        let max = num_param::<usize>(p, "MaxResults")?.unwrap_or(10);
-        if max == 0 || max > 100 {
-            return Err(ApiError::invalid(
-                "InvalidMaxResults.Malformed",
-                "The specified parameter MaxResults is not valid.",
-            ));
-        }
+        // "If you do not set this parameter or set it to a value less than 10, the default value
+        // is 10. If you set this parameter to a value greater than 100, the default value is 100."
+        // (`MaxResults`, `_describe_instances_request.py` of the current SDK.)
+        let max = num_param::<usize>(p, "MaxResults")?.unwrap_or(10).clamp(10, 100);
         let offset = parse_next_token(p)?;
         let page: Vec<Value> =
             matching.iter().skip(offset).take(max).map(|i| instance_json(core, i)).collect();

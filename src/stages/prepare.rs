@@ -475,7 +475,7 @@ fn fatal_create_error(e: &EcsError) -> String {
         ErrorKind::Permission => "grant the RAM permissions listed in the README",
         ErrorKind::Quota => "raise the quota or top up the account",
         ErrorKind::Parameter if e.code().is_some_and(|c| c.contains("SpotPriceLimit")) || e.to_string().contains("SpotPriceLimit") => {
-            "ECS refused the price limit; keep `spot.max_price_per_hour` to at most 3 decimals and report this if it persists"
+            "ECS refused the `SpotPriceLimit` the driver computed (at most three decimals are accepted); report this, and set `spot.strategy = \"SpotAsPriceGo\"` meanwhile"
         }
         ErrorKind::Parameter => "check the image, security group and vswitch settings (`aliyun-spot doctor`)",
         _ => "see the error code in Aliyun's API documentation",
