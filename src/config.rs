@@ -333,7 +333,7 @@ pub struct RunnerConfig {
     pub builds_dir: String,
     /// `cache_dir` (default `/cache`).
     pub cache_dir: String,
-    /// `shell`: `bash` (default) or `sh`.
+    /// `shell`: always `bash` (see docs/gitlab-runner.md, "Shell").
     pub shell: String,
 }
 
@@ -551,7 +551,14 @@ impl Config {
     /// `CUSTOM_ENV_ALIYUN_SPOT_{ARCH,MIN_CPU,MAX_CPU,MIN_MEM,MAX_MEM}` where the administrator
     /// allows it and within the ceilings. Errors are one line naming the variable as the user
     /// wrote it, its value and the allowed range.
+    ///
+    /// Every error is a [`crate::exit::JobError`] (the job's mistake, a build failure).
     pub fn job_spec(&self, env: &Env) -> anyhow::Result<JobSpec> {
+        self.job_spec_unclassified(env)
+            .map_err(|e| anyhow::Error::new(crate::exit::JobError(crate::exit::one_line(&e))))
+    }
+
+    fn job_spec_unclassified(&self, env: &Env) -> anyhow::Result<JobSpec> {
         let jo = &self.job_overrides;
         let mut applied = Vec::new();
         let mut take = |o: Override| -> anyhow::Result<Option<String>> {
@@ -1764,11 +1771,14 @@ impl<'a> Validator<'a> {
             }
         }
         let shell = raw.shell.unwrap_or_else(|| "bash".into());
-        if shell != "bash" && shell != "sh" {
+        // gitlab-runner's POSIX scripts quote with bash's `$'…'` (v18.3.0-1857-gd79f3e7b8,
+        // `shells/bash.go` `escape` → `helpers.ShellEscape`), which dash runs as literal text
+        // (`eval $'echo a\nb'` → `anb: not found`): bash is the only POSIX shell that works.
+        if shell != "bash" {
             return Err(self.err(
                 Origin::File("runner.shell"),
                 &shell,
-                "is not supported; use `bash` or `sh`",
+                "is not supported: gitlab-runner's scripts need bash (they quote with `$'…'`); remove the key or set `bash`",
             ));
         }
         Ok(RunnerConfig { builds_dir, cache_dir, shell })

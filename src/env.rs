@@ -180,10 +180,12 @@ impl JobInfo {
                 && v != ".."
                 && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !safe {
-                bail!(
+                // The job overrode a predefined variable: its mistake, not the runner's.
+                return Err(crate::exit::JobError(format!(
                     "`{CUSTOM_PREFIX}{name}`=`{v}` is not a usable id: expected at most 64 letters, digits, \
                      `.`, `_` or `-`; do not override `{name}` in the job's variables"
-                );
+                ))
+                .into());
             }
             Ok(v.clone())
         }

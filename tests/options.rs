@@ -92,3 +92,76 @@ fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
     assert_eq!(w.emulator.instances()[0].key_pair_name.as_deref(), Some("ci-team-key"));
     w.assert_nothing_left();
 }
+
+/// The ERROR lines of a log.
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.starts_with("ERROR: ")).collect()
+}
+
+#[test]
+fn a_bad_job_variable_is_the_jobs_mistake_in_config_and_prepare() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::new();
+    let mut job = w.job("5010", "true");
+    job.variables.push(("ALIYUN_SPOT_MAX_CPU".into(), "512".into()));
+    let line =
+        "ERROR: job variable `ALIYUN_SPOT_MAX_CPU`=`512` is above the administrator's ceiling of 64 vCPU; \
+                set a value between 1 and 64";
+    // config: BUILD_FAILURE_EXIT_CODE, so gitlab-runner fails the job as a script failure and
+    // does not retry it.
+    let mut attempt = w.attempt(&job);
+    let (exit, json) = attempt.config().unwrap();
+    assert_eq!(exit, Exit::Code(1), "{}", attempt.log.text());
+    assert!(json.is_none());
+    assert_eq!(error_lines(&attempt.log.text()), vec![line], "{}", attempt.log.text());
+    // prepare (config_exec is optional, so prepare evaluates the variables too): the same.
+    let attempt = w.attempt(&job);
+    std::fs::write(attempt.build_exit_code_file(), "7\n").unwrap();
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(1), "{}", attempt.log.text());
+    assert_eq!(error_lines(&attempt.log.text()), vec![line], "{}", attempt.log.text());
+    assert!(!attempt.build_exit_code_file().exists(), "no stale status is left for gitlab-runner to read");
+    assert!(w.emulator.instances().is_empty());
+    // A value that does not parse: the same class.
+    let mut job = w.job("5011", "true");
+    job.variables.push(("ALIYUN_SPOT_ARCH".into(), "sparc".into()));
+    let attempt = w.attempt(&job);
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(1), "{}", attempt.log.text());
+    assert_eq!(
+        error_lines(&attempt.log.text()),
+        vec!["ERROR: job variable `ALIYUN_SPOT_ARCH`=`sparc` is not an architecture; set `amd64` (or `x86_64`) \
+              or `arm64` (or `aarch64`)"]
+    );
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn a_bad_configuration_file_stays_a_system_failure() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::with(Faults::default(), &[("ssh", "port", Value::String("twenty-two".into()))]);
+    let job = w.job("5012", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let lines = error_lines(&log);
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines[0].contains("`ssh.port`: invalid type: string \"twenty-two\""), "{log}");
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn sh_is_refused_with_the_key_and_the_fix() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::with(Faults::default(), &[("runner", "shell", Value::String("sh".into()))]);
+    let job = w.job("5013", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    let config = w.config.display();
+    assert_eq!(
+        error_lines(&attempt.log.text()),
+        vec![format!(
+            "ERROR: `runner.shell` = `sh` in `{config}` is not supported: gitlab-runner's scripts need bash (they \
+             quote with `$'…'`); remove the key or set `bash`"
+        )]
+    );
+}
