@@ -19,6 +19,7 @@ mod cloudconfig;
 mod instances;
 mod rpc;
 mod server;
+mod sshd;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
