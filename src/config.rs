@@ -85,6 +85,8 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// Deadlines.
     pub timeouts: Timeouts,
+    /// gitlab-runner's helper binary on the instance, and the distributed cache.
+    pub helper: HelperConfig,
     /// Things that work but probably are not what the administrator meant; the `config` stage
     /// and `doctor` print them.
     pub warnings: Vec<String>,
@@ -92,6 +94,9 @@ pub struct Config {
 
 /// Where the ECS client gets its credentials (see [`crate::credentials`]).
 pub use crate::credentials::CredentialSpec;
+
+mod helper;
+pub use helper::{valid_version, HelperConfig, HelperInstall, DEFAULT_CHECKSUM_URL, DEFAULT_DOWNLOAD_URL};
 
 /// Networking of the created instances.
 #[derive(Debug, Clone, PartialEq)]
@@ -842,6 +847,7 @@ struct RawConfig {
     paths: RawPaths,
     runner: RawRunner,
     timeouts: RawTimeouts,
+    helper: helper::RawHelper,
 }
 
 #[derive(Deserialize, Default)]
@@ -1076,6 +1082,7 @@ impl<'a> Validator<'a> {
         let paths = self.paths(raw.paths);
         let runner = self.runner(raw.runner)?;
         let timeouts = self.timeouts(raw.timeouts, &ssh)?;
+        let helper = self.helper(raw.helper)?;
 
         if safety.watchdog && instance.ram_role_name.is_none() {
             self.warnings.push(
@@ -1101,6 +1108,7 @@ impl<'a> Validator<'a> {
             paths,
             runner,
             timeouts,
+            helper,
             warnings: self.warnings,
         })
     }

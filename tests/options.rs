@@ -165,3 +165,50 @@ fn sh_is_refused_with_the_key_and_the_fix() {
         )]
     );
 }
+
+#[test]
+fn helper_settings_are_checked_with_one_line_each() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let missing = "/nonexistent/gitlab-runner-linux-amd64";
+    for (overrides, problem) in [
+        (
+            vec![("helper", "install", Value::String("docker".into()))],
+            "`helper.install` = `docker` in `{config}` is not a way to install gitlab-runner on the instance; use \
+             `image`, `upload` or `download`"
+                .to_string(),
+        ),
+        (
+            vec![("helper", "install", Value::String("upload".into()))],
+            "`helper.install` = `upload` in `{config}` needs `helper.upload_amd64` or `helper.upload_arm64` \
+             (gitlab-runner's Linux binary on the runner host)"
+                .to_string(),
+        ),
+        (
+            vec![
+                ("helper", "install", Value::String("upload".into())),
+                ("helper", "upload_amd64", Value::String(missing.into())),
+            ],
+            format!(
+                "`helper.upload_amd64` = `{missing}` in `{{config}}` is not a file on the runner host; point it at \
+                 gitlab-runner's Linux binary for that architecture"
+            ),
+        ),
+        (
+            vec![("helper", "download_url", Value::String("http://mirror.example.com/{version}".into()))],
+            "`helper.download_url` = `http://mirror.example.com/{version}` in `{config}` uses plain http to a host \
+             that is not loopback; use `https://` (the binary runs as root on every instance)"
+                .to_string(),
+        ),
+        (
+            vec![("helper", "sha256_arm64", Value::String("abc".into()))],
+            "`helper.sha256_arm64` = `abc` in `{config}` is not a SHA-256 checksum (64 hex digits)".to_string(),
+        ),
+    ] {
+        let w = World::with(Faults::default(), &overrides);
+        let job = w.job("5020", "true");
+        let mut attempt = w.attempt(&job);
+        assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+        let want = format!("ERROR: {}", problem.replace("{config}", &w.config.display().to_string()));
+        assert_eq!(error_lines(&attempt.log.text()), vec![want.as_str()]);
+    }
+}

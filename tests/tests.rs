@@ -8,6 +8,7 @@ mod ecs_client;
 mod emulator;
 mod executor;
 mod faults;
+mod helper;
 mod isolation;
 mod options;
 mod safety;

@@ -255,7 +255,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         cost::format_time(auto_release)
     ));
 
-    match wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline) {
+    // gitlab-runner's helper is checked or installed once, over the pinned session
+    // (`crate::helper`); failing that releases the instance like any failed prepare.
+    let ready = wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline)
+        .and_then(|target| crate::helper::prepare_instance(ctx, &target));
+    match ready {
         Ok(()) => {
             p.line(format!(
                 "Instance {id} is ready after {}s: {}@{}:{}",
@@ -283,7 +287,8 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     }
 }
 
-/// Waits for `Running`, an address, and an SSH login that sees the pinned host key.
+/// Waits for `Running`, an address, and an SSH login that sees the pinned host key; returns
+/// the pinned target.
 fn wait_until_ready(
     ctx: &Context,
     state: &mut JobState,
@@ -291,7 +296,7 @@ fn wait_until_ready(
     keys: &super::JobKeys,
     started: Instant,
     deadline: Instant,
-) -> Result<(), StageError> {
+) -> Result<SshTarget, StageError> {
     let p = Progress;
     let boot_deadline = deadline.min(Instant::now() + ctx.config.ssh.boot_timeout);
     let mut delay = Duration::from_millis(500);
@@ -380,7 +385,7 @@ fn wait_until_ready(
     state.phase = Phase::Ready;
     state.ready_at = Some(OffsetDateTime::now_utc());
     ctx.store.save(&ctx.key, state).context("failed to record the ready instance")?;
-    Ok(())
+    Ok(target)
 }
 
 /// `ClientToken`: the same for a retry of the same request, different for every runner, job,
