@@ -1,7 +1,7 @@
 //! The configuration: one TOML file, the administrator's environment, and the few values a job
 //! may override, merged once and validated before anything is billed.
 //!
-//! Why it looks like this (SPEC.md "Configuration", STYLE.md point 5):
+//! Why it looks like this (docs/configuration.md):
 //! - **Two steps.** The file is read into raw serde structs with `deny_unknown_fields`, so a
 //!   misspelt key fails loudly instead of silently falling back to a default; then it is merged
 //!   with the environment and the defaults into [`Config`], where every bound has been checked

@@ -212,3 +212,27 @@ fn helper_settings_are_checked_with_one_line_each() {
         assert_eq!(error_lines(&attempt.log.text()), vec![want.as_str()]);
     }
 }
+
+#[test]
+fn config_says_when_caches_do_not_persist() {
+    let line = aliyun_spot_executor::stages::config::no_distributed_cache_line("/cache");
+    assert_eq!(
+        line,
+        "Caches do not persist: without a distributed cache they stay in `/cache` on the instance, which is deleted \
+         after the job; configure `[runners.cache]` in gitlab-runner (e.g. on Aliyun OSS) and set \
+         `helper.distributed_cache = true` (see docs/gitlab-runner.md)"
+    );
+    let w = World::new();
+    let job = w.job("5030", "true");
+    let mut attempt = w.attempt(&job);
+    let (exit, json) = attempt.config().unwrap();
+    assert!(exit.success(), "{}", attempt.log.text());
+    let cache_dir = json.unwrap()["cache_dir"].as_str().unwrap().to_string();
+    let want = aliyun_spot_executor::stages::config::no_distributed_cache_line(&cache_dir);
+    assert_eq!(attempt.log.text().lines().filter(|l| *l == want).count(), 1, "{}", attempt.log.text());
+
+    let w = World::with(Faults::default(), &[("helper", "distributed_cache", Value::Boolean(true))]);
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
+    assert!(!attempt.log.text().contains("Caches do not persist"), "{}", attempt.log.text());
+}

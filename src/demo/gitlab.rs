@@ -1,7 +1,7 @@
 //! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
 //!
 //! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
-//! `run` and `cleanup` exactly as gitlab-runner 18.x does (CUSTOM_EXECUTOR.md §2–§6), not
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md), not
 //! through shortcuts: a per-attempt temporary directory as working directory, stdin from
 //! `/dev/null`, each executable leading its own process group, the fixed variables
 //! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,
@@ -338,7 +338,7 @@ impl Attempt {
         self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
     }
 
-    /// The stages after prepare, with gitlab-runner's branches (CUSTOM_EXECUTOR.md §2.3–§2.4):
+    /// The stages after prepare, with gitlab-runner's branches (docs/gitlab-runner.md, "Stages"):
     /// a failed `prepare_script` ends the job; a failed source, cache or artifact stage skips
     /// the user steps and `after_script`; a failed user step skips the remaining steps;
     /// `after_script` runs after the user steps whether they passed or not; cache and artifact
@@ -485,7 +485,8 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
     }
 }
 
-/// A stage script shaped like gitlab-runner 18.11.4's bash output (CUSTOM_EXECUTOR.md §7.1).
+/// A stage script shaped like gitlab-runner's bash output (`shells/bash.go`, `BashWriter.Finish`;
+/// docs/gitlab-runner.md, "Stage scripts").
 pub fn bash_script(body: &str) -> String {
     format!(
         "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",

@@ -3,7 +3,7 @@
 //! Why pure: the same code signs the client's requests and verifies them in the emulator, and
 //! it is checked byte for byte against vectors computed with Aliyun's own SDK
 //! (`aliyun-python-sdk-core` 2.16.1, `auth/composer/rpc_signature_composer.py`), which live in
-//! `../shared/data/aliyun-rpc-sign-vectors.json` and are copied to `tests/data/`.
+//! `tests/data/aliyun-rpc-sign-vectors.json` (its `source` field says how they were computed).
 //!
 //! The algorithm (Aliyun's "RPC signature" document): percent-encode names and values per
 //! RFC 3986 (space is `%20`, `*` is `%2A`, `~` stays), sort by name, join `k=v` with `&`, then
