@@ -236,3 +236,16 @@ fn config_says_when_caches_do_not_persist() {
     assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
     assert!(!attempt.log.text().contains("Caches do not persist"), "{}", attempt.log.text());
 }
+
+#[test]
+fn after_script_sees_the_jobs_status_as_gitlab_runner_rewrites_it() {
+    let w = World::new();
+    for (job_id, script, status) in [("5040", "true", "success"), ("5041", "exit 3", "failed")] {
+        let mut job = w.job(job_id, script);
+        job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".into());
+        let out = w.attempt(&job).run_job(&job).unwrap();
+        let line = format!("after_script: job status {status}");
+        assert!(out.job_log.lines().any(|l| l == line), "missing `{line}`:\n{}", out.job_log);
+    }
+    w.assert_nothing_left();
+}

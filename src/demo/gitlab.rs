@@ -323,7 +323,18 @@ impl Attempt {
     pub fn start_stage(&self, stage: &str, body: &str) -> Result<Running> {
         let dir = tempfile::Builder::new().prefix("script").tempdir_in(self.tmp.path())?.keep();
         let script = dir.join("script");
-        std::fs::write(&script, bash_script(body))?;
+        // gitlab-runner's scripts export every job variable first (`shells/bash.go`, `Variable`),
+        // so the remote script sees them even though `run` forwards no environment.
+        let mut exports = String::new();
+        for (key, value) in &self.custom_env {
+            let name = key.strip_prefix("CUSTOM_ENV_").unwrap_or(key);
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid {
+                exports.push_str(&format!("export {name}={}\n", ansi_c_quote(value)));
+            }
+        }
+        std::fs::write(&script, bash_script(&format!("{exports}{body}")))?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
         self.spawn(&self.exes.run, &[script.display().to_string(), stage.to_string()], &self.log)
     }
@@ -344,7 +355,7 @@ impl Attempt {
     /// `after_script` runs after the user steps whether they passed or not; cache and artifact
     /// stages switch to their `_on_failure` variants after a failure; `cleanup_file_variables`
     /// always runs last.
-    fn run_stages(&self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
+    fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
         let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
         let is_post = |s: &str| s.starts_with("archive_cache") || s.starts_with("upload_artifacts");
         let mut pre_failed = false;
@@ -354,6 +365,9 @@ impl Attempt {
             let mut stage = stage.clone();
             if (is_post(&stage) || stage == "cleanup_file_variables") && !after_done {
                 after_done = true;
+                // gitlab-runner rewrites CI_JOB_STATUS for after_script and keeps it for the
+                // stages after it (`common/build.go`, `executeAfterScript`).
+                self.set_job_variable("CI_JOB_STATUS", if failed { "failed" } else { "success" });
                 if !pre_failed {
                     let after = job.after_script.as_deref().unwrap_or_default();
                     let exit = self.run_stage("after_script", after)?;
@@ -387,6 +401,13 @@ impl Attempt {
             }
         }
         Ok(())
+    }
+
+    /// Sets a job variable (`CUSTOM_ENV_<name>`) for the stages that follow.
+    fn set_job_variable(&mut self, name: &str, value: &str) {
+        let key = format!("CUSTOM_ENV_{name}");
+        self.custom_env.retain(|(k, _)| *k != key);
+        self.custom_env.push((key, value.to_string()));
     }
 
     /// Runs the whole job the way gitlab-runner's `Build.Run` does for one attempt.
