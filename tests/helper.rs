@@ -226,3 +226,74 @@ fn download_mode_with_a_wrong_checksum_fails_prepare_and_releases_the_instance()
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The cache and artifact stages as gitlab-runner writes them: each helper call guarded by
+/// `gitlab-runner --version`, "Missing gitlab-runner. … is disabled." otherwise
+/// (gitlab-runner v18.3.0-1857-gd79f3e7b8, `shells/abstract.go`, `guardRunnerCommand`,
+/// `cacheArchiver`, `uploadArtifacts`).
+fn with_cache_and_artifact_stages(
+    mut job: aliyun_spot_executor::demo::gitlab::Job,
+) -> aliyun_spot_executor::demo::gitlab::Job {
+    let guarded = |action: &str, call: &str| {
+        format!(
+            "if gitlab-runner --version >/dev/null 2>&1; then\n{call}\nelse\necho 'WARNING: Missing gitlab-runner. \
+             {action} is disabled.'\nfi"
+        )
+    };
+    let last = job.stages.pop().expect("cleanup_file_variables");
+    job.stages.push((
+        "archive_cache".into(),
+        guarded(
+            "Creating cache",
+            "gitlab-runner cache-archiver --file ../../cache/default.zip --timeout 10 --path vendor --url \
+             'https://cache.example.com/default.zip?sig=x'",
+        ),
+    ));
+    job.stages.push((
+        "upload_artifacts_on_success".into(),
+        guarded(
+            "Uploading artifacts",
+            "gitlab-runner artifacts-uploader --url https://gitlab.example.com --token t --id 7 --path dist \
+             --artifact-format zip --artifact-type archive",
+        ),
+    ));
+    job.stages.push(last);
+    job
+}
+
+#[test]
+fn cache_and_artifact_stages_call_the_helper_or_say_it_is_missing() {
+    // Missing (image mode, an image without gitlab-runner): the stages pass without it.
+    let w = World::new();
+    let job = with_cache_and_artifact_stages(w.job("7005", "true"));
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}", out.job_log);
+    for line in [
+        "WARNING: Missing gitlab-runner. Creating cache is disabled.",
+        "WARNING: Missing gitlab-runner. Uploading artifacts is disabled.",
+    ] {
+        assert!(out.job_log.lines().any(|l| l == line), "missing `{line}`:\n{}", out.job_log);
+    }
+    w.assert_nothing_left();
+
+    // Uploaded: the helper runs, with flags the real one accepts.
+    let w = World::with(
+        Faults::default(),
+        &[("helper", "install", s("upload")), ("helper", "upload_amd64", s(fake().display().to_string()))],
+    );
+    let mut job = with_cache_and_artifact_stages(w.job("7006", "true"));
+    let last = job.stages.len() - 1;
+    job.stages[last].1 = format!("cat /tmp/fake-gitlab-runner.calls\n{}", job.stages[last].1);
+    let out = w.attempt(&job).run_job(&job).unwrap();
+    assert!(out.passed(), "{}", out.job_log);
+    for line in [
+        "fake gitlab-runner: cache-archiver done",
+        "fake gitlab-runner: artifacts-uploader done",
+        "cache-archiver --file ../../cache/default.zip --timeout 10 --path vendor --url \
+         https://cache.example.com/default.zip?sig=x",
+    ] {
+        assert!(out.job_log.lines().any(|l| l == line), "missing `{line}`:\n{}", out.job_log);
+    }
+    assert!(!out.job_log.contains("Missing gitlab-runner"), "{}", out.job_log);
+    w.assert_nothing_left();
+}
