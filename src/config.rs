@@ -536,6 +536,9 @@ impl Config {
                     .push(format!("the SSH private key file `{}` (`ssh.private_key_file`)", file.display()));
             }
         }
+        if self.helper.install == HelperInstall::Upload && !self.helper.upload.contains_key(&arch) {
+            missing.push(format!("gitlab-runner's linux-{arch} binary (`helper.upload_{arch}`)"));
+        }
         report_missing("the configuration is incomplete for creating instances", missing)
     }
 

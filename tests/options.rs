@@ -249,3 +249,26 @@ fn after_script_sees_the_jobs_status_as_gitlab_runner_rewrites_it() {
     }
     w.assert_nothing_left();
 }
+
+#[test]
+fn upload_mode_without_a_binary_for_the_jobs_arch_fails_before_anything_is_created() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let fake = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-gitlab-runner");
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("helper", "install", Value::String("upload".into())),
+            ("helper", "upload_arm64", Value::String(fake.display().to_string())),
+        ],
+    );
+    let job = w.job("5050", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let want =
+        "ERROR: the configuration is incomplete for creating instances: missing gitlab-runner's linux-amd64 \
+                binary (`helper.upload_amd64`)";
+    assert_eq!(error_lines(&log), vec![want, want], "{log}");
+    assert!(w.emulator.instances().is_empty());
+}
