@@ -1,7 +1,7 @@
 //! The configuration: one TOML file, the administrator's environment, and the few values a job
 //! may override, merged once and validated before anything is billed.
 //!
-//! Why it looks like this (SPEC.md "Configuration", STYLE.md point 5):
+//! Why it looks like this (docs/configuration.md):
 //! - **Two steps.** The file is read into raw serde structs with `deny_unknown_fields`, so a
 //!   misspelt key fails loudly instead of silently falling back to a default; then it is merged
 //!   with the environment and the defaults into [`Config`], where every bound has been checked
@@ -88,6 +88,8 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// Deadlines.
     pub timeouts: Timeouts,
+    /// gitlab-runner's helper binary on the instance, and the distributed cache.
+    pub helper: HelperConfig,
     /// Things that work but probably are not what the administrator meant; the `config` stage
     /// and `doctor` print them.
     pub warnings: Vec<String>,
@@ -95,6 +97,9 @@ pub struct Config {
 
 /// Where the ECS client gets its credentials (see [`crate::credentials`]).
 pub use crate::credentials::CredentialSpec;
+
+mod helper;
+pub use helper::{valid_version, HelperConfig, HelperInstall, DEFAULT_CHECKSUM_URL, DEFAULT_DOWNLOAD_URL};
 
 /// Networking of the created instances.
 #[derive(Debug, Clone, PartialEq)]
@@ -348,7 +353,7 @@ pub struct RunnerConfig {
     pub builds_dir: String,
     /// `cache_dir` (default `/cache`).
     pub cache_dir: String,
-    /// `shell`: `bash` (default) or `sh`.
+    /// `shell`: always `bash` (see docs/gitlab-runner.md, "Shell").
     pub shell: String,
 }
 
@@ -518,6 +523,9 @@ impl Config {
                     .push(format!("the SSH private key file `{}` (`ssh.private_key_file`)", file.display()));
             }
         }
+        if self.helper.install == HelperInstall::Upload && !self.helper.upload.contains_key(&arch) {
+            missing.push(format!("gitlab-runner's linux-{arch} binary (`helper.upload_{arch}`)"));
+        }
         report_missing("the configuration is incomplete for creating instances", missing)
     }
 
@@ -538,7 +546,14 @@ impl Config {
     /// `CUSTOM_ENV_ALIYUN_SPOT_{ARCH,MIN_CPU,MAX_CPU,MIN_MEM,MAX_MEM}` where the administrator
     /// allows it and within the ceilings. Errors are one line naming the variable as the user
     /// wrote it, its value and the allowed range.
+    ///
+    /// Every error is a [`crate::exit::JobError`] (the job's mistake, a build failure).
     pub fn job_spec(&self, env: &Env) -> anyhow::Result<JobSpec> {
+        self.job_spec_unclassified(env)
+            .map_err(|e| anyhow::Error::new(crate::exit::JobError(crate::exit::one_line(&e))))
+    }
+
+    fn job_spec_unclassified(&self, env: &Env) -> anyhow::Result<JobSpec> {
         let jo = &self.job_overrides;
         let mut applied = Vec::new();
         let mut take = |o: Override| -> anyhow::Result<Option<String>> {
@@ -825,6 +840,7 @@ struct RawConfig {
     paths: RawPaths,
     runner: RawRunner,
     timeouts: RawTimeouts,
+    helper: helper::RawHelper,
 }
 
 #[derive(Deserialize, Default)]
@@ -1071,6 +1087,7 @@ impl<'a> Validator<'a> {
         let paths = self.paths(raw.paths);
         let runner = self.runner(raw.runner)?;
         let timeouts = self.timeouts(raw.timeouts, &ssh)?;
+        let helper = self.helper(raw.helper)?;
 
         if let Some(w) = crate::sts::config_warning(&safety, &instance, &self_destruct) {
             self.warnings.push(w);
@@ -1093,6 +1110,7 @@ impl<'a> Validator<'a> {
             paths,
             runner,
             timeouts,
+            helper,
             warnings: self.warnings,
         })
     }
@@ -1797,11 +1815,14 @@ impl<'a> Validator<'a> {
             }
         }
         let shell = raw.shell.unwrap_or_else(|| "bash".into());
-        if shell != "bash" && shell != "sh" {
+        // gitlab-runner's POSIX scripts quote with bash's `$'…'` (v18.3.0-1857-gd79f3e7b8,
+        // `shells/bash.go` `escape` → `helpers.ShellEscape`), which dash runs as literal text
+        // (`eval $'echo a\nb'` → `anb: not found`): bash is the only POSIX shell that works.
+        if shell != "bash" {
             return Err(self.err(
                 Origin::File("runner.shell"),
                 &shell,
-                "is not supported; use `bash` or `sh`",
+                "is not supported: gitlab-runner's scripts need bash (they quote with `$'…'`); remove the key or set `bash`",
             ));
         }
         let id = match self.string(&[crate::identity::RUNNER_ID_VAR], "runner.id", raw.id) {

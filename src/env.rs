@@ -1,7 +1,7 @@
 //! The one place where the process environment is read.
 //!
-//! A stage process gets three kinds of variables mixed in one environment (CUSTOM_EXECUTOR.md
-//! §3): the runner host's own (the administrator's `ALIYUN_*` settings, `HOME`, `PATH`), the
+//! A stage process gets three kinds of variables mixed in one environment (docs/gitlab-runner.md,
+//! "Environment"): the runner host's own (the administrator's `ALIYUN_*` settings, `HOME`, `PATH`), the
 //! fixed ones gitlab-runner adds (`BUILD_FAILURE_EXIT_CODE`, …), and every job variable prefixed
 //! with `CUSTOM_ENV_`, which anyone who can edit `.gitlab-ci.yml` controls. Taking one snapshot
 //! here — from the process in the binaries, from a map in tests — keeps the rest of the crate

@@ -22,7 +22,8 @@
 //! - [`userdata`] and [`watchdog`]: the cloud-config given to each instance (keys, the
 //!   self-destruct watchdog).
 //! - [`offers`]: live offers from ECS through the price cache; [`logging`]: debug logs.
-//! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes.
+//! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes;
+//!   [`helper`]: gitlab-runner's own binary on the instance.
 //! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands.
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
 
@@ -38,6 +39,7 @@ pub mod env;
 pub mod exit;
 pub mod families;
 pub mod fsutil;
+pub mod helper;
 pub mod identity;
 pub mod keys;
 pub mod logging;

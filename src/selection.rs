@@ -4,8 +4,9 @@
 //! This exists because the whole point of the executor is to run each job on the cheapest
 //! machine that fits it, and because spot capacity comes and goes: the first choice is often
 //! out of stock, so selection must produce an ordered list and the create step must fall back
-//! through it (the top complaint about comparable tools, PEERS.md §2 and §5). The algorithm is
-//! the one of Aliyun's `spot-instance-advisor` (PEERS.md §6): `DescribeInstanceTypes`, then
+//! through it (a stock-out must not fail a job while another zone or type has stock). The
+//! algorithm is the one of Aliyun's `spot-instance-advisor`
+//! (github.com/AliyunContainerService/spot-instance-advisor, `meta.go`): `DescribeInstanceTypes`, then
 //! `DescribeAvailableResource` (spot stock per zone), then `DescribeSpotPriceHistory`, keep the
 //! **latest** price per (type, zone) and sort by price per core. Everything here is pure data
 //! in, data out; the ECS client implements [`CatalogueSource`] elsewhere, and
@@ -147,7 +148,7 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// The default shape of an architecture (SPEC.md): amd64 8c8g..64c64g at 1:1; arm64
+    /// The default shape of an architecture (docs/configuration.md, `[shape.amd64]`): amd64 8c8g..64c64g at 1:1; arm64
     /// 8c16g..64c128g at 1:2 in the families `ecs.c8y` and `ecs.c8r`.
     pub fn defaults(arch: Arch) -> Shape {
         match arch {

@@ -305,6 +305,17 @@ fn exec_blocking(c: &Connection, command: &str, stdin: &[u8]) -> Result<(i32, St
     Ok((ch.exit_status().map_err(ssh)?, out, err))
 }
 
+/// Runs one command on the instance over a fresh pinned session, feeding it `stdin`, and
+/// returns its exit status, stdout and stderr (small outputs only: stdout is read to its end
+/// before stderr). For prepare's own checks and installs, not for job scripts.
+pub fn exec(t: &SshTarget, command: &str, stdin: &[u8]) -> Result<(i32, String, String), SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    let out = exec_blocking(&c, command, stdin)
+        .map_err(|message| SshError::Lost { addr: c.addr.clone(), message })?;
+    let _ = c.session.disconnect(None, "done", None);
+    Ok(out)
+}
+
 fn attempt_ready(t: &SshTarget, timeout: Duration) -> Result<(), SshError> {
     let c = connect(t, timeout)?;
     let lost = |message: String| SshError::Lost { addr: c.addr.clone(), message };
@@ -365,7 +376,7 @@ pub fn wait_until_ready(
 }
 
 /// Single-quotes `s` for a POSIX shell.
-fn sh_quote(s: &str) -> String {
+pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -75,7 +75,7 @@ fn unknown_key_names_the_key_and_its_table() {
         err("regionid = \"cn-hangzhou\"\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 1: unknown key `regionid` at the top level; expected \
          one of `aliyun`, `credentials`, `network`, `images`, `instance`, `shape`, `spot`, `ssh`, `job_overrides`, \
-         `safety`, `self_destruct`, `paths`, `runner`, `timeouts` (see docs/configuration.md)"
+         `safety`, `self_destruct`, `paths`, `runner`, `timeouts`, `helper` (see docs/configuration.md)"
     );
     // Nested tables too.
     let e = err("[shape.arm64]\nmin_cpus = 4\n", &no_env());

@@ -19,6 +19,7 @@ fn demo_runs_a_job_on_an_emulated_spot_instance_and_leaves_nothing() {
         "======== job log ========",
         "Hello from ",
         "building step 3",
+        "after_script: job status success",
         "Released instance i-",
         "instances created: 1, still running: 0",
         "demo passed: the job ran on a spot instance that no longer exists",

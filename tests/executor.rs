@@ -262,13 +262,14 @@ fn invalid_job_variable_fails_config_before_anything_is_created() {
     let mut job = w.job("1007", "true");
     job.variables.push(("ALIYUN_SPOT_MAX_CPU".into(), "512".into()));
     let out = w.attempt(&job).run_job(&job).unwrap();
-    assert_eq!(out.config, Exit::Code(2), "{}", show(&out));
-    assert_eq!(out.preparations, 3, "gitlab-runner retries a system failure of config: {}", show(&out));
+    // The job's mistake: a build failure, which gitlab-runner does not retry.
+    assert_eq!(out.config, Exit::Code(1), "{}", show(&out));
+    assert_eq!(out.preparations, 1, "a build failure is not retried: {}", show(&out));
     assert!(out.job_log.contains("ALIYUN_SPOT_MAX_CPU"), "{}", show(&out));
     assert!(out.job_log.contains("512"), "{}", show(&out));
     // Without config's secret, cleanup refuses to act, in one line, and touches nothing.
     assert_eq!(out.cleanup, Some(Exit::Code(2)), "{}", show(&out));
-    assert_eq!(out.runner_log.matches(SECRET_MISSING).count(), 3, "{}", show(&out));
+    assert_eq!(out.runner_log.matches(SECRET_MISSING).count(), 1, "{}", show(&out));
     assert!(w.emulator.instances().is_empty());
     assert!(w.emulator.requests().is_empty(), "no API call at all");
 }

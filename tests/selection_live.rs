@@ -66,7 +66,7 @@ fn client(w: &World) -> EcsClient {
     aliyun_spot_executor::offers::client(&config).unwrap()
 }
 
-/// The shape rules of SPEC.md, written out for the test.
+/// The shape rules of docs/configuration.md (`[shape.*]`), written out for the test.
 struct ShapeSpec {
     arch: &'static str,
     min_cpu: u32,

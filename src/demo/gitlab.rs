@@ -1,7 +1,7 @@
 //! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
 //!
 //! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
-//! `run` and `cleanup` exactly as gitlab-runner 18.x does (CUSTOM_EXECUTOR.md §2–§6), not
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md), not
 //! through shortcuts: a per-attempt temporary directory as working directory, stdin from
 //! `/dev/null`, each executable leading its own process group, the fixed variables
 //! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,
@@ -406,7 +406,18 @@ impl Attempt {
     pub fn start_stage(&self, stage: &str, body: &str) -> Result<Running> {
         let dir = tempfile::Builder::new().prefix("script").tempdir_in(self.tmp.path())?.keep();
         let script = dir.join("script");
-        std::fs::write(&script, bash_script(body))?;
+        // gitlab-runner's scripts export every job variable first (`shells/bash.go`, `Variable`),
+        // so the remote script sees them even though `run` forwards no environment.
+        let mut exports = String::new();
+        for (key, value) in &self.custom_env {
+            let name = key.strip_prefix("CUSTOM_ENV_").unwrap_or(key);
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid {
+                exports.push_str(&format!("export {name}={}\n", ansi_c_quote(value)));
+            }
+        }
+        std::fs::write(&script, bash_script(&format!("{exports}{body}")))?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
         self.spawn(&self.exes.run, &[script.display().to_string(), stage.to_string()], &self.log)
     }
@@ -421,13 +432,13 @@ impl Attempt {
         self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
     }
 
-    /// The stages after prepare, with gitlab-runner's branches (CUSTOM_EXECUTOR.md §2.3–§2.4):
+    /// The stages after prepare, with gitlab-runner's branches (docs/gitlab-runner.md, "Stages"):
     /// a failed `prepare_script` ends the job; a failed source, cache or artifact stage skips
     /// the user steps and `after_script`; a failed user step skips the remaining steps;
     /// `after_script` runs after the user steps whether they passed or not; cache and artifact
     /// stages switch to their `_on_failure` variants after a failure; `cleanup_file_variables`
     /// always runs last.
-    fn run_stages(&self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
+    fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
         let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
         let is_post = |s: &str| s.starts_with("archive_cache") || s.starts_with("upload_artifacts");
         let mut pre_failed = false;
@@ -437,6 +448,9 @@ impl Attempt {
             let mut stage = stage.clone();
             if (is_post(&stage) || stage == "cleanup_file_variables") && !after_done {
                 after_done = true;
+                // gitlab-runner rewrites CI_JOB_STATUS for after_script and keeps it for the
+                // stages after it (`common/build.go`, `executeAfterScript`).
+                self.set_job_variable("CI_JOB_STATUS", if failed { "failed" } else { "success" });
                 if !pre_failed {
                     let after = job.after_script.as_deref().unwrap_or_default();
                     let exit = self.run_stage("after_script", after)?;
@@ -470,6 +484,13 @@ impl Attempt {
             }
         }
         Ok(())
+    }
+
+    /// Sets a job variable (`CUSTOM_ENV_<name>`) for the stages that follow.
+    fn set_job_variable(&mut self, name: &str, value: &str) {
+        let key = format!("CUSTOM_ENV_{name}");
+        self.custom_env.retain(|(k, _)| *k != key);
+        self.custom_env.push((key, value.to_string()));
     }
 
     /// Runs the whole job the way gitlab-runner's `Build.Run` does, starting with this
@@ -606,7 +627,8 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
     }
 }
 
-/// A stage script shaped like gitlab-runner 18.11.4's bash output (CUSTOM_EXECUTOR.md §7.1).
+/// A stage script shaped like gitlab-runner's bash output (`shells/bash.go`, `BashWriter.Finish`;
+/// docs/gitlab-runner.md, "Stage scripts").
 pub fn bash_script(body: &str) -> String {
     format!(
         "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",

@@ -4,7 +4,7 @@
 //! and 5xx answers are retried, an authentication error stops at once with a clear line — so the
 //! client decodes Aliyun's JSON error shape (`RequestId`, `HostId`, `Code`, `Message`,
 //! `Recommend`) into [`EcsError::Api`] and sorts codes into [`ErrorKind`]s as listed in
-//! ALIYUN_ECS.md §2. Every error displays as one line that carries the `RequestId`, so support
+//! docs/aliyun.md, "Errors". Every error displays as one line that carries the `RequestId`, so support
 //! can trace it, and never the request itself (which holds the signature and perhaps an STS
 //! token).
 

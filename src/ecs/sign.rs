@@ -3,8 +3,8 @@
 //!
 //! Why pure: the same code signs the client's requests and verifies them in the emulator, and
 //! it is checked byte for byte against vectors computed with Aliyun's own SDK
-//! (`aliyun-python-sdk-core` 2.16.1, `auth/composer/rpc_signature_composer.py`), in
-//! `tests/data/aliyun-rpc-sign-vectors.json`.
+//! (`aliyun-python-sdk-core` 2.16.1, `auth/composer/rpc_signature_composer.py`), which live in
+//! `tests/data/aliyun-rpc-sign-vectors.json` (its `source` field says how they were computed).
 //!
 //! The algorithm (Aliyun's "Request syntax and signature method V2 for RPC APIs",
 //! <https://www.alibabacloud.com/help/en/sdk/product-overview/rpc-mechanism>): percent-encode

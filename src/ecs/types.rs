@@ -3,7 +3,8 @@
 //! Why typed: the rest of the program should not spell `Tag.3.Key` or dig through
 //! `AvailableZones.AvailableZone[].AvailableResources...`; those details live here, next to
 //! the parameter names copied from Aliyun's SDK request classes
-//! (`aliyunsdkecs/request/v20140526/*.py`) and the answer shapes in ALIYUN_ECS.md §3.
+//! (`aliyunsdkecs/request/v20140526/*.py`) and the answer shapes of the current SDK's response
+//! models (`alibabacloud_ecs20140526/models/_<action>_response_body.py`); docs/aliyun.md.
 //!
 //! Answers are parsed leniently — a missing optional field is `None` or empty, numbers may come
 //! as JSON numbers or strings — but a missing identifier (an instance without `InstanceId`) is

@@ -22,6 +22,7 @@ mod instances;
 mod ram;
 mod rpc;
 mod server;
+mod sshd;
 mod sts;
 
 use std::net::SocketAddr;

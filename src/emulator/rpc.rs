@@ -1,5 +1,5 @@
 //! The ECS actions: parameter validation as Aliyun does it, the answers in Aliyun's exact JSON
-//! shapes (ALIYUN_ECS.md §3), DryRun, ClientToken idempotency and the stock-out faults.
+//! shapes (docs/aliyun.md), DryRun, ClientToken idempotency and the stock-out faults.
 //!
 //! Why so strict: the executor's fallbacks (next offer on stock-out, retry on throttling, stop
 //! on parameter errors) are only tested if the emulator answers each case with the code and

@@ -2,7 +2,7 @@
 //! metadata service (`/latest/...`, `/instances/<id>/latest/...`), and the inspection and
 //! control endpoints under `/_emulator/`.
 //!
-//! Why one listener: clients need a single endpoint to point at (CONTRACTS.md), and tests read
+//! Why one listener: clients need a single endpoint to point at (docs/emulator.md), and tests read
 //! what happened (request log, instance lifecycles) from the same place the driver talks to.
 
 use std::collections::BTreeMap;

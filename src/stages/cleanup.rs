@@ -1,8 +1,8 @@
 //! `cleanup_exec`: release the job's instance, whatever happened before.
 //!
 //! gitlab-runner calls cleanup after every failed preparation attempt, after the job, possibly
-//! while a `run` is still dying, and never if the runner itself dies (CUSTOM_EXECUTOR.md §2.5,
-//! §9 P6/P7). So cleanup trusts nothing it does not check: it deletes the instance named in the
+//! while a `run` is still dying, and never if the runner itself dies (docs/gitlab-runner.md,
+//! "Lifecycle" and "Timeouts and signals"). So cleanup trusts nothing it does not check: it deletes the instance named in the
 //! job state *and* every instance tagged with this runner, project, job and preparation
 //! attempt's binding (the state may be missing or written before the id was known), treats
 //! "already gone" as success, records the cost once, and removes the job's state and keys last.

@@ -17,7 +17,8 @@ use serde_json::json;
 use crate::env::Env;
 use crate::exit::StageError;
 
-/// Builds the JSON gitlab-runner reads from `config_exec` (CUSTOM_EXECUTOR.md §3.7).
+/// Builds the JSON gitlab-runner reads from `config_exec` (docs/gitlab-runner.md, "config";
+/// gitlab-runner v18.3.0-1857-gd79f3e7b8, `executors/custom/api/config.go`, `ConfigExecOutput`).
 pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json::Value, StageError> {
     let (config, spec) = crate::config::load_for_job(config_path.as_deref(), env)?;
     for w in &config.warnings {
@@ -25,6 +26,12 @@ pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json
     }
     config.require_for_prepare(spec.shape.arch)?;
     crate::offers::validate_endpoint(&config)?;
+    if !config.helper.distributed_cache {
+        // The config stage cannot see gitlab-runner's `[runners.cache]`: it reaches only the
+        // cache stages' scripts (docs/gitlab-runner.md, "Cache that survives the instance"),
+        // so the administrator states it in `helper.distributed_cache`.
+        crate::logging::stderr_line(&no_distributed_cache_line(&config.runner.cache_dir));
+    }
     // The job payload is checked here too, so a runner set up without it fails before
     // anything is billed.
     crate::identity::read_payload(env)?;
@@ -38,6 +45,15 @@ pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json
         "job_env": { crate::identity::JOB_SECRET_VAR: secret.expose() },
         "shell": config.runner.shell,
     }))
+}
+
+/// The job-log line saying that caches die with the instance.
+pub fn no_distributed_cache_line(cache_dir: &str) -> String {
+    format!(
+        "Caches do not persist: without a distributed cache they stay in `{cache_dir}` on the instance, which is \
+         deleted after the job; configure `[runners.cache]` in gitlab-runner (e.g. on Aliyun OSS) and set \
+         `helper.distributed_cache = true` (see docs/gitlab-runner.md)"
+    )
 }
 
 /// The `config` binary's main.

@@ -384,7 +384,8 @@ pub fn main(
     let result = Context::load(config_path, lenient_job).and_then(|ctx| {
         let r = stage(&ctx);
         if r.is_ok() && ctx.terminated() {
-            // A stage that was asked to stop must not look successful (CUSTOM_EXECUTOR.md §5.2).
+            // A stage that was asked to stop must not look successful (docs/gitlab-runner.md,
+            // "Timeouts and signals").
             return Err(StageError::system("terminated by a signal"));
         }
         r

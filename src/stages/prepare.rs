@@ -258,7 +258,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         cost::format_time(auto_release)
     ));
 
-    match wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline) {
+    // gitlab-runner's helper is checked or installed once, over the pinned session
+    // (`crate::helper`); failing that releases the instance like any failed prepare.
+    let ready = wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline)
+        .and_then(|target| crate::helper::prepare_instance(ctx, &target));
+    match ready {
         Ok(()) => {
             p.line(format!(
                 "Instance {id} is ready after {}s: {}@{}:{}",
@@ -331,7 +335,8 @@ fn release_earlier_attempts(ctx: &Context) -> Result<(), StageError> {
     Ok(())
 }
 
-/// Waits for `Running`, an address, and an SSH login that sees the pinned host key.
+/// Waits for `Running`, an address, and an SSH login that sees the pinned host key; returns
+/// the pinned target.
 fn wait_until_ready(
     ctx: &Context,
     state: &mut JobState,
@@ -339,7 +344,7 @@ fn wait_until_ready(
     keys: &super::JobKeys,
     started: Instant,
     deadline: Instant,
-) -> Result<(), StageError> {
+) -> Result<SshTarget, StageError> {
     let p = Progress;
     let boot_deadline = deadline.min(Instant::now() + ctx.config.ssh.boot_timeout);
     let mut delay = Duration::from_millis(500);
@@ -429,7 +434,7 @@ fn wait_until_ready(
     state.phase = Phase::Ready;
     state.ready_at = Some(OffsetDateTime::now_utc());
     ctx.store.save(&ctx.key, state).context("failed to record the ready instance")?;
-    Ok(())
+    Ok(target)
 }
 
 /// `ClientToken`: the same for a retry of the same request, different for every runner,
