@@ -10,10 +10,11 @@
 //! expire before the watchdog's idle timeout.
 //!
 //! Sources (Alibaba Cloud):
-//! - STS `AssumeRole` (API version `2015-04-01`, `RoleArn`, `RoleSessionName`,
-//!   `DurationSeconds` from 900 s up to the role's maximum session duration, at most 43200 s,
-//!   `Policy`: the session's permissions are the intersection of the role's policy and this
-//!   one): <https://www.alibabacloud.com/help/en/ram/developer-reference/api-sts-2015-04-01-assumerole>,
+//! - STS `AssumeRole` (API version `2015-04-01`, `RoleArn` `acs:ram::$accountID:role/$roleName`,
+//!   `RoleSessionName` 2 to 32 of `[A-Za-z0-9.@_-]`, `DurationSeconds` from 900 s up to the role's
+//!   `MaxSessionDuration` (default 3600, at most 43200), `Policy`: the session's permissions are
+//!   those of this policy that the role also has): <https://www.alibabacloud.com/help/doc-detail/28763.htm>,
+//!   <https://www.alibabacloud.com/help/en/ram/developer-reference/api-sts-2015-04-01-assumerole>,
 //!   the legacy SDK's request model `aliyun-python-sdk-sts/aliyunsdksts/request/v20150401/AssumeRoleRequest.py`
 //!   and the credentials SDK's `alibabacloud_credentials/provider/ram_role_arn.py` (the same
 //!   RPC signature v1 as ECS; `DurationSeconds` below 900 refused; endpoint
@@ -230,11 +231,13 @@ pub fn session_policy(instance_id: &str) -> Value {
     })
 }
 
-/// `RoleSessionName` (2 to 64 of `[A-Za-z0-9.@_-]`): names the job and instance in ActionTrail.
-pub fn session_name(job_id: &str, instance_id: &str) -> String {
-    let raw = format!("ci-job-{job_id}-{instance_id}");
+/// `RoleSessionName`: 2 to 32 of `[A-Za-z0-9.@_-]` (AssumeRole reference,
+/// <https://www.alibabacloud.com/help/doc-detail/28763.htm>). It names the instance, which
+/// ActionTrail then shows; the instance's tags name the job (`_job_id` is kept for callers).
+pub fn session_name(_job_id: &str, instance_id: &str) -> String {
+    let raw = format!("ci-spot-{instance_id}");
     let mut s: String =
-        raw.chars().filter(|c| c.is_ascii_alphanumeric() || ".@_-".contains(*c)).take(64).collect();
+        raw.chars().filter(|c| c.is_ascii_alphanumeric() || ".@_-".contains(*c)).take(32).collect();
     while s.len() < 2 {
         s.push('x');
     }
@@ -434,8 +437,8 @@ mod tests {
             "{\"Statement\":[{\"Action\":[\"ecs:DeleteInstance\"],\"Effect\":\"Allow\",\
              \"Resource\":[\"acs:ecs:*:*:instance/i-bp1abc\"]}],\"Version\":\"1\"}"
         );
-        assert_eq!(session_name("2001", "i-bp1abc"), "ci-job-2001-i-bp1abc");
-        assert_eq!(session_name("1;rm -rf /", "i-x").len(), "ci-job-1rm-rf-i-x".len());
-        assert_eq!(session_name(&"9".repeat(100), "i-x").len(), 64);
+        assert_eq!(session_name("2001", "i-bp1g61cb5vxk03s7ff"), "ci-spot-i-bp1g61cb5vxk03s7ff");
+        assert_eq!(session_name("1", "i-x; rm -rf /"), "ci-spot-i-xrm-rf");
+        assert_eq!(session_name("1", &"i".repeat(100)).len(), 32);
     }
 }

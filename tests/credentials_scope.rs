@@ -145,7 +145,7 @@ fn credentials_assumed_for_one_instance_cannot_delete_another_and_run_stages_ren
     assert_eq!(renewed.params.get("DurationSeconds").map(String::as_str), Some("900"));
     assert_eq!(
         renewed.params.get("RoleSessionName").map(String::as_str),
-        Some(format!("ci-job-3301-{a}").as_str())
+        Some(format!("ci-spot-{a}").as_str())
     );
 
     // The runner's own call, exactly as prepare makes it, for instance A.
@@ -179,6 +179,11 @@ fn credentials_assumed_for_one_instance_cannot_delete_another_and_run_stages_ren
     );
     assert_eq!(
         sts_call(&[arn, ("RoleSessionName", "a b")]),
+        ("InvalidParameter.RoleSessionName".into(), 400)
+    );
+    let long = "x".repeat(33);
+    assert_eq!(
+        sts_call(&[arn, ("RoleSessionName", &long)]),
         ("InvalidParameter.RoleSessionName".into(), 400)
     );
     assert_eq!(

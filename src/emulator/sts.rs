@@ -2,7 +2,7 @@
 //! routed here by their `Version`, signed and authenticated exactly like ECS calls.
 //!
 //! Rules, from the sources the driver cites in `src/sts.rs`: `RoleArn` is
-//! `acs:ram::<account>:role/<name>`; `RoleSessionName` is 2 to 64 of `[A-Za-z0-9.@_-]`;
+//! `acs:ram::<account>:role/<name>`; `RoleSessionName` is 2 to 32 of `[A-Za-z0-9.@_-]`;
 //! `DurationSeconds` (default 3600) runs from 900 to the role's maximum session duration (one
 //! hour unless raised; the emulated roles keep the default); `Policy` must pass the grammar
 //! check. Errors: `InvalidParameter.RoleArn`, `InvalidParameter.RoleSessionName`,
@@ -60,7 +60,7 @@ fn assume_role(core: &Core, p: &Params, who: &Principal) -> Result<Value, ApiErr
             ApiError::new(400, "InvalidParameter.RoleArn", "The parameter RoleArn is wrongly formed.")
         })?;
     let session = param(p, "RoleSessionName")?;
-    if !(2..=64).contains(&session.len())
+    if !(2..=32).contains(&session.len())
         || !session.bytes().all(|b| b.is_ascii_alphanumeric() || b".@_-".contains(&b))
     {
         return Err(ApiError::new(
