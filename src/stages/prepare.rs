@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use super::{cost, Context, Progress};
 use crate::cooldown::Cooldown;
-use crate::ecs::{EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
+use crate::ecs::{CreateAction, EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
 use crate::exit::StageError;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
 use crate::ssh::{self, SshError, SshTarget};
@@ -36,6 +36,8 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // (`config_exec` is optional in gitlab-runner, so the settings are checked here too.)
     ctx.config.require_for_prepare(ctx.spec.shape.arch)?;
     if let Some(old) = ctx.store.load(&ctx.key).unwrap_or(None) {
+        let old_created = old.instance_created_at;
+        let old_id = old.instance_id.clone();
         let mut ids: Vec<String> = old.instance_id.into_iter().collect();
         // Its RunInstances may have been in flight: the tags find what the state could not.
         ids.extend(ctx.find_job_instances()?.into_iter().map(|i| i.id));
@@ -43,7 +45,8 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         ids.dedup();
         for id in &ids {
             p.line(format!("Releasing instance {id} left by an earlier attempt of this job"));
-            super::delete_instance(ctx, id)?;
+            let created = old_created.filter(|_| old_id.as_deref() == Some(id.as_str()));
+            super::delete_instance(ctx, id, created)?;
         }
         ctx.store.remove(&ctx.key)?;
     }
@@ -129,10 +132,9 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // 3. Create, walking the offers.
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
-    let auto_release = created_at + ctx.config.safety.max_lifetime;
     let walk = selection::walk_offers(
         &offers,
-        |offer: &Offer| -> WalkAttempt<String, StageError> {
+        |offer: &Offer| -> WalkAttempt<(String, OffsetDateTime), StageError> {
             if ctx.terminated() {
                 return WalkAttempt::Fatal(StageError::system(
                     "prepare was terminated (SIGTERM) before an instance was created",
@@ -179,7 +181,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 ram_role_name: ctx.config.instance.ram_role_name.clone(),
                 user_data: Some(user_data.clone()),
                 tags: ctx.tags(),
-                auto_release_time: Some(auto_release),
+                // Computed for each offer: a slow walk must not bring it under the minimum.
+                auto_release_time: Some(auto_release_time(
+                    OffsetDateTime::now_utc(),
+                    ctx.config.safety.max_lifetime,
+                )),
                 client_token: token.clone(),
                 dry_run: false,
             };
@@ -210,28 +216,35 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 ctx.sleep(super::PERSIST_PAUSE);
                 answer = ctx.client.run_instances(&req);
             }
+            let auto_release = req.auto_release_time.unwrap_or(created_at);
             match answer {
                 Ok(ids) => match ids.into_iter().next() {
-                    Some(id) => WalkAttempt::Created(id),
+                    Some(id) => WalkAttempt::Created((id, auto_release)),
                     None => {
                         WalkAttempt::Fatal(StageError::system("RunInstances answered without an instance id"))
                     }
                 },
-                Err(e) if e.kind() == ErrorKind::NoCapacity => {
-                    if !e.code().unwrap_or_default().contains("PriceLimit") {
-                        if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
-                            log::warn!("could not remember the stock-out: {err:#}");
+                Err(e) => match e.create_action() {
+                    CreateAction::NextOffer => {
+                        if !e.code().unwrap_or_default().contains("PriceLimit") {
+                            if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
+                                log::warn!("could not remember the stock-out: {err:#}");
+                            }
                         }
+                        WalkAttempt::NextOffer(describe_capacity_error(&e))
                     }
-                    WalkAttempt::NextOffer(describe_capacity_error(&e))
-                }
-                Err(e) => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
+                    // Still busy when the deadline (or a signal) ended the retries.
+                    CreateAction::Retry => WalkAttempt::Fatal(StageError::system(format!(
+                        "creating the instance failed: {e}; ECS stayed busy until prepare had to stop, retry the job later"
+                    ))),
+                    CreateAction::Stop => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
+                },
             }
         },
         |line: &str| p.line(line),
     );
 
-    let (created, id) = match walk {
+    let (created, (id, auto_release)) = match walk {
         WalkResult::Created { offer, value, .. } => (offer, value),
         // The state stays: a RunInstances whose answer was lost may still have created an
         // instance, and cleanup looks for it by tag.
@@ -269,7 +282,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         Err(e) => {
             // Give up cleanly: a prepare that fails deletes what it created.
             p.line(format!("Releasing instance {id} because prepare failed"));
-            match super::delete_instance(ctx, &id) {
+            match super::delete_instance(ctx, &id, state.instance_created_at) {
                 Ok(()) => {
                     let _ = ctx.store.remove(&ctx.key);
                 }
@@ -310,6 +323,8 @@ fn wait_until_ready(
                 )))
             }
             Ok(Some(_)) => {}
+            // Not visible yet right after RunInstances (eventual consistency).
+            Ok(None) if super::just_created(state.instance_created_at) => {}
             Ok(None) => {
                 return Err(StageError::system(format!(
                     "instance {id} disappeared while booting (released or reclaimed by Aliyun)"
@@ -397,12 +412,42 @@ pub fn client_token(runner: &str, job: &str, attempt: &str, offer: &Offer) -> St
     format!("ase-{hex}")
 }
 
+/// How far ahead `AutoReleaseTime` must be at least. RunInstances documents the parameter as
+/// UTC `yyyy-MM-ddTHH:mm:ssZ`, "at least 30 minutes later than the current time and at most
+/// three years", and rounds a time with seconds down to the minute
+/// (https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-runinstances,
+/// parameter `AutoReleaseTime`; the legacy SDK's `RunInstancesRequest.set_AutoReleaseTime`
+/// sends it as given).
+pub const AUTO_RELEASE_MINIMUM: Duration = Duration::from_secs(30 * 60);
+/// Added to [`AUTO_RELEASE_MINIMUM`]: clock skew and the time the request takes to arrive.
+pub const AUTO_RELEASE_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// `AutoReleaseTime` for a `RunInstances` sent at `now`: `now + max_lifetime`, at least
+/// [`AUTO_RELEASE_MINIMUM`] plus [`AUTO_RELEASE_MARGIN`] ahead, rounded up to the whole minute
+/// (ECS would round seconds down, shortening the lifetime below what was checked).
+pub fn auto_release_time(now: OffsetDateTime, max_lifetime: Duration) -> OffsetDateTime {
+    let ahead = max_lifetime.max(AUTO_RELEASE_MINIMUM + AUTO_RELEASE_MARGIN);
+    let t = now + ahead;
+    let floor = t.replace_second(0).and_then(|x| x.replace_nanosecond(0)).unwrap_or(t);
+    if floor == t {
+        t
+    } else {
+        floor + time::Duration::minutes(1)
+    }
+}
+
 fn describe_capacity_error(e: &EcsError) -> String {
     let code = e.code().unwrap_or("capacity");
     let what = if code.contains("Stock") {
         "out of stock"
     } else if code.contains("PriceLimit") {
         "price limit rejected"
+    } else if code.starts_with("QuotaExceed") {
+        "quota of this type or zone reached"
+    } else if code.contains("Disk") || code.contains("SSD") {
+        "system disk category not offered"
+    } else if code.contains("InstanceType") || code.contains("ResourceType") {
+        "type not offered in this zone"
     } else if code.contains("Zone") {
         "zone not on sale"
     } else {
@@ -411,13 +456,27 @@ fn describe_capacity_error(e: &EcsError) -> String {
     format!("{what} ({code})")
 }
 
+/// The one line a job log gets when creating stops at once, with what to fix.
 fn fatal_create_error(e: &EcsError) -> String {
-    let hint = match e.kind() {
-        ErrorKind::Auth => "check the AccessKey pair or STS token",
-        ErrorKind::Permission => "grant the RAM permissions listed in the README",
-        ErrorKind::Quota => "raise the quota or top up the account",
-        ErrorKind::Parameter => "check the image, security group and vswitch settings (`aliyun-spot doctor`)",
-        _ => "see the error code in Aliyun's API documentation",
+    let code = e.code().unwrap_or_default();
+    let hint = if code == "Zone.NotOpen" {
+        "the zone is not opened to this account: remove its vswitch from `network.vswitches` or ask Aliyun to open it"
+    } else if code.contains("Balance") || code.contains("Arrearage") {
+        "top up the Aliyun account (it has too little balance or an outstanding payment)"
+    } else if code.contains("RiskControl") {
+        "Aliyun's risk control refused the purchase; contact Aliyun support"
+    } else if code == "IdempotentParameterMismatch" {
+        "a request with this ClientToken had other parameters; retry the job"
+    } else {
+        match e.kind() {
+            ErrorKind::Auth => "check the AccessKey pair or STS token",
+            ErrorKind::Permission => "grant the RAM permissions listed in the README",
+            ErrorKind::Quota => "raise the quota or complete the account's verification in the Aliyun console",
+            ErrorKind::Parameter | ErrorKind::NotFound => {
+                "check the image, security group and vswitch settings (`aliyun-spot doctor`)"
+            }
+            _ => "check the settings named by the error code in Aliyun's RunInstances documentation (`aliyun-spot doctor`)",
+        }
     };
     format!("creating the instance failed: {e}; {hint}")
 }
@@ -427,5 +486,21 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn auto_release_is_rounded_up_and_far_enough_ahead() {
+        let now = datetime!(2025-06-01 10:00:20.5 UTC);
+        assert_eq!(auto_release_time(now, Duration::from_secs(3 * 3600)), datetime!(2025-06-01 13:01 UTC));
+        // A lifetime at the minimum gets the margin.
+        assert_eq!(auto_release_time(now, AUTO_RELEASE_MINIMUM), datetime!(2025-06-01 10:36 UTC));
+        let whole = datetime!(2025-06-01 10:00 UTC);
+        assert_eq!(auto_release_time(whole, Duration::from_secs(3600)), datetime!(2025-06-01 11:00 UTC));
     }
 }
