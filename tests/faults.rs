@@ -888,6 +888,18 @@ fn a_type_or_zone_condition_moves_to_the_next_offer() {
         (Some(403), Some("InvalidInstanceType.ZoneNotSupported"))
     );
     assert_eq!(runs[1]["status"], 200);
+    // AutoReleaseTime is computed for each offer: whole minutes, at least 35 minutes ahead.
+    for r in &runs {
+        let sent = r["params"]["AutoReleaseTime"].as_str().expect("AutoReleaseTime sent");
+        assert!(sent.ends_with(":00Z"), "{sent}");
+        let at = time::OffsetDateTime::parse(sent, &time::format_description::well_known::Rfc3339).unwrap();
+        let asked = time::OffsetDateTime::parse(
+            r["time"].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        assert!(at - asked >= time::Duration::minutes(34), "{sent} for a request at {asked}");
+    }
     let created = bed.emu().instances();
     assert_eq!(created.len(), 1);
     assert_eq!(
@@ -1014,5 +1026,66 @@ fn a_booting_instance_is_deleted_once_ecs_allows_it() {
         "{deletes:#?}"
     );
     assert_eq!(last["status"], 200, "{deletes:#?}");
+    bed.finish();
+}
+
+#[test]
+fn not_found_right_after_creation_means_not_visible_yet() {
+    let _seed = Seed::new("not-visible-yet");
+    let bed = Bed::start(BedOptions::default());
+    let cfg = bed.loaded_config();
+    let client = aliyun_spot_executor::offers::client(&cfg).unwrap();
+    let not_found = |bed: &Bed| {
+        bed.http_requests()
+            .into_iter()
+            .filter(|r| r["action"] == "DeleteInstance" && r["code"] == "InvalidInstanceId.NotFound")
+            .count()
+    };
+    // Long after creation (or unknown): NotFound is "already gone", at once.
+    aliyun_spot_executor::stages::release_instance(&client, "i-bp1notvisibleyet0", None).unwrap();
+    assert_eq!(not_found(&bed), 1);
+    // Within the grace period after RunInstances: asked again until the grace period is over.
+    let grace = aliyun_spot_executor::stages::VISIBILITY_GRACE;
+    let created = time::OffsetDateTime::now_utc() - (grace - Duration::from_secs(5));
+    aliyun_spot_executor::stages::release_instance(&client, "i-bp1notvisibleyet0", Some(created)).unwrap();
+    assert!(not_found(&bed) >= 3, "{:#?}", bed.http_requests());
+    bed.finish();
+}
+
+#[test]
+fn the_emulator_rounds_auto_release_time_down_to_the_minute_before_checking_it() {
+    use aliyun_spot_executor::ecs::{RunInstancesRequest, SpotStrategy};
+    let bed = Bed::start(BedOptions::default());
+    let client = aliyun_spot_executor::offers::client(&bed.loaded_config()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let minute = now.replace_second(0).unwrap().replace_nanosecond(0).unwrap();
+    let request = |at: time::OffsetDateTime, token: &str| RunInstancesRequest {
+        zone_id: "cn-hangzhou-j".into(),
+        instance_type: "ecs.c7.large".into(),
+        image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
+        security_group_id: "sg-bp1emulator0000000001".into(),
+        vswitch_id: "vsw-bp1emulatorzonej".into(),
+        instance_name: "ci-runner-amd64-spot-autorelease".into(),
+        host_name: None,
+        spot_strategy: SpotStrategy::SpotAsPriceGo,
+        spot_price_limit: None,
+        spot_duration: Some(0),
+        internet_max_bandwidth_out: 10,
+        system_disk_category: Some("cloud_essd".into()),
+        system_disk_size: Some(40),
+        key_pair_name: None,
+        ram_role_name: None,
+        user_data: None,
+        tags: Vec::new(),
+        auto_release_time: Some(at),
+        client_token: token.into(),
+        dry_run: false,
+    };
+    // 30 min 59 s ahead of the current minute is more than 30 minutes ahead of now, but ECS
+    // reads it as 30 minutes ahead of the current minute: less than 30 minutes from now.
+    let e =
+        client.run_instances(&request(minute + time::Duration::seconds(30 * 60 + 59), "ar-1")).unwrap_err();
+    assert_eq!(e.code(), Some("InvalidAutoReleaseTime.ValueNotSupported"), "{e}");
+    assert!(bed.emu().instances().is_empty());
     bed.finish();
 }

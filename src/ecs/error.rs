@@ -4,9 +4,9 @@
 //! and 5xx answers are retried, an authentication error stops at once with a clear line — so the
 //! client decodes Aliyun's JSON error shape (`RequestId`, `HostId`, `Code`, `Message`,
 //! `Recommend`) into [`EcsError::Api`] and sorts codes into [`ErrorKind`]s following Aliyun's
-//! published error tables (see [`classify`]). Every error displays as one line that carries the `RequestId`, so support
-//! can trace it, and never the request itself (which holds the signature and perhaps an STS
-//! token).
+//! published error tables (see [`classify`] and [`create_action`]). Every error displays as one
+//! line that carries the `RequestId`, so support can trace it, and never the request itself
+//! (which holds the signature and perhaps an STS token).
 
 use std::fmt;
 

@@ -4,7 +4,7 @@
 //! `--initializing SECONDS` makes a new instance refuse `DeleteInstance` with
 //! `IncorrectInstanceStatus.Initializing` for that long, as ECS does for an instance that is
 //! still being created (DeleteInstance error table,
-//! https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-deleteinstance;
+//! <https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-deleteinstance>;
 //! terraform-provider-alicloud retries the code in `alicloud/resource_alicloud_instance.go`).
 
 use std::time::Duration;

@@ -415,7 +415,7 @@ pub fn client_token(runner: &str, job: &str, attempt: &str, offer: &Offer) -> St
 /// How far ahead `AutoReleaseTime` must be at least. RunInstances documents the parameter as
 /// UTC `yyyy-MM-ddTHH:mm:ssZ`, "at least 30 minutes later than the current time and at most
 /// three years", and rounds a time with seconds down to the minute
-/// (https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-runinstances,
+/// (<https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-runinstances>,
 /// parameter `AutoReleaseTime`; the legacy SDK's `RunInstancesRequest.set_AutoReleaseTime`
 /// sends it as given).
 pub const AUTO_RELEASE_MINIMUM: Duration = Duration::from_secs(30 * 60);
