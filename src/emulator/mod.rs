@@ -473,9 +473,10 @@ pub struct EmulatorArgs {
     /// published error table (`*` wildcards; repeatable).
     #[arg(long = "run-error", value_name = "TYPE@ZONE=CODE", value_parser = check_run_error)]
     pub run_error: Vec<String>,
-    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this long.
-    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_seconds)]
-    pub initializing: Duration,
+    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this long
+    /// (default 2; 0 turns it off).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub initializing: Option<Duration>,
     /// Directory for instance files (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -495,7 +496,7 @@ impl EmulatorArgs {
                 never_boot: self.never_boot.clone(),
                 seed: self.seed,
                 run_error: self.run_error.clone(),
-                initializing: self.initializing,
+                initializing: self.initializing.unwrap_or(DEFAULT_INITIALIZING),
             },
             boot_delay: self.boot_delay,
             ssh_delay: self.ssh_delay,
