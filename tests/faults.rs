@@ -1089,3 +1089,24 @@ fn the_emulator_rounds_auto_release_time_down_to_the_minute_before_checking_it()
     assert!(bed.emu().instances().is_empty());
     bed.finish();
 }
+
+#[test]
+fn run_error_and_initializing_are_set_through_the_faults_endpoint() {
+    let bed = Bed::start(BedOptions::default());
+    let url = format!("{}/_emulator/faults", bed.endpoint);
+    let post = |body: &str| match ureq::post(&url).send_string(body) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("POST {url}: {e}"),
+    };
+    let (status, body) = post(r#"{"run-error": ["*@*=Made.Up"]}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`Made.Up` is not in the published RunInstances error table"), "{body}");
+    let (status, body) = post(r#"{"run-error": ["ecs.c7.*@b=Zone.NotOnSale"], "initializing": 0}"#);
+    assert_eq!(status, 200, "{body}");
+    let faults = bed.http("/_emulator/faults");
+    assert_eq!(faults["run-error"], serde_json::json!(["ecs.c7.*@b=Zone.NotOnSale"]));
+    assert_eq!(faults["initializing"], serde_json::json!(0.0));
+    assert_eq!(bed.emu().faults().initializing, Duration::ZERO);
+    bed.finish();
+}
