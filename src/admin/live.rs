@@ -73,7 +73,11 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
         budget.as_secs() / 60
     );
 
-    let result = create_probe(&ctx);
+    // A panic in the probe must not skip the release below.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| create_probe(&ctx)))
+        .unwrap_or_else(|_| {
+            Err(anyhow!("the live check failed unexpectedly (a bug); releasing what it created"))
+        });
     // Always: release by state and by tags, whatever happened above (signals included).
     let t = Instant::now();
     let released = cleanup::run(&ctx);
