@@ -15,7 +15,7 @@ use anyhow::Result;
 use time::OffsetDateTime;
 
 use crate::config::Config;
-use crate::ecs::{DeleteOutcome, EcsClient, Instance};
+use crate::ecs::{EcsClient, Instance};
 use crate::env::Env;
 use crate::stages::{cost::format_duration, tags};
 use crate::state::{JobKey, StateStore};
@@ -110,8 +110,9 @@ pub fn sweep(config: &Config, client: &EcsClient, this_host: &str, args: &SweepA
             println!("would delete {what}: {reason}");
             continue;
         }
-        match client.delete_instance(&inst.id, true) {
-            Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => {
+        // The one release loop: waits out `IncorrectInstanceStatus.Initializing` and throttling.
+        match crate::stages::release_instance(client, &inst.id, None) {
+            Ok(()) => {
                 deleted += 1;
                 println!("deleted {what}: {reason}");
             }

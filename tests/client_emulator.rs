@@ -137,7 +137,9 @@ fn our_client_creates_an_instance_we_log_into_with_ssh2_and_delete() {
     let sshd_pid =
         emu.instances().iter().find(|r| r.id == id).and_then(|r| r.sshd_pid).expect("sshd running");
     assert!(process_alive(sshd_pid as i32));
-    assert_eq!(api.delete_instance(&id, true).unwrap(), DeleteOutcome::Deleted);
+    // A new instance refuses deletion while it initializes (`IncorrectInstanceStatus.Initializing`).
+    let deleted = wait_for("deletable", || api.delete_instance(&id, true).ok());
+    assert_eq!(deleted, DeleteOutcome::Deleted);
     wait_for("sshd gone", || (!process_alive(sshd_pid as i32)).then_some(()));
     let refused = TcpStream::connect_timeout(&format!("{ip}:22").parse().unwrap(), Duration::from_secs(2));
     assert!(refused.is_err(), "the instance's port still answers");

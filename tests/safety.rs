@@ -395,7 +395,12 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
     assert!(is_live(&w.emulator, &a), "the running job's instance is kept");
     assert!(is_live(&w.emulator, &foreign), "another host's instance is kept");
     let requests = w.emulator.requests();
-    let deletes: Vec<_> = requests.iter().filter(|r| r.action.as_deref() == Some("DeleteInstance")).collect();
+    // A new instance refuses deletion while it initializes; sweep waits that out.
+    let deletes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("DeleteInstance"))
+        .filter(|r| r.code.as_deref() != Some("IncorrectInstanceStatus.Initializing"))
+        .collect();
     assert_eq!(deletes.len(), 1, "{deletes:#?}");
     assert_eq!(deletes[0].params.get("InstanceId"), Some(&b));
     assert_eq!(deletes[0].status, 200);

@@ -3,6 +3,8 @@
 //! They need only a region and credentials, so they work from the environment alone; output
 //! is a table for people or JSON for scripts (`--json`).
 
+pub mod live;
+
 use std::path::Path;
 
 use anyhow::{Context as _, Result};

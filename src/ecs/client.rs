@@ -102,6 +102,8 @@ pub struct EcsClient {
     transport: Box<dyn Transport>,
     retry: RetryPolicy,
     stamp: Arc<dyn RequestStamp>,
+    /// The `RequestId` of the last successful answer per action (`doctor --live` prints them).
+    request_ids: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl fmt::Debug for EcsClient {
@@ -265,6 +267,7 @@ impl EcsClient {
             transport,
             retry: cfg.retry,
             stamp: Arc::new(SystemStamp),
+            request_ids: Default::default(),
         })
     }
 
@@ -303,7 +306,18 @@ impl EcsClient {
         action: &str,
         params: &[(String, String)],
     ) -> Result<Value, EcsError> {
-        self.retry.run(action, |_attempt| self.call_once(version, action, params))
+        let answer = self.retry.run(action, |_attempt| self.call_once(version, action, params))?;
+        if let (Some(id), Ok(mut ids)) =
+            (answer.get("RequestId").and_then(Value::as_str), self.request_ids.lock())
+        {
+            ids.insert(action.to_string(), id.to_string());
+        }
+        Ok(answer)
+    }
+
+    /// The `RequestId` of the last successful `action` (failures carry theirs in the error).
+    pub fn last_request_id(&self, action: &str) -> Option<String> {
+        self.request_ids.lock().ok()?.get(action).cloned()
     }
 
     /// One signed attempt.

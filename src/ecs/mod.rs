@@ -19,7 +19,10 @@ pub use client::{
     resolve_endpoint, run_instances_params, signed_params, validate_region_id, ClientConfig, EcsClient,
     RequestStamp, SystemStamp, API_VERSION,
 };
-pub use error::{classify, EcsError, ErrorKind};
+pub use error::{
+    classify, create_action, published_error, published_errors, CreateAction, EcsError, ErrorKind,
+    PublishedError,
+};
 pub use retry::{Backoff, Clock, FakeClock, RetryPolicy, SystemClock};
 pub use transport::{HttpRequest, HttpResponse, Transport, TransportError, UreqTransport};
 pub use types::{

@@ -146,6 +146,8 @@ pub(crate) struct Instance {
     pub boot_delay: Duration,
     pub ssh_delay: Duration,
     pub never_boot: bool,
+    /// DeleteInstance is refused this long after creation (`initializing` fault).
+    pub initializing: Duration,
     pub termination_time: Option<OffsetDateTime>,
     pub authorized_keys: Vec<String>,
     pub host_key: Option<Secret<String>>,

@@ -18,6 +18,7 @@ mod auth;
 mod auth_v3;
 mod catalogue;
 mod cloudconfig;
+mod faults;
 mod instances;
 mod ram;
 mod rpc;
@@ -51,9 +52,11 @@ pub const DEFAULT_REGION: &str = "cn-hangzhou";
 /// How long a reclaimed instance stays `Stopped` with a `Recycling` lock before it disappears.
 pub const RECLAIM_LINGER: Duration = Duration::from_secs(5);
 
+pub use faults::DEFAULT_INITIALIZING;
+
 /// Faults injected into the API and the instances; the JSON names (`no-stock`, …) are the CLI
 /// flag names, as accepted by `POST /_emulator/faults`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct Faults {
     /// `TYPE@ZONE` patterns (`*` wildcards; a zone may be its letter) that are out of stock.
@@ -77,6 +80,31 @@ pub struct Faults {
     /// The account's currency (`Currency` of `DescribeSpotPriceHistory`): `CNY` (the China
     /// site, the default) or `USD` (the international site).
     pub currency: Option<String>,
+    /// `TYPE@ZONE=CODE` (`*` wildcards): RunInstances of TYPE in ZONE answers CODE with the
+    /// HTTP status and message of Aliyun's published error table.
+    pub run_error: Vec<String>,
+    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this
+    /// long ([`DEFAULT_INITIALIZING`] unless set; 0 turns it off).
+    #[serde(with = "secs")]
+    pub initializing: Duration,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            no_stock: Vec::new(),
+            throttle_every: None,
+            error_rate: 0.0,
+            latency_ms: 0,
+            reclaim_after: None,
+            never_boot: Vec::new(),
+            seed: 0,
+            metadata_token_error: false,
+            currency: None,
+            run_error: Vec::new(),
+            initializing: DEFAULT_INITIALIZING,
+        }
+    }
 }
 
 impl Faults {
@@ -96,6 +124,11 @@ impl Faults {
         self.currency.as_deref().unwrap_or(crate::pricing::DEFAULT_CURRENCY)
     }
 
+    /// Checks the entries that must name something real (`run-error` codes).
+    pub fn validate(&self) -> Result<(), String> {
+        faults::validate(self)
+    }
+
     pub(crate) fn never_boots(&self, instance_type: &str, zone: &str) -> bool {
         self.never_boot.iter().any(|p| Self::pattern_matches(p, instance_type, zone))
     }
@@ -111,6 +144,20 @@ fn glob(pattern: &str, s: &str) -> bool {
         }
     }
     rec(pattern.as_bytes(), s.as_bytes())
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 mod opt_secs {
@@ -399,6 +446,10 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(x).map_err(|_| format!("`{s}` is not a valid number of seconds"))
 }
 
+fn check_run_error(s: &str) -> Result<String, String> {
+    faults::parse_run_error(s).map(|_| s.to_string())
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
@@ -448,6 +499,14 @@ pub struct EmulatorArgs {
     /// The metadata service gives no hardened-mode token (`PUT /latest/api/token` answers 404).
     #[arg(long)]
     pub metadata_token_error: bool,
+    /// RunInstances of TYPE in ZONE answers CODE with the HTTP status and message of Aliyun's
+    /// published error table (`*` wildcards; repeatable).
+    #[arg(long = "run-error", value_name = "TYPE@ZONE=CODE", value_parser = check_run_error)]
+    pub run_error: Vec<String>,
+    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this long
+    /// (default 2; 0 turns it off).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub initializing: Option<Duration>,
     /// Directory for instance files (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -471,6 +530,8 @@ impl EmulatorArgs {
                 seed: self.seed,
                 metadata_token_error: self.metadata_token_error,
                 currency: self.currency.clone(),
+                run_error: self.run_error.clone(),
+                initializing: self.initializing.unwrap_or(DEFAULT_INITIALIZING),
             },
             boot_delay: self.boot_delay,
             ssh_delay: self.ssh_delay,
@@ -540,5 +601,11 @@ mod tests {
         let f: Faults = serde_json::from_str(r#"{"currency":"USD"}"#).unwrap();
         assert_eq!(f.currency(), "USD");
         assert_eq!(Faults::default().currency(), "CNY");
+        let f: Faults =
+            serde_json::from_str(r#"{"run-error":["*@b=Zone.NotOnSale"],"initializing":0}"#).unwrap();
+        assert_eq!(f.run_error, ["*@b=Zone.NotOnSale"]);
+        assert_eq!(f.initializing, Duration::ZERO);
+        let f: Faults = serde_json::from_str("{}").unwrap();
+        assert_eq!(f.initializing, DEFAULT_INITIALIZING);
     }
 }

@@ -764,7 +764,12 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     let auto_release = match get(p, "AutoReleaseTime") {
         None => None,
         Some(v) => {
+            // RunInstances documents `AutoReleaseTime` as UTC `yyyy-MM-ddTHH:mm:ssZ` (or without
+            // seconds), at least 30 minutes and at most 3 years ahead, and rounds a time with
+            // seconds down to the minute (API reference, RunInstances, `AutoReleaseTime`): the
+            // rounded time is the one checked and kept.
             let t = parse_auto_release(v)?;
+            let t = t.replace_second(0).and_then(|x| x.replace_nanosecond(0)).unwrap_or(t);
             let ahead = t - now();
             if ahead < time::Duration::minutes(30) || ahead > time::Duration::days(3 * 365) {
                 return Err(ApiError::invalid(
@@ -798,6 +803,9 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
         }
     }
     let faults = core.faults();
+    if let Some(e) = super::faults::run_error(&faults, itype_id, &zone) {
+        return Err(e);
+    }
     if faults.no_stock(itype_id, &zone) {
         return Err(ApiError::new(
             403,
@@ -864,6 +872,7 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
             boot_delay,
             ssh_delay,
             never_boot: faults.never_boots(itype_id, &zone),
+            initializing: faults.initializing,
             termination_time: None,
             authorized_keys: authorized.clone(),
             host_key: host_key.clone(),
@@ -1083,6 +1092,7 @@ fn check_deletable(st: &State, id: &str, force: bool) -> Result<(), ApiError> {
             &format!("The specified InstanceId \"{id}\" does not exist."),
         ));
     };
+    super::faults::check_initialized(i)?;
     if !force && i.status != Status::Stopped {
         return Err(ApiError::new(
             403,

@@ -472,6 +472,7 @@ fn apply_faults(core: &Core, body: &[u8]) -> Result<(), String> {
     if !(0.0..=1.0).contains(&faults.error_rate) {
         return Err("`error-rate` must be between 0 and 1".into());
     }
+    faults.validate()?;
     core.set_faults(faults);
     core.set_delays(boot, ssh);
     Ok(())

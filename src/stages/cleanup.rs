@@ -53,7 +53,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     let mut failures = Vec::new();
     for id in &ids {
-        match delete_instance(ctx, id) {
+        let created = state
+            .as_ref()
+            .filter(|s| s.instance_id.as_deref() == Some(id.as_str()))
+            .and_then(|s| s.instance_created_at);
+        match delete_instance(ctx, id, created) {
             Ok(()) => p.line(format!("Released instance {id}")),
             Err(e) => failures.push(e),
         }

@@ -125,6 +125,36 @@ impl Context {
         let payload = crate::identity::read_payload(&env)?;
         let runner_id = crate::identity::runner_id(config.runner.id.as_deref(), &env);
         let identity = JobIdentity::new(payload, runner_id, &env);
+        Context::assemble(env, config, spec, identity, secret, terminated)
+    }
+
+    /// A context from parts, for a caller that is not a gitlab-runner stage (`aliyun-spot
+    /// doctor --live`): the job's identity and secret are the caller's, the rest as in
+    /// [`Context::load`].
+    pub fn from_parts(
+        env: Env,
+        config: Config,
+        spec: JobSpec,
+        identity: JobIdentity,
+        secret: JobSecret,
+    ) -> Result<Context, StageError> {
+        let terminated = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, terminated.clone())
+                .context("failed to install signal handlers")?;
+        }
+        Context::assemble(env, config, spec, identity, secret, terminated)
+    }
+
+    /// The state key, store and client of a job with this identity and secret.
+    fn assemble(
+        env: Env,
+        config: Config,
+        spec: JobSpec,
+        identity: JobIdentity,
+        secret: JobSecret,
+        terminated: Arc<AtomicBool>,
+    ) -> Result<Context, StageError> {
         let job = JobInfo { project_path: identity.project_path.clone(), ..env.job() };
         let key = JobKey {
             runner_id: identity.runner_id.clone(),
@@ -339,28 +369,69 @@ pub const PERSIST_ROUNDS: u32 = 10;
 /// The pause between those rounds.
 pub const PERSIST_PAUSE: Duration = Duration::from_secs(2);
 
-/// Deletes an instance, treating "already gone" as success and retrying transient errors
-/// ([`PERSIST_ROUNDS`] rounds of the client's retry policy) plus `IncorrectInstanceStatus`
-/// (the instance is mid-transition).
-pub fn delete_instance(ctx: &Context, id: &str) -> Result<(), StageError> {
-    let mut attempts = 0;
+/// How long releasing one instance keeps trying while ECS refuses for a transient reason (an
+/// instance still `Initializing`, throttling, 5xx). gitlab-runner gives the cleanup stage an
+/// hour by default (`defaultCleanupExecTimeout` in gitlab-runner's
+/// `executors/custom/consts.go`), and a booting instance refuses DeleteInstance for a while, so
+/// minutes, not seconds: giving up leaves a paid instance running.
+pub const RELEASE_DEADLINE: Duration = Duration::from_secs(5 * 60);
+/// Right after `RunInstances`, ECS may not know the new instance yet (its API is eventually
+/// consistent): an `InvalidInstanceId.NotFound` this soon after creation means "not visible
+/// yet", not "gone".
+pub const VISIBILITY_GRACE: Duration = Duration::from_secs(30);
+
+/// Deletes an instance created at `created_at` (when known), retrying until it is deleted or
+/// [`RELEASE_DEADLINE`] has passed:
+/// - `IncorrectInstanceStatus*` (e.g. `IncorrectInstanceStatus.Initializing`: ECS refuses to
+///   delete a booting instance; terraform-provider-alicloud retries the same codes in
+///   `alicloud/resource_alicloud_instance.go`, delete) and retriable errors (throttling, 5xx,
+///   `LastTokenProcessing`) are tried again;
+/// - `InvalidInstanceId.NotFound` is success ("already gone"), except within
+///   [`VISIBILITY_GRACE`] of `created_at`, when it is tried again.
+///
+/// Signals do not cut it short: a stage that was asked to stop must still release.
+pub fn release_instance(
+    client: &EcsClient,
+    id: &str,
+    created_at: Option<OffsetDateTime>,
+) -> Result<(), crate::ecs::EcsError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(500);
     loop {
-        attempts += 1;
-        match ctx.client.delete_instance(id, true) {
-            Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => return Ok(()),
-            Err(e)
-                if (e.kind() == ErrorKind::IncorrectStatus || e.is_retriable())
-                    && attempts < PERSIST_ROUNDS =>
-            {
-                std::thread::sleep(PERSIST_PAUSE);
-            }
-            Err(e) => {
-                return Err(StageError::System(
-                    anyhow::Error::new(e).context(format!("failed to release instance {id}")),
-                ))
-            }
+        let transient = match client.delete_instance(id, true) {
+            Ok(DeleteOutcome::Deleted) => return Ok(()),
+            Ok(DeleteOutcome::AlreadyGone) if !just_created(created_at) => return Ok(()),
+            Ok(DeleteOutcome::AlreadyGone) => None,
+            Err(e) if e.kind() == ErrorKind::IncorrectStatus || e.is_retriable() => Some(e),
+            Err(e) => return Err(e),
+        };
+        if started.elapsed() + pause > RELEASE_DEADLINE {
+            return transient.map_or(Ok(()), Err);
         }
+        match &transient {
+            Some(e) => log::info!("instance {id} cannot be deleted yet ({e}); trying again"),
+            None => log::info!("instance {id} is not visible yet; trying to delete it again"),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Whether an instance created at `created_at` may still be invisible to the API
+/// ([`VISIBILITY_GRACE`]).
+pub fn just_created(created_at: Option<OffsetDateTime>) -> bool {
+    created_at.is_some_and(|t| (OffsetDateTime::now_utc() - t).unsigned_abs() < VISIBILITY_GRACE)
+}
+
+/// [`release_instance`] for a stage, its failure as a [`StageError`].
+pub fn delete_instance(
+    ctx: &Context,
+    id: &str,
+    created_at: Option<OffsetDateTime>,
+) -> Result<(), StageError> {
+    release_instance(&ctx.client, id, created_at).map_err(|e| {
+        StageError::System(anyhow::Error::new(e).context(format!("failed to release instance {id}")))
+    })
 }
 
 /// True when Aliyun is taking the spot instance back (`Recycling` operation lock).

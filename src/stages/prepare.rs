@@ -19,7 +19,7 @@ use time::OffsetDateTime;
 
 use super::{cost, Context, Progress};
 use crate::cooldown::Cooldown;
-use crate::ecs::{EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
+use crate::ecs::{CreateAction, EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
 use crate::exit::StageError;
 use crate::pricing::PerHour;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
@@ -124,12 +124,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // 3. Create, walking the offers.
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
-    let auto_release = created_at + ctx.config.safety.max_lifetime;
     // When every offer fails, ECS is asked afresh once: the cached catalogue may be stale.
     let walk = crate::offers::walk_with_fresh_look(
         &offers,
         || crate::offers::ranked_afresh(&ctx.client, &ctx.config, shape),
-        |offer: &Offer| -> WalkAttempt<String, StageError> {
+        |offer: &Offer| -> WalkAttempt<(String, OffsetDateTime), StageError> {
             if ctx.terminated() {
                 return WalkAttempt::Fatal(StageError::system(
                     "prepare was terminated (SIGTERM) before an instance was created",
@@ -177,7 +176,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 ram_role_name: ctx.config.self_destruct.instance_role(&ctx.config.instance),
                 user_data: Some(user_data.clone()),
                 tags: ctx.tags(),
-                auto_release_time: Some(auto_release),
+                // Computed for each offer: a slow walk must not bring it under the minimum.
+                auto_release_time: Some(auto_release_time(
+                    OffsetDateTime::now_utc(),
+                    ctx.config.safety.max_lifetime,
+                )),
                 client_token: token.clone(),
                 dry_run: false,
             };
@@ -209,32 +212,39 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 ctx.sleep(super::PERSIST_PAUSE);
                 answer = ctx.client.run_instances(&req);
             }
+            let auto_release = req.auto_release_time.unwrap_or(created_at);
             match answer {
                 Ok(ids) => match ids.into_iter().next() {
                     // The id reaches shell commands (the watchdog's markers) and paths.
                     Some(id) => match crate::identity::checked_instance_id(&id) {
-                        Ok(_) => WalkAttempt::Created(id),
+                        Ok(_) => WalkAttempt::Created((id, auto_release)),
                         Err(e) => WalkAttempt::Fatal(StageError::System(e)),
                     },
                     None => {
                         WalkAttempt::Fatal(StageError::system("RunInstances answered without an instance id"))
                     }
                 },
-                Err(e) if e.kind() == ErrorKind::NoCapacity => {
-                    if !e.code().unwrap_or_default().contains("PriceLimit") {
-                        if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
-                            log::warn!("could not remember the stock-out: {err:#}");
+                Err(e) => match e.create_action() {
+                    CreateAction::NextOffer => {
+                        if !e.code().unwrap_or_default().contains("PriceLimit") {
+                            if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
+                                log::warn!("could not remember the stock-out: {err:#}");
+                            }
                         }
+                        WalkAttempt::NextOffer(describe_capacity_error(&e))
                     }
-                    WalkAttempt::NextOffer(describe_capacity_error(&e))
-                }
-                Err(e) => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
+                    // Still busy when the deadline (or a signal) ended the retries.
+                    CreateAction::Retry => WalkAttempt::Fatal(StageError::system(format!(
+                        "creating the instance failed: {e}; ECS stayed busy until prepare had to stop, retry the job later"
+                    ))),
+                    CreateAction::Stop => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
+                },
             }
         },
         |line: &str| p.line(line),
     );
 
-    let (created, id) = match walk {
+    let (created, (id, auto_release)) = match walk {
         WalkResult::Created { offer, value, .. } => (offer, value),
         // The state stays: a RunInstances whose answer was lost may still have created an
         // instance, and cleanup looks for it by tag.
@@ -276,7 +286,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         Err(e) => {
             // Give up cleanly: a prepare that fails deletes what it created.
             p.line(format!("Releasing instance {id} because prepare failed"));
-            match super::delete_instance(ctx, &id) {
+            match super::delete_instance(ctx, &id, state.instance_created_at) {
                 Ok(()) => {
                     let _ = ctx.store.remove(&ctx.key);
                 }
@@ -322,13 +332,16 @@ fn release_earlier_attempts(ctx: &Context) -> Result<(), StageError> {
         } else {
             Some(crate::fsutil::FileLock::exclusive(&ctx.store.job_dir(&key).join(".lock"))?)
         };
-        let mut ids: Vec<String> = state.and_then(|s| s.instance_id).into_iter().collect();
+        let (old_id, old_created) = state.map_or((None, None), |s| (s.instance_id, s.instance_created_at));
+        let mut ids: Vec<String> = old_id.iter().cloned().collect();
         ids.extend(ctx.find_instances_of(&key)?.into_iter().map(|i| i.id));
         ids.sort();
         ids.dedup();
         for id in &ids {
             p.line(format!("Releasing instance {id} left by an earlier attempt of this job"));
-            super::delete_instance(ctx, id)?;
+            // A NotFound just after creation is "not visible yet" only for the recorded instance.
+            let created = old_created.filter(|_| old_id.as_deref() == Some(id.as_str()));
+            super::delete_instance(ctx, id, created)?;
         }
         ctx.store.remove(&key)?;
     }
@@ -363,6 +376,8 @@ fn wait_until_ready(
                 )))
             }
             Ok(Some(_)) => {}
+            // Not visible yet right after RunInstances (eventual consistency).
+            Ok(None) if super::just_created(state.instance_created_at) => {}
             Ok(None) => {
                 return Err(StageError::system(format!(
                     "instance {id} disappeared while booting (released or reclaimed by Aliyun)"
@@ -460,12 +475,42 @@ pub fn client_token(key: &JobKey, attempt: &str, offer: &Offer) -> String {
     format!("ase-{hex}")
 }
 
+/// How far ahead `AutoReleaseTime` must be at least. RunInstances documents the parameter as
+/// UTC `yyyy-MM-ddTHH:mm:ssZ`, "at least 30 minutes later than the current time and at most
+/// three years", and rounds a time with seconds down to the minute
+/// (<https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-runinstances>,
+/// parameter `AutoReleaseTime`; the legacy SDK's `RunInstancesRequest.set_AutoReleaseTime`
+/// sends it as given).
+pub const AUTO_RELEASE_MINIMUM: Duration = Duration::from_secs(30 * 60);
+/// Added to [`AUTO_RELEASE_MINIMUM`]: clock skew and the time the request takes to arrive.
+pub const AUTO_RELEASE_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// `AutoReleaseTime` for a `RunInstances` sent at `now`: `now + max_lifetime`, at least
+/// [`AUTO_RELEASE_MINIMUM`] plus [`AUTO_RELEASE_MARGIN`] ahead, rounded up to the whole minute
+/// (ECS would round seconds down, shortening the lifetime below what was checked).
+pub fn auto_release_time(now: OffsetDateTime, max_lifetime: Duration) -> OffsetDateTime {
+    let ahead = max_lifetime.max(AUTO_RELEASE_MINIMUM + AUTO_RELEASE_MARGIN);
+    let t = now + ahead;
+    let floor = t.replace_second(0).and_then(|x| x.replace_nanosecond(0)).unwrap_or(t);
+    if floor == t {
+        t
+    } else {
+        floor + time::Duration::minutes(1)
+    }
+}
+
 fn describe_capacity_error(e: &EcsError) -> String {
     let code = e.code().unwrap_or("capacity");
     let what = if code.contains("Stock") {
         "out of stock"
     } else if code.contains("PriceLimit") {
         "price limit rejected"
+    } else if code.starts_with("QuotaExceed") {
+        "quota of this type or zone reached"
+    } else if code.contains("Disk") || code.contains("SSD") {
+        "system disk category not offered"
+    } else if code.contains("InstanceType") || code.contains("ResourceType") {
+        "type not offered in this zone"
     } else if code.contains("Zone") {
         "zone not on sale"
     } else {
@@ -474,16 +519,30 @@ fn describe_capacity_error(e: &EcsError) -> String {
     format!("{what} ({code})")
 }
 
+/// The one line a job log gets when creating stops at once, with what to fix.
 fn fatal_create_error(e: &EcsError) -> String {
-    let hint = match e.kind() {
-        ErrorKind::Auth => "check the AccessKey pair or STS token",
-        ErrorKind::Permission => "grant the RAM permissions listed in the README",
-        ErrorKind::Quota => "raise the quota or top up the account",
-        ErrorKind::Parameter if e.code().is_some_and(|c| c.contains("SpotPriceLimit")) || e.to_string().contains("SpotPriceLimit") => {
-            "ECS refused the `SpotPriceLimit` the driver computed (at most three decimals are accepted); report this, and set `spot.strategy = \"SpotAsPriceGo\"` meanwhile"
+    let code = e.code().unwrap_or_default();
+    let hint = if code == "Zone.NotOpen" {
+        "the zone is not opened to this account: remove its vswitch from `network.vswitches` or ask Aliyun to open it"
+    } else if code.contains("Balance") || code.contains("Arrearage") {
+        "top up the Aliyun account (it has too little balance or an outstanding payment)"
+    } else if code.contains("RiskControl") {
+        "Aliyun's risk control refused the purchase; contact Aliyun support"
+    } else if code == "IdempotentParameterMismatch" {
+        "a request with this ClientToken had other parameters; retry the job"
+    } else {
+        match e.kind() {
+            ErrorKind::Auth => "check the AccessKey pair or STS token",
+            ErrorKind::Permission => "grant the RAM permissions listed in the README",
+            ErrorKind::Quota => "raise the quota or complete the account's verification in the Aliyun console",
+            ErrorKind::Parameter if code.contains("SpotPriceLimit") || e.to_string().contains("SpotPriceLimit") => {
+                "ECS refused the `SpotPriceLimit` the driver computed (at most three decimals are accepted); report this, and set `spot.strategy = \"SpotAsPriceGo\"` meanwhile"
+            }
+            ErrorKind::Parameter | ErrorKind::NotFound => {
+                "check the image, security group and vswitch settings (`aliyun-spot doctor`)"
+            }
+            _ => "check the settings named by the error code in Aliyun's RunInstances documentation (`aliyun-spot doctor`)",
         }
-        ErrorKind::Parameter => "check the image, security group and vswitch settings (`aliyun-spot doctor`)",
-        _ => "see the error code in Aliyun's API documentation",
     };
     format!("creating the instance failed: {e}; {hint}")
 }
@@ -493,5 +552,21 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.0}")
     } else {
         format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn auto_release_is_rounded_up_and_far_enough_ahead() {
+        let now = datetime!(2025-06-01 10:00:20.5 UTC);
+        assert_eq!(auto_release_time(now, Duration::from_secs(3 * 3600)), datetime!(2025-06-01 13:01 UTC));
+        // A lifetime at the minimum gets the margin.
+        assert_eq!(auto_release_time(now, AUTO_RELEASE_MINIMUM), datetime!(2025-06-01 10:36 UTC));
+        let whole = datetime!(2025-06-01 10:00 UTC);
+        assert_eq!(auto_release_time(whole, Duration::from_secs(3600)), datetime!(2025-06-01 11:00 UTC));
     }
 }
