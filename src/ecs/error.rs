@@ -69,7 +69,7 @@ fn request_id_part(request_id: &Option<String>, http_status: u16) -> String {
 /// What kind of failure an [`EcsError`] is; callers branch on this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
-    /// `Throttling*` (or HTTP 429): retry with backoff.
+    /// `Throttling*`, `OperationDenied.ResourceControl` (or HTTP 429): retry with backoff.
     Throttled,
     /// `ServiceUnavailable`, `InternalError`, `UnknownError`, any 5xx: retry with backoff.
     ServerError,
@@ -78,8 +78,8 @@ pub enum ErrorKind {
     /// A condition of the instance type or zone (no stock, not on sale, not supported there,
     /// its vCPU quota, disk category, spot price limit below the price): move to the next offer.
     NoCapacity,
-    /// The account: a quota, arrears, not enough balance, not verified, a zone not opened to
-    /// it: stop and say so.
+    /// The account: a quota, arrears, not enough balance, real-name verification not passed, a
+    /// zone not opened to it: stop and say so.
     Quota,
     /// Bad AccessKey, signature, STS token or timestamp (or no credentials at all).
     Auth,
@@ -109,14 +109,22 @@ impl fmt::Display for ErrorKind {
 }
 
 /// The error codes that mean "this instance type or zone, not you" when creating an instance:
-/// the next offer may well succeed. Taken from Aliyun's RunInstances error table (the rows of
-/// `tests/data/runinstances-errors.tsv` classed `next-offer`, provenance there).
+/// the next offer may well succeed. Taken from Aliyun's RunInstances error table
+/// (<https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-runinstances>,
+/// section "Error codes"; the rows of `tests/data/runinstances-errors.tsv` classed `next-offer`,
+/// provenance there), by each code's description on that page: a disk category the zone or the
+/// type does not offer, a type not authorized for the account ("You are not authorized to use
+/// the specified instance type": another type may be), are conditions of the offer too.
 const TYPE_OR_ZONE_CONDITIONS: &[&str] = &[
     "OperationDenied.NoStock",
     "Zone.NotOnSale",
     "InvalidResourceType.NotSupported",
     "InvalidInstanceType.ValueNotSupported",
+    "InvalidInstanceType.ValueUnauthorized",
     "InvalidInstanceType.ZoneNotSupported",
+    "InvalidInstanceType.NotSupportDiskCategory",
+    "InvalidDiskCategory.NotSupported",
+    "CategoryNotSupported",
     "InstanceType.Offline",
     "QuotaExceed.ElasticQuota",
     "QuotaExceed.DiskCapacity",
@@ -138,7 +146,9 @@ const TYPE_OR_ZONE_CONDITIONS: &[&str] = &[
 pub fn classify(code: &str, http_status: u16) -> ErrorKind {
     let starts = |p: &str| code.starts_with(p);
     let is = |c: &str| code == c;
-    if code.contains("Throttling") {
+    // `OperationDenied.ResourceControl`: "The specified region is in resource control, please
+    // try later." (RunInstances error table, whose description says "Try again later").
+    if code.contains("Throttling") || is("OperationDenied.ResourceControl") {
         ErrorKind::Throttled
     } else if is("ServiceUnavailable")
         || is("InternalError")
@@ -162,11 +172,17 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
         || is("SignatureNonceUsed")
     {
         ErrorKind::Auth
-    } else if starts("Forbidden") || is("NoPermission") || starts("NoPermission.") {
+    } else if starts("Forbidden")
+        || is("Forbbiden") // sic: the RunInstances error table spells this 403 so
+        || is("NoPermission")
+        || starts("NoPermission.")
+    {
         ErrorKind::Permission
     } else if starts("QuotaExceed")
         || is("Account.Arrearage")
         || starts("InvalidAccountStatus")
+        || starts("InsufficientBalance")
+        || is("RealNameAuthenticationError")
         || is("Zone.NotOpen")
     {
         ErrorKind::Quota
@@ -485,6 +501,13 @@ mod tests {
             ("InvalidTimeStamp.Expired", 400, Auth),
             ("Forbidden.RAM", 403, Permission),
             ("Forbidden", 403, Permission),
+            ("Forbbiden", 403, Permission),
+            ("OperationDenied.ResourceControl", 403, Throttled),
+            ("Throttling.Resource", 429, Throttled),
+            ("CategoryNotSupported", 403, NoCapacity),
+            ("InvalidInstanceType.ValueUnauthorized", 400, NoCapacity),
+            ("RealNameAuthenticationError", 403, Quota),
+            ("InsufficientBalance", 403, Quota),
             ("NoPermission", 403, Permission),
             ("QuotaExceed.PostPaidInstance", 400, Quota),
             ("Account.Arrearage", 400, Quota),
@@ -526,6 +549,25 @@ mod tests {
         }
         assert_eq!(published_error("Zone.NotOnSale").map(|e| e.http_status), Some(403));
         assert_eq!(published_error("NoSuchCode"), None);
+    }
+
+    #[test]
+    fn the_unverified_rows_are_the_ones_the_header_names() {
+        let header: String =
+            RUN_INSTANCES_ERRORS_TSV.lines().filter(|l| l.starts_with('#')).collect::<Vec<_>>().join(" ");
+        let named = header
+            .split("Not verified:")
+            .nth(1)
+            .and_then(|s| s.split(" appear on none").next())
+            .expect("the header names the rows it could not verify");
+        for line in RUN_INSTANCES_ERRORS_TSV.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split('\t').collect();
+            assert_eq!(f.len(), 5, "five columns: {line}");
+            let (code, source) = (f[0], f[4]);
+            assert!(!source.trim().is_empty(), "{code}: no source");
+            let listed = named.split([',', ' ']).any(|w| w == code);
+            assert_eq!(source.starts_with("UNVERIFIED"), listed, "{code}: `{source}` vs the header");
+        }
     }
 
     #[test]

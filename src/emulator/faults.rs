@@ -54,14 +54,16 @@ pub(crate) fn run_error(f: &Faults, instance_type: &str, zone: &str) -> Option<A
     })
 }
 
-/// `IncorrectInstanceStatus.Initializing` while `inst` is younger than its initializing time.
+/// `IncorrectInstanceStatus.Initializing` while `inst` is younger than its initializing time:
+/// HTTP 403 with the message of the DeleteInstance error table (linked above), whose
+/// description reads "The specified instance is being created. Please try again later."
 pub(crate) fn check_initialized(inst: &Instance) -> Result<(), ApiError> {
     let age = (now() - inst.created).unsigned_abs();
     if age < inst.initializing {
         return Err(ApiError::new(
             403,
             "IncorrectInstanceStatus.Initializing",
-            "The specified instance is in initializing status.",
+            "The specified instance status does not support this operation.",
         ));
     }
     Ok(())

@@ -382,8 +382,11 @@ pub const VISIBILITY_GRACE: Duration = Duration::from_secs(30);
 
 /// Deletes an instance created at `created_at` (when known), retrying until it is deleted or
 /// [`RELEASE_DEADLINE`] has passed:
-/// - `IncorrectInstanceStatus*` (e.g. `IncorrectInstanceStatus.Initializing`: ECS refuses to
-///   delete a booting instance; terraform-provider-alicloud retries the same codes in
+/// - `IncorrectInstanceStatus*` (e.g. `IncorrectInstanceStatus.Initializing`, HTTP 403: ECS
+///   refuses to delete a booting instance, "The specified instance is being created. Please try
+///   again later." in the DeleteInstance error table,
+///   <https://www.alibabacloud.com/help/en/ecs/developer-reference/api-ecs-2014-05-26-deleteinstance>;
+///   terraform-provider-alicloud retries the same codes in
 ///   `alicloud/resource_alicloud_instance.go`, delete) and retriable errors (throttling, 5xx,
 ///   `LastTokenProcessing`) are tried again;
 /// - `InvalidInstanceId.NotFound` is success ("already gone"), except within
