@@ -21,7 +21,8 @@
 //!   self-destruct watchdog).
 //! - [`offers`]: live offers from ECS through the price cache; [`logging`]: debug logs.
 //! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes.
-//! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands.
+//! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands; [`github`]:
+//!   ephemeral GitHub Actions runners on the same rules (`aliyun-spot github`).
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod emulator;
 pub mod env;
 pub mod exit;
 pub mod fsutil;
+pub mod github;
 pub mod keys;
 pub mod logging;
 pub mod offers;

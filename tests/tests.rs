@@ -8,6 +8,7 @@ mod ecs_client;
 mod emulator;
 mod executor;
 mod faults;
+mod github;
 mod options;
 mod safety;
 mod selection_live;

@@ -294,10 +294,15 @@ pub const PERSIST_PAUSE: Duration = Duration::from_secs(2);
 /// ([`PERSIST_ROUNDS`] rounds of the client's retry policy) plus `IncorrectInstanceStatus`
 /// (the instance is mid-transition).
 pub fn delete_instance(ctx: &Context, id: &str) -> Result<(), StageError> {
+    release_instance(&ctx.client, id)
+}
+
+/// [`delete_instance`] for callers without a stage [`Context`] (the GitHub front end).
+pub fn release_instance(client: &EcsClient, id: &str) -> Result<(), StageError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match ctx.client.delete_instance(id, true) {
+        match client.delete_instance(id, true) {
             Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => return Ok(()),
             Err(e)
                 if (e.kind() == ErrorKind::IncorrectStatus || e.is_retriable())

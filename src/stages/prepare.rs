@@ -397,7 +397,8 @@ pub fn client_token(runner: &str, job: &str, attempt: &str, offer: &Offer) -> St
     format!("ase-{hex}")
 }
 
-fn describe_capacity_error(e: &EcsError) -> String {
+/// How a capacity error reads in the walk's summary (`out of stock (Code)`).
+pub fn describe_capacity_error(e: &EcsError) -> String {
     let code = e.code().unwrap_or("capacity");
     let what = if code.contains("Stock") {
         "out of stock"
@@ -411,7 +412,8 @@ fn describe_capacity_error(e: &EcsError) -> String {
     format!("{what} ({code})")
 }
 
-fn fatal_create_error(e: &EcsError) -> String {
+/// A `RunInstances` error that ends the walk, with what to do about it.
+pub fn fatal_create_error(e: &EcsError) -> String {
     let hint = match e.kind() {
         ErrorKind::Auth => "check the AccessKey pair or STS token",
         ErrorKind::Permission => "grant the RAM permissions listed in the README",
