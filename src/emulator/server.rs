@@ -1,6 +1,6 @@
 //! The emulator's HTTP front: the RPC API at `/` (GET query or POST form, merged), the
-//! metadata service (`/latest/...`, `/instances/<id>/latest/...`), and the inspection and
-//! control endpoints under `/_emulator/`.
+//! metadata service (`/latest/...`, `/instances/<id>/latest/...`), the GitHub fake under
+//! `/github/` ([`super::github`]), and the inspection and control endpoints under `/_emulator/`.
 //!
 //! Why one listener: clients need a single endpoint to point at (CONTRACTS.md), and tests read
 //! what happened (request log, instance lifecycles) from the same place the driver talks to.

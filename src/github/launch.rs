@@ -4,8 +4,8 @@
 //!
 //! Prepare's walk callback is written against the GitLab stage `Context` (job state, SSH keys),
 //! so this adapter repeats its request-building part without them; both should move to one
-//! shared `create_on_offers` in `crate::stages::prepare` (see the module's report in
-//! docs/github-actions.md, "Design notes").
+//! shared `create_on_offers` in `crate::stages::prepare` (docs/github-actions.md, "Design
+//! notes").
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -394,6 +394,9 @@ pub fn stop(config: &Config, client: &EcsClient, gh: &GithubClient, args: &StopA
     let scope = Scope::parse(args.scope.repo.as_deref(), args.scope.org.as_deref())?;
     let scope_tag = (config.safety.tag_key(tags::PROJECT), scope.path());
     let instances = match (&args.instance_id, &args.label) {
+        (Some(id), _) if id.trim().is_empty() => {
+            anyhow::bail!("--instance-id is empty; pass the `instance-id` output of `github start`")
+        }
         (Some(id), _) => {
             let found = client.describe_instance(id).context("failed to look up the instance")?;
             match found {
