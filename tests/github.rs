@@ -60,6 +60,8 @@ impl World {
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("HOME", self.dir.path())
+            // Every log level on: the token must not reach any of them.
+            .env("RUST_LOG", "trace")
             .env("GITHUB_TOKEN", TOKEN)
             .env("GITHUB_API_URL", format!("{}/github", self.emulator.endpoint()))
             .arg("--config")
@@ -302,4 +304,55 @@ fn bad_input_is_one_line_and_creates_nothing() {
     );
     assert!(w.emulator.instances().is_empty());
     assert!(w.runners().is_empty());
+}
+
+#[test]
+fn stop_leaves_an_instance_that_is_not_this_repositorys_runner_alone() {
+    let w = World::new(Faults::default());
+    let started = w.start(None).unwrap();
+    let out =
+        w.cli(&["github", "stop", "--repo", "octo-org/other", "--instance-id", &started.instance_id], None);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr).lines().last().unwrap_or_default(),
+        format!(
+            "aliyun-spot: --instance-id {} is not a runner instance of repos/octo-org/other; it was left alone",
+            started.instance_id
+        )
+    );
+    assert_eq!(w.live(), 1);
+    assert_eq!(w.runner(&started.runner_name)["deleted"], false);
+    let out = w.cli(&["github", "stop", "--repo", REPO, "--instance-id", &started.instance_id], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(w.live(), 0);
+    assert_eq!(w.runner(&started.runner_name)["deleted"], true);
+}
+
+#[test]
+fn the_github_fake_wants_a_token_and_unique_names() {
+    let w = World::new(Faults::default());
+    let url = format!("{}/github/repos/{REPO}/actions/runners/generate-jitconfig", w.emulator.endpoint());
+    let body = r#"{"name":"r1","runner_group_id":1,"labels":["r1"]}"#;
+    let status = |r: Result<ureq::Response, ureq::Error>| match r {
+        Ok(r) => r.status(),
+        Err(ureq::Error::Status(s, _)) => s,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(status(ureq::post(&url).send_string(body)), 401);
+    let auth = format!("Bearer {TOKEN}");
+    assert_eq!(status(ureq::post(&url).set("Authorization", &auth).send_string(body)), 201);
+    assert_eq!(status(ureq::post(&url).set("Authorization", &auth).send_string(body)), 422);
+    // Through our client, the duplicate is one line naming the call and the cause.
+    let e = w
+        .gh
+        .generate_jitconfig(&github::api::Scope::parse(Some(REPO), None).unwrap(), "r1", &["r1".into()], 1)
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "GitHub API POST repos/octo-org/hello-world/actions/runners/generate-jitconfig failed: HTTP 422: Already exists - A runner with the name r1 already exists.; GitHub rejected the request (a runner of that name may already exist)"
+    );
+    let snap = w.emulator.github();
+    assert_eq!(snap["requests"].as_array().unwrap().len(), 4);
+    assert!(!snap.to_string().contains(TOKEN));
 }

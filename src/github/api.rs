@@ -157,7 +157,9 @@ impl GithubClient {
                 "GITHUB_TOKEN is not set; give a token with the self-hosted runners administration permission (docs/github-actions.md)"
             );
         }
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+        // No redirects: a redirect would carry the token's request elsewhere; GitHub answers
+        // these endpoints directly.
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).redirects(0).build();
         Ok(GithubClient { base, token, agent })
     }
 
