@@ -43,6 +43,10 @@ pub const LAUNCHER: &str = "/usr/local/lib/aliyun-spot-executor/github-runner.sh
 pub const HOOK_STARTED: &str = "/usr/local/lib/aliyun-spot-executor/github-job-started.sh";
 /// `ACTIONS_RUNNER_HOOK_JOB_COMPLETED`.
 pub const HOOK_COMPLETED: &str = "/usr/local/lib/aliyun-spot-executor/github-job-completed.sh";
+/// The directory of the launcher, the hooks and the watchdog.
+pub const LIB_DIR: &str = "/usr/local/lib/aliyun-spot-executor";
+/// Where the hooks leave `job-started` and `job-completed` (sticky, world-writable).
+pub const STATE_DIR: &str = "/run/aliyun-spot-github";
 /// The service that runs the launcher.
 pub const UNIT_PATH: &str = "/etc/systemd/system/aliyun-spot-github-runner.service";
 
@@ -80,6 +84,11 @@ pub struct RunnerBoot {
     pub watchdog: Option<WatchdogSpec>,
 }
 
+/// The settings file the launcher sources: `NAME='value'` lines.
+fn launcher_settings(pairs: &[(&str, &str)]) -> String {
+    pairs.iter().map(|(k, v)| format!("{k}={}\n", sh_quote(v))).collect()
+}
+
 /// Quotes a value for a POSIX shell (single quotes).
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -87,14 +96,13 @@ fn sh_quote(s: &str) -> String {
 
 const LAUNCHER_SCRIPT: &str = r#"#!/bin/sh
 # aliyun-spot-executor: run the ephemeral GitHub Actions runner once, then delete this instance.
+# Usage: github-runner.sh [SETTINGS] (default /etc/aliyun-spot-executor/github-runner.conf)
 set -u
-. /etc/aliyun-spot-executor/github-runner.conf
-LIB=/usr/local/lib/aliyun-spot-executor
-STATE=/run/aliyun-spot-github
+. "${1:-/etc/aliyun-spot-executor/github-runner.conf}"
 release() {
     echo "aliyun-spot-github: deleting this instance: $1" >&2
-    if [ -f /etc/aliyun-spot-executor/github-release.json ]; then
-        python3 "$LIB/watchdog.py" /etc/aliyun-spot-executor/github-release.json --once
+    if [ -f "$RELEASE_FILE" ]; then
+        python3 "$LIB/watchdog.py" "$RELEASE_FILE" --once
     fi
 }
 mkdir -p "$STATE" && chmod 1777 "$STATE"
@@ -103,7 +111,7 @@ if [ -n "$RUNNER_URL" ] && [ ! -x "$RUNNER_DIR/run.sh" ]; then
     { curl -fsSL -o runner.tar.gz "$RUNNER_URL" || wget -q -O runner.tar.gz "$RUNNER_URL"; } &&
         echo "$RUNNER_SHA256  runner.tar.gz" | sha256sum -c - &&
         tar xzf runner.tar.gz && rm -f runner.tar.gz ||
-        { release "the runner download failed or its SHA-256 did not match"; exit 1; }
+        { rm -f runner.tar.gz; release "the runner download failed or its SHA-256 did not match"; exit 1; }
 fi
 [ -x "$RUNNER_DIR/run.sh" ] || { release "no runner at $RUNNER_DIR/run.sh"; exit 1; }
 if [ "$RUNNER_USER" = root ]; then
@@ -185,15 +193,17 @@ impl RunnerBoot {
             owner: None,
             content: self.jit_config.expose().clone(),
         });
-        let conf = format!(
-            "RUNNER_DIR={}\nRUNNER_USER={}\nRUNNER_URL={}\nRUNNER_SHA256={}\nJIT_FILE={}\nJOB_WAIT_SECONDS={}\n",
-            sh_quote(&dir),
-            sh_quote(&self.user),
-            sh_quote(&url),
-            sh_quote(&sha),
-            sh_quote(JIT_FILE),
-            self.job_wait.as_secs()
-        );
+        let conf = launcher_settings(&[
+            ("RUNNER_DIR", &dir),
+            ("RUNNER_USER", &self.user),
+            ("RUNNER_URL", &url),
+            ("RUNNER_SHA256", &sha),
+            ("JIT_FILE", JIT_FILE),
+            ("JOB_WAIT_SECONDS", &self.job_wait.as_secs().to_string()),
+            ("LIB", LIB_DIR),
+            ("STATE", STATE_DIR),
+            ("RELEASE_FILE", RELEASE_FILE),
+        ]);
         let files = [
             (CONF_FILE, "0644", conf),
             (LAUNCHER, "0755", LAUNCHER_SCRIPT.to_string()),
@@ -265,6 +275,7 @@ mod tests {
         let conf = cc.write_files.iter().find(|f| f.path == CONF_FILE).unwrap();
         assert!(conf.content.contains("RUNNER_DIR='/opt/actions-runner'\n"), "{}", conf.content);
         assert!(conf.content.contains("RUNNER_URL=''\n"));
+        assert!(conf.content.contains("JOB_WAIT_SECONDS='600'\n"));
         let release = cc.write_files.iter().find(|f| f.path == RELEASE_FILE).unwrap();
         let v: serde_json::Value = serde_json::from_str(&release.content).unwrap();
         assert_eq!(v["idle_timeout_seconds"], 0);
@@ -295,5 +306,131 @@ mod tests {
         assert!(LAUNCHER_SCRIPT.contains("sha256sum -c -"));
         // No watchdog: no deletion settings (the launcher then skips its release).
         assert!(!cc.write_files.iter().any(|f| f.path == RELEASE_FILE));
+    }
+
+    /// Runs the launcher for real with a fake runner and a fake watchdog in `d`; returns
+    /// (exit success, stderr).
+    fn run_launcher(d: &std::path::Path, wait: u64, url: &str, sha: &str) -> (bool, String) {
+        let p = |s: &str| d.join(s).display().to_string();
+        std::fs::create_dir_all(d.join("lib")).unwrap();
+        std::fs::write(
+            d.join("lib/watchdog.py"),
+            format!("import sys\nopen({:?}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n", p("released")),
+        )
+        .unwrap();
+        std::fs::write(d.join("release.json"), "{}").unwrap();
+        std::fs::write(d.join("jit"), "JITCONFIG-abc").unwrap();
+        let conf = launcher_settings(&[
+            ("RUNNER_DIR", &p("runner")),
+            ("RUNNER_USER", "root"),
+            ("RUNNER_URL", url),
+            ("RUNNER_SHA256", sha),
+            ("JIT_FILE", &p("jit")),
+            ("JOB_WAIT_SECONDS", &wait.to_string()),
+            ("LIB", &p("lib")),
+            ("STATE", &p("state")),
+            ("RELEASE_FILE", &p("release.json")),
+        ]);
+        std::fs::write(d.join("conf"), conf).unwrap();
+        let err = std::fs::File::create(d.join("stderr")).unwrap();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(LAUNCHER_SCRIPT)
+            .arg("github-runner.sh")
+            .arg(d.join("conf"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .status()
+            .unwrap();
+        (status.success(), std::fs::read_to_string(d.join("stderr")).unwrap())
+    }
+
+    fn fake_runner(dir: &std::path::Path, out: &std::path::Path, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let o = out.display();
+        let script = format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {o}/args\necho \"$ACTIONS_RUNNER_HOOK_JOB_COMPLETED\" > {o}/hook\nid -un > {o}/user\n{body}\n"
+        );
+        std::fs::write(dir.join("run.sh"), script).unwrap();
+        std::fs::set_permissions(dir.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn is_root() -> bool {
+        // runuser needs root; the test beds run as root.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn the_launcher_runs_the_runner_once_then_deletes_the_instance() {
+        if !is_root() {
+            eprintln!("skipped: runuser needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        fake_runner(&d.path().join("runner"), d.path(), "exit 0");
+        let (ok, stderr) = run_launcher(d.path(), 600, "", "");
+        assert!(ok, "{stderr}");
+        let read = |f: &str| std::fs::read_to_string(d.path().join(f)).unwrap();
+        assert_eq!(read("args"), "--jitconfig\nJITCONFIG-abc\n");
+        assert_eq!(read("hook").trim(), d.path().join("lib/github-job-completed.sh").display().to_string());
+        assert_eq!(read("user").trim(), "root");
+        assert!(!d.path().join("jit").exists(), "the JIT configuration is removed");
+        assert_eq!(read("released"), format!("{} --once\n", d.path().join("release.json").display()));
+        assert!(
+            stderr.contains("aliyun-spot-github: deleting this instance: the runner exited (status 0)"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn the_launcher_gives_up_when_no_job_starts_in_time() {
+        if !is_root() {
+            eprintln!("skipped: runuser needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        fake_runner(&d.path().join("runner"), d.path(), "exec sleep 10");
+        let (ok, stderr) = run_launcher(d.path(), 0, "", "");
+        assert!(ok, "{stderr}");
+        assert!(stderr.contains("deleting this instance: no job started within 0s"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(d.path().join("released")).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn the_launcher_checks_the_download_before_unpacking_it() {
+        use sha2::{Digest, Sha256};
+        if !is_root() {
+            eprintln!("skipped: runuser needs root");
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        fake_runner(src.path(), d.path(), "exit 0");
+        let tarball = src.path().join("runner.tgz");
+        let st = std::process::Command::new("tar")
+            .args(["czf", &tarball.display().to_string(), "-C", &src.path().display().to_string(), "run.sh"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let url = format!("file://{}", tarball.display());
+        let good: String =
+            Sha256::digest(std::fs::read(&tarball).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+
+        let (ok, stderr) = run_launcher(d.path(), 600, &url, &"0".repeat(64));
+        assert!(!ok);
+        assert!(
+            stderr
+                .contains("deleting this instance: the runner download failed or its SHA-256 did not match"),
+            "{stderr}"
+        );
+        assert!(!d.path().join("runner/run.sh").exists(), "nothing unpacked");
+        assert!(!d.path().join("runner/runner.tar.gz").exists(), "the bad download is removed");
+        assert!(!d.path().join("args").exists(), "the runner did not run");
+
+        let (ok, stderr) = run_launcher(d.path(), 600, &url, &good);
+        assert!(ok, "{stderr}");
+        assert_eq!(std::fs::read_to_string(d.path().join("args")).unwrap(), "--jitconfig\nJITCONFIG-abc\n");
     }
 }
