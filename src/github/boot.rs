@@ -148,18 +148,18 @@ const HOOK_STARTED_SCRIPT: &str = "#!/bin/sh\n\
 touch /run/aliyun-spot-github/job-started 2>/dev/null || true\n\
 exit 0\n";
 
-fn hook_completed_script(grace: Duration) -> String {
+fn hook_completed_script(grace: Duration, watchdog_script: &str, release: &str) -> String {
     format!(
         "#!/bin/sh\n\
 # ACTIONS_RUNNER_HOOK_JOB_COMPLETED: the job is over. The runner reports its result after this\n\
 # hook, so the deletion waits {secs}s in the background (outside the job's RUNNER_TRACKING_ID, or\n\
 # the runner would kill it) and the hook exits 0 (any other status fails the job).\n\
 touch /run/aliyun-spot-github/job-completed 2>/dev/null || true\n\
-RUNNER_TRACKING_ID= setsid nohup sh -c 'sleep {secs}; python3 {script} {release} --once' >/dev/null 2>&1 </dev/null &\n\
+RUNNER_TRACKING_ID= setsid nohup sh -c \"sleep {secs}; python3 {script} {release} --once\" >/dev/null 2>&1 </dev/null &\n\
 exit 0\n",
         secs = grace.as_secs(),
-        script = watchdog::SCRIPT_PATH,
-        release = RELEASE_FILE,
+        script = sh_quote(watchdog_script),
+        release = sh_quote(release),
     )
 }
 
@@ -208,7 +208,11 @@ impl RunnerBoot {
             (CONF_FILE, "0644", conf),
             (LAUNCHER, "0755", LAUNCHER_SCRIPT.to_string()),
             (HOOK_STARTED, "0755", HOOK_STARTED_SCRIPT.to_string()),
-            (HOOK_COMPLETED, "0755", hook_completed_script(self.completed_grace)),
+            (
+                HOOK_COMPLETED,
+                "0755",
+                hook_completed_script(self.completed_grace, watchdog::SCRIPT_PATH, RELEASE_FILE),
+            ),
             (UNIT_PATH, "0644", UNIT.to_string()),
         ];
         for (path, permissions, content) in files {
@@ -432,5 +436,40 @@ mod tests {
         let (ok, stderr) = run_launcher(d.path(), 600, &url, &good);
         assert!(ok, "{stderr}");
         assert_eq!(std::fs::read_to_string(d.path().join("args")).unwrap(), "--jitconfig\nJITCONFIG-abc\n");
+    }
+
+    #[test]
+    fn the_job_completed_hook_exits_at_once_and_deletes_outside_the_jobs_tracking() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("released");
+        let fake = d.path().join("watchdog.py");
+        std::fs::write(
+            &fake,
+            format!(
+                "import os, sys\nopen({:?}, 'w').write(' '.join(sys.argv[1:]) + ' tracking=' + os.environ.get('RUNNER_TRACKING_ID', '-'))\n",
+                out.display().to_string()
+            ),
+        )
+        .unwrap();
+        let hook = d.path().join("hook.sh");
+        let release = d.path().join("it's release.json").display().to_string();
+        std::fs::write(&hook, hook_completed_script(Duration::ZERO, &fake.display().to_string(), &release))
+            .unwrap();
+        // As the runner runs hooks: `bash -e FILE`, inside the job's tracking id.
+        let st = std::process::Command::new("bash")
+            .arg("-e")
+            .arg(&hook)
+            .env("RUNNER_TRACKING_ID", "github_job_1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !out.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("{release} --once tracking="));
     }
 }
