@@ -87,6 +87,7 @@ impl World {
             runner_sha256: None,
             runner_user: "runner".into(),
             job_wait: Duration::from_secs(900),
+            self_delete: false,
         }
     }
 
@@ -173,6 +174,14 @@ fn start_then_stop_through_the_cli_leaves_nothing_and_the_token_goes_nowhere() {
         "{ud}"
     );
     assert!(ud.contains("run.sh --jitconfig \"$(cat \"$2\")\""), "{ud}");
+    // No --self-delete: no instance role, so nothing on the instance can delete instances.
+    let rec = w.emulator.instances().into_iter().find(|i| i.id == id).unwrap();
+    assert_eq!(rec.ram_role, None);
+    assert!(!ud.contains("path: /etc/aliyun-spot-executor/github-release.json"), "{ud}");
+    assert!(
+        stderr.contains("The instance gets no RAM role and cannot delete itself (see --self-delete)"),
+        "{stderr}"
+    );
 
     // The token: nowhere but the Authorization header GitHub received (redacted in its log).
     let everywhere = format!(
@@ -355,4 +364,38 @@ fn the_github_fake_wants_a_token_and_unique_names() {
     let snap = w.emulator.github();
     assert_eq!(snap["requests"].as_array().unwrap().len(), 4);
     assert!(!snap.to_string().contains(TOKEN));
+}
+
+#[test]
+fn self_delete_is_an_opt_in_that_gives_the_instance_its_role() {
+    let w = World::new(Faults::default());
+    let mut args = w.start_args();
+    args.self_delete = true;
+    let started = github::start(&w.config, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap();
+    let rec = w.emulator.instances().into_iter().find(|i| i.id == started.instance_id).unwrap();
+    assert!(rec.ram_role.is_some());
+    assert_eq!(rec.ram_role, w.config.instance.ram_role_name);
+    let ud = w.user_data(&started.instance_id);
+    assert!(ud.contains("path: /etc/aliyun-spot-executor/github-release.json"), "{ud}");
+    assert!(ud.contains("\"idle_timeout_seconds\": 0"), "{ud}");
+    assert!(!ud.contains(TOKEN));
+    let stop = StopArgs {
+        scope: ScopeArgs { repo: Some(REPO.into()), org: None },
+        instance_id: None,
+        label: Some(started.label),
+    };
+    github::stop(&w.config, &w.client, &w.gh, &stop).unwrap();
+    assert_eq!(w.live(), 0);
+
+    // Without a role to give, --self-delete is refused before anything is created, and the
+    // runner registration is undone.
+    let mut config = w.config.clone();
+    config.instance.ram_role_name = None;
+    let e = github::start(&config, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--self-delete needs an instance RAM role; set `instance.ram_role_name` (docs/safety.md has its policy) or drop --self-delete"
+    );
+    assert_eq!(w.emulator.instances().len(), 1);
+    assert!(w.runners().iter().all(|r| r["deleted"] == true));
 }

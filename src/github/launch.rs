@@ -32,6 +32,8 @@ pub struct Launch<'a> {
     pub name: String,
     /// Tags.
     pub tags: Vec<(String, String)>,
+    /// The instance RAM role, if any.
+    pub ram_role: Option<String>,
     /// Rendered user data.
     pub user_data: Secret<String>,
     /// What makes the `ClientToken`s of this start unique (runner name).
@@ -96,7 +98,7 @@ pub fn create(l: &Launch) -> Result<(Offer, String)> {
                 system_disk_category: Some(config.instance.system_disk_category.clone()),
                 system_disk_size: Some(config.instance.system_disk_size_gib),
                 key_pair_name: config.ssh.key_pair_name.clone(),
-                ram_role_name: config.instance.ram_role_name.clone(),
+                ram_role_name: l.ram_role.clone(),
                 user_data: Some(l.user_data.clone()),
                 tags: l.tags.clone(),
                 auto_release_time: Some(auto_release),

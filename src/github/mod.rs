@@ -79,6 +79,11 @@ pub struct StartArgs {
     /// Delete the instance when no job has started on it this long after boot.
     #[arg(long, default_value = "15m", value_parser = crate::config::parse_duration)]
     pub job_wait: Duration,
+    /// Opt in to self-deletion with the instance RAM role `instance.ram_role_name`. Risk: every
+    /// job on the instance can read that role's credentials and delete any managed instance
+    /// (docs/github-actions.md). Without it the instance gets no role at all.
+    #[arg(long)]
+    pub self_delete: bool,
 }
 
 /// Options of `aliyun-spot github stop`.
@@ -250,20 +255,32 @@ pub fn start(
             return Err(e);
         }
     };
-    let watchdog =
-        config.safety.watchdog.then_some(()).and(config.instance.ram_role_name.clone()).map(|role| {
-            crate::watchdog::WatchdogSpec {
-                region_id: region.clone(),
-                endpoint: client.endpoint().to_string(),
-                metadata: config.credentials.metadata_endpoint.clone(),
-                ram_role: role,
-                idle_timeout: config.safety.idle_timeout,
-                created_at,
-                max_lifetime: config.safety.max_lifetime,
+    // The instance role is what lets the instance delete itself, and also what any job on it
+    // could use against other managed instances: it is given only on request.
+    let ram_role = if args.self_delete {
+        match &config.instance.ram_role_name {
+            Some(r) => Some(r.clone()),
+            None => {
+                undo_runner("--self-delete has no role");
+                anyhow::bail!(
+                    "--self-delete needs an instance RAM role; set `instance.ram_role_name` (docs/safety.md has its policy) or drop --self-delete"
+                );
             }
-        });
+        }
+    } else {
+        None
+    };
+    let watchdog = ram_role.clone().map(|role| crate::watchdog::WatchdogSpec {
+        region_id: region.clone(),
+        endpoint: client.endpoint().to_string(),
+        metadata: config.credentials.metadata_endpoint.clone(),
+        ram_role: role,
+        idle_timeout: config.safety.idle_timeout,
+        created_at,
+        max_lifetime: config.safety.max_lifetime,
+    });
     if watchdog.is_none() {
-        p.line("WARNING: no instance RAM role (`instance.ram_role_name`): the instance cannot delete itself; the stop step, AutoReleaseTime and `aliyun-spot github sweep` remain");
+        p.line("The instance gets no RAM role and cannot delete itself (see --self-delete); the stop step, AutoReleaseTime and `aliyun-spot github sweep` delete it");
     }
     let boot = RunnerBoot {
         jit_config: jit.encoded_jit_config,
@@ -286,6 +303,7 @@ pub fn start(
         shape: &shape,
         name: runner_name.clone(),
         tags: tags_for(config, &scope, &runner),
+        ram_role,
         user_data,
         token_seed: runner_name.clone(),
         cancel,
