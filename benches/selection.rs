@@ -64,6 +64,9 @@ fn synthetic() -> MemorySource {
                 cores,
                 memory_gib: f64::from(cores) * per_core_mem,
                 arch: Arch::Amd64,
+                family_level: "EnterpriseLevel".to_string(),
+                gpu_amount: 0,
+                gpu_spec: String::new(),
             });
             let list = f64::from(cores) * 0.12 * per_core_mem.sqrt();
             for (zi, zone) in ZONES.iter().enumerate() {
@@ -145,7 +148,7 @@ fn synthetic_section() {
     // Cold vs warm cache, counted in calls to the (in-memory) API.
     let dir = tempfile::tempdir().expect("temporary directory");
     let cache = PriceCache::new(dir.path(), Duration::from_secs(300));
-    let key = cache_key("cn-hangzhou", "memory", &shape);
+    let key = cache_key("cn-hangzhou", "memory", 1, &shape);
     let fresh = synthetic();
     let cold_start = Instant::now();
     cache.get_or_fetch(&key, || fetch_catalogue(&fresh, "cn-hangzhou", &shape)).expect("cold fetch");
@@ -216,11 +219,7 @@ fn attempt(bed: &Bed, job_id: &str) -> Attempt {
         args: vec!["--config".into(), bed.config.display().to_string()],
     };
     let builds = bed.dir.path().join("builds").display().to_string();
-    let job = Job {
-        variables: Job::ci_variables("1", "100", job_id, &builds),
-        stages: Job::standard_stages(&format!("{builds}/group/project"), "true"),
-        after_script: None,
-    };
+    let job = Job::new(100, job_id.parse().expect("a numeric job id"), &builds, "true");
     let mut env = BTreeMap::new();
     env.insert(
         "PATH".to_string(),

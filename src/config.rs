@@ -1,7 +1,7 @@
 //! The configuration: one TOML file, the administrator's environment, and the few values a job
 //! may override, merged once and validated before anything is billed.
 //!
-//! Why it looks like this (SPEC.md "Configuration", STYLE.md point 5):
+//! Why it looks like this (docs/configuration.md):
 //! - **Two steps.** The file is read into raw serde structs with `deny_unknown_fields`, so a
 //!   misspelt key fails loudly instead of silently falling back to a default; then it is merged
 //!   with the environment and the defaults into [`Config`], where every bound has been checked
@@ -40,9 +40,10 @@ pub const CONFIG_PATH_VAR: &str = "ALIYUN_SPOT_CONFIG";
 pub const DEFAULT_METADATA_ENDPOINT: &str = "http://100.100.100.200";
 /// Aliyun's shortest accepted distance between now and `AutoReleaseTime`.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
-/// Tags Aliyun accepts per instance; the executor's own tags take six of them.
+/// Tags Aliyun accepts per instance; the executor's own tags take seven of them (managed marker,
+/// runner, project, job, attempt binding, pipeline, host: `crate::stages::tags`).
 const MAX_TAGS: usize = 20;
-const OWN_TAGS: usize = 6;
+const OWN_TAGS: usize = 7;
 /// The job variables a job may set (without the `CUSTOM_ENV_` prefix gitlab-runner adds).
 pub const JOB_VAR_ARCH: &str = "ALIYUN_SPOT_ARCH";
 
@@ -79,12 +80,16 @@ pub struct Config {
     pub job_overrides: JobOverrides,
     /// The nets that catch an instance nobody released.
     pub safety: Safety,
+    /// The self-destruct watchdog's credentials and endpoint (`[self_destruct]`).
+    pub self_destruct: crate::sts::SelfDestruct,
     /// Local files of the driver.
     pub paths: Paths,
     /// What the `config` stage tells gitlab-runner.
     pub runner: RunnerConfig,
     /// Deadlines.
     pub timeouts: Timeouts,
+    /// gitlab-runner's helper binary on the instance, and the distributed cache.
+    pub helper: HelperConfig,
     /// Things that work but probably are not what the administrator meant; the `config` stage
     /// and `doctor` print them.
     pub warnings: Vec<String>,
@@ -92,6 +97,9 @@ pub struct Config {
 
 /// Where the ECS client gets its credentials (see [`crate::credentials`]).
 pub use crate::credentials::CredentialSpec;
+
+mod helper;
+pub use helper::{valid_version, HelperConfig, HelperInstall, DEFAULT_CHECKSUM_URL, DEFAULT_DOWNLOAD_URL};
 
 /// Networking of the created instances.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,8 +199,15 @@ pub struct SpotConfig {
     pub strategy: SpotStrategy,
     /// `SpotPriceLimit` = factor × the offer's spot price (≥ 1.0, default 1.2).
     pub price_limit_factor: f64,
-    /// Offers above this price (CNY/hour) are never used.
+    /// Offers above this price per hour are never used; in the account's currency (CNY on the
+    /// China site, USD on the international one: `crate::pricing`).
     pub max_price_per_hour: Option<f64>,
+    /// `SpotDuration`, the protection period in hours (0 or 1, default 1), sent alike to pricing,
+    /// availability and creation (`crate::pricing`).
+    pub protection_hours: u32,
+    /// Shared, burstable and GPU types allowed (`allow_shared`, `allow_burstable`, `allow_gpu`;
+    /// all off by default: `crate::families`).
+    pub kinds: crate::families::TypeKinds,
     /// Per core (default) or total price.
     pub ranking: Ranking,
     /// How long price data may be reused across jobs on this host (default 5 minutes).
@@ -218,6 +233,8 @@ pub struct SshConfig {
     /// The private key of `key_pair_name`: when set, the driver logs in with it instead of a
     /// per-job key (the per-job host key is still pinned).
     pub private_key_file: Option<PathBuf>,
+    /// When a silent sshd counts as a lost connection during `run` (default 10s × 3).
+    pub keepalive: crate::ssh::Keepalive,
 }
 
 impl SshConfig {
@@ -329,11 +346,14 @@ pub struct Paths {
 /// What the `config` stage reports to gitlab-runner (paths on the instance).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunnerConfig {
+    /// `id` / `ALIYUN_SPOT_RUNNER_ID`: the runner id in tags and state paths; `None` means this
+    /// host's name ([`crate::identity::runner_id`]).
+    pub id: Option<String>,
     /// `builds_dir` (default `/builds`).
     pub builds_dir: String,
     /// `cache_dir` (default `/cache`).
     pub cache_dir: String,
-    /// `shell`: `bash` (default) or `sh`.
+    /// `shell`: always `bash` (see docs/gitlab-runner.md, "Shell").
     pub shell: String,
 }
 
@@ -374,7 +394,8 @@ pub fn resolve_path(cli: Option<&Path>, env: &Env) -> (PathBuf, bool) {
 }
 
 /// Reads and validates the configuration: the file (optional when not named explicitly), the
-/// driver's environment, the defaults.
+/// driver's environment, the defaults; refuses a file or host path other users could read or
+/// plant ([`crate::config_perms`]).
 pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
     let (path, explicit) = resolve_path(path, env);
     let text = match std::fs::read_to_string(&path) {
@@ -390,18 +411,9 @@ pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
                 .with_context(|| format!("cannot read the configuration file `{}`{how}", path.display()));
         }
     };
-    match text {
-        Some(text) => {
-            let mut cfg = from_toml(&text, Some(&path), env)?;
-            // Plain http is accepted only for loopback, i.e. the emulator and its public test key.
-            let emulator = cfg.endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
-            if !emulator {
-                warn_if_secret_readable(&path, &text, &mut cfg.warnings);
-            }
-            Ok(cfg)
-        }
-        None => from_toml("", None, env),
-    }
+    let mut cfg = from_toml(text.as_deref().unwrap_or(""), text.as_ref().map(|_| path.as_path()), env)?;
+    crate::config_perms::check(&mut cfg, text.as_deref().map(|t| (path.as_path(), t)))?;
+    Ok(cfg)
 }
 
 /// [`load`], then the job's overrides.
@@ -445,26 +457,6 @@ fn parse_raw(text: &str, path: Option<&Path>) -> anyhow::Result<RawConfig> {
         }
     })
 }
-
-#[cfg(unix)]
-fn warn_if_secret_readable(path: &Path, text: &str, warnings: &mut Vec<String>) {
-    use std::os::unix::fs::PermissionsExt;
-    if !(text.contains("access_key_secret") || text.contains("security_token")) {
-        return;
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            warnings.push(format!(
-                "`{}` holds credentials and is readable by every user; run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            ));
-        }
-    }
-}
-
-#[cfg(not(unix))]
-fn warn_if_secret_readable(_: &Path, _: &str, _: &mut Vec<String>) {}
 
 // ---------------------------------------------------------------------------------------------
 // Queries
@@ -531,6 +523,9 @@ impl Config {
                     .push(format!("the SSH private key file `{}` (`ssh.private_key_file`)", file.display()));
             }
         }
+        if self.helper.install == HelperInstall::Upload && !self.helper.upload.contains_key(&arch) {
+            missing.push(format!("gitlab-runner's linux-{arch} binary (`helper.upload_{arch}`)"));
+        }
         report_missing("the configuration is incomplete for creating instances", missing)
     }
 
@@ -551,11 +546,20 @@ impl Config {
     /// `CUSTOM_ENV_ALIYUN_SPOT_{ARCH,MIN_CPU,MAX_CPU,MIN_MEM,MAX_MEM}` where the administrator
     /// allows it and within the ceilings. Errors are one line naming the variable as the user
     /// wrote it, its value and the allowed range.
+    ///
+    /// Every error is a [`crate::exit::JobError`] (the job's mistake, a build failure).
     pub fn job_spec(&self, env: &Env) -> anyhow::Result<JobSpec> {
+        self.job_spec_unclassified(env)
+            .map_err(|e| anyhow::Error::new(crate::exit::JobError(crate::exit::one_line(&e))))
+    }
+
+    fn job_spec_unclassified(&self, env: &Env) -> anyhow::Result<JobSpec> {
         let jo = &self.job_overrides;
         let mut applied = Vec::new();
         let mut take = |o: Override| -> anyhow::Result<Option<String>> {
             let Some(v) = env.custom(o.variable()) else { return Ok(None) };
+            // The value is the job's and may reach the job log: control characters escaped.
+            let v = &crate::identity::escape_for_log(v, 64);
             if !jo.allow.contains(&o) {
                 let allowed: Vec<_> = jo.allow.iter().map(|a| format!("`{}`", a.variable())).collect();
                 let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
@@ -832,9 +836,11 @@ struct RawConfig {
     ssh: RawSsh,
     job_overrides: RawJobOverrides,
     safety: RawSafety,
+    self_destruct: crate::sts::RawSelfDestruct,
     paths: RawPaths,
     runner: RawRunner,
     timeouts: RawTimeouts,
+    helper: helper::RawHelper,
 }
 
 #[derive(Deserialize, Default)]
@@ -855,6 +861,7 @@ struct RawCredentials {
     instance_ram_role: Option<String>,
     use_instance_role: Option<bool>,
     metadata_endpoint: Option<String>,
+    hardened_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -913,6 +920,10 @@ struct RawSpot {
     ranking: Option<Ranking>,
     price_cache_ttl: Option<Dur>,
     stock_cooldown: Option<Dur>,
+    protection_hours: Option<u32>,
+    allow_shared: Option<bool>,
+    allow_burstable: Option<bool>,
+    allow_gpu: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -924,6 +935,8 @@ struct RawSsh {
     boot_timeout: Option<Dur>,
     key_pair_name: Option<String>,
     private_key_file: Option<PathBuf>,
+    keepalive_interval: Option<Dur>,
+    keepalive_count_max: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -957,6 +970,7 @@ struct RawPaths {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct RawRunner {
+    id: Option<String>,
     builds_dir: Option<String>,
     cache_dir: Option<String>,
     shell: Option<String>,
@@ -1061,21 +1075,22 @@ impl<'a> Validator<'a> {
         }
 
         let instance = self.instance(raw.instance)?;
-        let shapes = self.shapes(raw.shape)?;
+        let mut shapes = self.shapes(raw.shape)?;
         let spot = self.spot(raw.spot)?;
+        for shape in shapes.values_mut() {
+            shape.kinds = spot.kinds;
+        }
         let ssh = self.ssh(raw.ssh)?;
         let job_overrides = self.job_overrides(raw.job_overrides, &shapes, instance.default_arch)?;
         let safety = self.safety(raw.safety, &instance)?;
+        let self_destruct = crate::sts::SelfDestruct::from_raw(raw.self_destruct, region_id.as_deref())?;
         let paths = self.paths(raw.paths);
         let runner = self.runner(raw.runner)?;
         let timeouts = self.timeouts(raw.timeouts, &ssh)?;
+        let helper = self.helper(raw.helper)?;
 
-        if safety.watchdog && instance.ram_role_name.is_none() {
-            self.warnings.push(
-                "`safety.watchdog` is on but `instance.ram_role_name` is empty: the watchdog cannot delete the \
-                 instance itself and only powers it off; `AutoReleaseTime` still releases it"
-                    .into(),
-            );
+        if let Some(w) = crate::sts::config_warning(&safety, &instance, &self_destruct) {
+            self.warnings.push(w);
         }
 
         Ok(Config {
@@ -1091,9 +1106,11 @@ impl<'a> Validator<'a> {
             ssh,
             job_overrides,
             safety,
+            self_destruct,
             paths,
             runner,
             timeouts,
+            helper,
             warnings: self.warnings,
         })
     }
@@ -1205,6 +1222,7 @@ impl<'a> Validator<'a> {
             instance_ram_role,
             use_instance_role,
             metadata_endpoint,
+            hardened_only: raw.hardened_only.unwrap_or(false),
         })
     }
 
@@ -1534,7 +1552,7 @@ impl<'a> Validator<'a> {
                 return Err(self.err(
                     Origin::File("spot.max_price_per_hour"),
                     num(cap),
-                    "is not a positive price; set a price in CNY per hour, or leave it out for no cap",
+                    "is not a positive price; set a price per hour in the account's currency (CNY or USD), or leave it out for no cap",
                 ));
             }
         }
@@ -1554,10 +1572,24 @@ impl<'a> Validator<'a> {
                 "is longer than 6 hours, and spot stock comes back; set at most \"6h\" (\"0s\" turns it off)",
             ));
         }
+        let protection_hours = raw.protection_hours.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS);
+        if !crate::pricing::PROTECTION_HOURS.contains(&protection_hours) {
+            return Err(self.err(
+                Origin::File("spot.protection_hours"),
+                protection_hours.to_string(),
+                "is not a protection period ECS offers; set 1 (the default) or 0 (cheaper, but the instance may be reclaimed at any time)",
+            ));
+        }
         Ok(SpotConfig {
             strategy: raw.strategy.unwrap_or_default(),
             price_limit_factor,
             max_price_per_hour: raw.max_price_per_hour,
+            protection_hours,
+            kinds: crate::families::TypeKinds {
+                shared: raw.allow_shared.unwrap_or(false),
+                burstable: raw.allow_burstable.unwrap_or(false),
+                gpu: raw.allow_gpu.unwrap_or(false),
+            },
             ranking: raw.ranking.unwrap_or_default(),
             price_cache_ttl,
             stock_cooldown,
@@ -1602,7 +1634,26 @@ impl<'a> Validator<'a> {
                 self.in_file()
             );
         }
-        Ok(SshConfig { user, port, connect_timeout, boot_timeout, key_pair_name, private_key_file })
+        let interval = raw.keepalive_interval.map(|d| d.0).unwrap_or(Duration::from_secs(10));
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&interval) {
+            let why = "is out of range; set between \"1s\" and \"5m\" (default \"10s\")";
+            return Err(self.err(Origin::File("ssh.keepalive_interval"), format_duration(interval), why));
+        }
+        let count_max = raw.keepalive_count_max.unwrap_or(3);
+        if !(1..=100).contains(&count_max) {
+            let why = "is out of range; set 1 to 100 (default 3)";
+            return Err(self.err(Origin::File("ssh.keepalive_count_max"), count_max, why));
+        }
+        let keepalive = crate::ssh::Keepalive { interval, count_max };
+        Ok(SshConfig {
+            user,
+            port,
+            connect_timeout,
+            boot_timeout,
+            key_pair_name,
+            private_key_file,
+            keepalive,
+        })
     }
 
     fn job_overrides(
@@ -1764,14 +1815,27 @@ impl<'a> Validator<'a> {
             }
         }
         let shell = raw.shell.unwrap_or_else(|| "bash".into());
-        if shell != "bash" && shell != "sh" {
+        // gitlab-runner's POSIX scripts quote with bash's `$'…'` (v18.3.0-1857-gd79f3e7b8,
+        // `shells/bash.go` `escape` → `helpers.ShellEscape`), which dash runs as literal text
+        // (`eval $'echo a\nb'` → `anb: not found`): bash is the only POSIX shell that works.
+        if shell != "bash" {
             return Err(self.err(
                 Origin::File("runner.shell"),
                 &shell,
-                "is not supported; use `bash` or `sh`",
+                "is not supported: gitlab-runner's scripts need bash (they quote with `$'…'`); remove the key or set `bash`",
             ));
         }
-        Ok(RunnerConfig { builds_dir, cache_dir, shell })
+        let id = match self.string(&[crate::identity::RUNNER_ID_VAR], "runner.id", raw.id) {
+            Some((v, origin)) if !crate::identity::is_id(&v) => {
+                return Err(self.err(
+                    origin,
+                    &v,
+                    "is not a usable runner id; use at most 64 letters, digits, `.`, `_` or `-`",
+                ))
+            }
+            other => other.map(|(v, _)| v),
+        };
+        Ok(RunnerConfig { id, builds_dir, cache_dir, shell })
     }
 
     fn timeouts(&self, raw: RawTimeouts, ssh: &SshConfig) -> anyhow::Result<Timeouts> {

@@ -43,7 +43,7 @@ impl Cooldown {
     }
 
     fn read(&self) -> Vec<Entry> {
-        match std::fs::read(&self.path) {
+        match crate::fsutil::read_nofollow(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 log::warn!("ignoring the unreadable stock cooldown file `{}`: {e}", self.path.display());
                 Vec::new()
@@ -115,6 +115,7 @@ mod tests {
             price_per_core: 0.025,
             on_demand_price: None,
             discount: None,
+            currency: "CNY".into(),
             vswitch_id: None,
             vswitch_configured: true,
         }

@@ -9,7 +9,12 @@
 //!
 //! The instance role is read from the metadata service in hardened mode (a session token from
 //! `PUT /latest/api/token` sent with every `GET`), cached, and refreshed 5 minutes before its
-//! `Expiration`. Every secret is a [`Secret`]; no error or log line here ever contains one.
+//! `Expiration`. When the token request fails, the plain request (no token) follows, as Aliyun's
+//! credentials provider does (`alibabacloud-credentials` 1.0.12,
+//! `alibabacloud_credentials/provider/ecs_ram_role.py`: `_get_metadata_token` returns `None` on
+//! any failure unless IMDSv1 is disabled, and `_should_fallback_to_imds_v1` repeats a failed
+//! `GET` without the token); `credentials.hardened_only` (its `disable_imds_v1`) refuses that.
+//! Every secret is a [`Secret`]; no error or log line here ever contains one.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -74,6 +79,9 @@ pub struct CredentialSpec {
     pub use_instance_role: bool,
     /// Base URL of the metadata service (default [`DEFAULT_METADATA_ENDPOINT`]).
     pub metadata_endpoint: String,
+    /// Hardened mode only: when the metadata token request fails, fail instead of falling back
+    /// to the plain request.
+    pub hardened_only: bool,
 }
 
 impl CredentialSpec {
@@ -94,6 +102,7 @@ impl Default for CredentialSpec {
             instance_ram_role: None,
             use_instance_role: false,
             metadata_endpoint: DEFAULT_METADATA_ENDPOINT.to_string(),
+            hardened_only: false,
         }
     }
 }
@@ -121,13 +130,18 @@ pub fn provider_from_spec(spec: &CredentialSpec) -> anyhow::Result<Arc<dyn Crede
         _ => {}
     }
     if let Some(path) = &spec.profile_file {
-        return provider_from_profile_file(path, spec.profile_name.as_deref(), &spec.metadata_endpoint);
+        return provider_from_profile_file(
+            path,
+            spec.profile_name.as_deref(),
+            &spec.metadata_endpoint,
+            spec.hardened_only,
+        );
     }
     if spec.use_instance_role || spec.instance_ram_role.is_some() {
-        return Ok(Arc::new(InstanceRoleProvider::new(
-            &spec.metadata_endpoint,
-            spec.instance_ram_role.clone(),
-        )?));
+        return Ok(Arc::new(
+            InstanceRoleProvider::new(&spec.metadata_endpoint, spec.instance_ram_role.clone())?
+                .hardened_only(spec.hardened_only),
+        ));
     }
     bail!(
         "no Aliyun credentials configured: give an AccessKey pair, an aliyun CLI profile file \
@@ -177,11 +191,13 @@ pub fn mask_key_id(id: &str) -> String {
 
 /// Reads an aliyun-CLI profile file (`{"current": ..., "profiles": [{"name", "mode", ...}]}`)
 /// and builds the provider of the selected profile (`profile_name`, else `current`, else
-/// `default`). Modes `AK`, `StsToken` and `EcsRamRole` are supported.
+/// `default`). Modes `AK`, `StsToken` and `EcsRamRole` are supported; `EcsRamRole` reads
+/// `metadata_endpoint`, in hardened mode only when `hardened_only`.
 pub fn provider_from_profile_file(
     path: &Path,
     profile_name: Option<&str>,
     metadata_endpoint: &str,
+    hardened_only: bool,
 ) -> anyhow::Result<Arc<dyn CredentialsProvider>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read the aliyun profile file `{}`", path.display()))?;
@@ -235,7 +251,7 @@ pub fn provider_from_profile_file(
         }
         "EcsRamRole" => {
             let role = field("ram_role_name").map(str::to_string);
-            Ok(Arc::new(InstanceRoleProvider::new(metadata_endpoint, role)?))
+            Ok(Arc::new(InstanceRoleProvider::new(metadata_endpoint, role)?.hardened_only(hardened_only)))
         }
         other => bail!(
             "profile `{wanted}` in `{}` uses mode `{other}`, which is not supported: use a profile with mode \
@@ -251,6 +267,7 @@ pub fn provider_from_profile_file(
 pub struct InstanceRoleProvider {
     base: String,
     role: Option<String>,
+    hardened_only: bool,
     transport: Box<dyn Transport>,
     now: Box<dyn Fn() -> OffsetDateTime + Send + Sync>,
     cache: Mutex<Option<Credentials>>,
@@ -261,6 +278,7 @@ impl fmt::Debug for InstanceRoleProvider {
         f.debug_struct("InstanceRoleProvider")
             .field("base", &self.base)
             .field("role", &self.role)
+            .field("hardened_only", &self.hardened_only)
             .finish_non_exhaustive()
     }
 }
@@ -286,6 +304,7 @@ impl InstanceRoleProvider {
         Ok(InstanceRoleProvider {
             base,
             role: role.filter(|r| !r.trim().is_empty()),
+            hardened_only: false,
             transport,
             now: Box::new(OffsetDateTime::now_utc),
             cache: Mutex::new(None),
@@ -298,41 +317,78 @@ impl InstanceRoleProvider {
         self
     }
 
-    fn get(&self, path: &str, token: &str) -> anyhow::Result<String> {
+    /// Refuses the plain request when the hardened-mode token request fails (default: fall
+    /// back to it, as Aliyun's credentials provider does).
+    pub fn hardened_only(mut self, yes: bool) -> Self {
+        self.hardened_only = yes;
+        self
+    }
+
+    /// `GET /latest/meta-data/<path>`, with the session token when there is one.
+    fn get_once(&self, path: &str, token: Option<&Secret<String>>) -> anyhow::Result<String> {
         let url = format!("{}/latest/meta-data/{path}", self.base);
-        let req = HttpRequest::new("GET", url.clone()).header("X-aliyun-ecs-metadata-token", token);
-        let resp =
-            self.transport.send(&req).map_err(|e| anyhow!("the metadata service did not answer: {e}"))?;
+        let mut req = HttpRequest::new("GET", url.clone());
+        if let Some(t) = token {
+            req = req.header("X-aliyun-ecs-metadata-token", t.expose().as_str());
+        }
+        let resp = self.transport.send(&req).map_err(|e| {
+            anyhow!("the metadata service did not answer: {e} (is this runner host an ECS instance?)")
+        })?;
         if !(200..300).contains(&resp.status) {
             bail!("the metadata service answered HTTP {} to GET `{url}`", resp.status);
         }
         Ok(resp.body)
     }
 
-    fn fetch(&self) -> anyhow::Result<Credentials> {
+    /// [`Self::get_once`]; a failed `GET` with a token is repeated without one unless
+    /// `hardened_only` (`ecs_ram_role.py`, `_should_fallback_to_imds_v1`). When the plain try
+    /// fails too, the first error is the one that says what is wrong.
+    fn get(&self, path: &str, token: Option<&Secret<String>>) -> anyhow::Result<String> {
+        match self.get_once(path, token) {
+            Err(e) if token.is_some() && !self.hardened_only => self.get_once(path, None).map_err(|_| e),
+            r => r,
+        }
+    }
+
+    /// The hardened-mode session token; `None` (plain requests) when the service gives none and
+    /// `hardened_only` is off.
+    fn token(&self) -> anyhow::Result<Option<Secret<String>>> {
         let token_url = format!("{}/latest/api/token", self.base);
         let req = HttpRequest::new("PUT", token_url.clone())
             .header("X-aliyun-ecs-metadata-token-ttl-seconds", METADATA_TOKEN_TTL_SECONDS.to_string());
-        let resp = self.transport.send(&req).map_err(|e| {
-            anyhow!("the metadata service did not answer: {e} (is this runner host an ECS instance?)")
-        })?;
-        if !(200..300).contains(&resp.status) {
-            bail!(
-                "the metadata service answered HTTP {} to PUT `{token_url}` (hardened mode token)",
+        let why = match self.transport.send(&req) {
+            Ok(resp) if (200..300).contains(&resp.status) => {
+                return Ok(Some(Secret::new(resp.body.trim().to_string())));
+            }
+            Ok(resp) if self.hardened_only => bail!(
+                "the metadata service answered HTTP {} to PUT `{token_url}` (hardened mode token), and \
+                 `credentials.hardened_only` forbids the plain request: unset it to fall back to the plain \
+                 request as Aliyun's credentials provider does",
                 resp.status
-            );
-        }
-        let token = Secret::new(resp.body.trim().to_string());
+            ),
+            Err(e) if self.hardened_only => {
+                bail!("the metadata service did not answer: {e} (is this runner host an ECS instance?)")
+            }
+            Ok(resp) => format!("HTTP {} to PUT `{token_url}`", resp.status),
+            Err(e) => e.message,
+        };
+        log::info!("no hardened mode metadata token ({why}); reading the instance RAM role in plain mode");
+        Ok(None)
+    }
+
+    fn fetch(&self) -> anyhow::Result<Credentials> {
+        let token = self.token()?;
+        let token = token.as_ref();
         let role = match &self.role {
             Some(r) => r.clone(),
             None => {
-                let list = self.get("ram/security-credentials/", token.expose())?;
+                let list = self.get("ram/security-credentials/", token)?;
                 list.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string).ok_or_else(|| {
                     anyhow!("this ECS instance has no RAM role attached (the metadata service lists none)")
                 })?
             }
         };
-        let body = self.get(&format!("ram/security-credentials/{role}"), token.expose())?;
+        let body = self.get(&format!("ram/security-credentials/{role}"), token)?;
         let v: Value = serde_json::from_str(&body)
             .map_err(|_| anyhow!("the metadata service's credentials for RAM role `{role}` are not JSON"))?;
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string).filter(|s| !s.is_empty());
@@ -349,6 +405,12 @@ impl InstanceRoleProvider {
             })?),
             None => None,
         };
+        // Names and times only: the token, secret and session token never reach a log.
+        log::debug!(
+            "RAM role `{role}`: credentials from the metadata service `{}`, expiring {}",
+            self.base,
+            s("Expiration").as_deref().unwrap_or("never")
+        );
         Ok(Credentials {
             access_key_id: s("AccessKeyId").ok_or_else(|| missing("AccessKeyId"))?,
             access_key_secret: Secret::new(s("AccessKeySecret").ok_or_else(|| missing("AccessKeySecret"))?),
@@ -560,6 +622,8 @@ mod tests {
         calls: Mutex<Vec<HttpRequest>>,
         expiration: Mutex<String>,
         fail: std::sync::atomic::AtomicBool,
+        /// A service without hardened mode: the token request answers 404, plain GETs work.
+        no_tokens: std::sync::atomic::AtomicBool,
     }
 
     impl Transport for Arc<FakeMetadata> {
@@ -574,15 +638,33 @@ mod tests {
             let path = req.url.trim_start_matches("http://meta.test");
             let ok = |body: String| Ok(HttpResponse { status: 200, body });
             match (req.method.as_str(), path) {
+                ("PUT", "/latest/api/token") if self.no_tokens.load(Ordering::SeqCst) => {
+                    Ok(HttpResponse { status: 404, body: "Not Found".into() })
+                }
                 ("PUT", "/latest/api/token") => {
                     assert_eq!(req.header_value("X-aliyun-ecs-metadata-token-ttl-seconds"), Some("21600"));
                     ok("session-token".into())
                 }
+                (_, _)
+                    if self.no_tokens.load(Ordering::SeqCst)
+                        && req.header_value("X-aliyun-ecs-metadata-token").is_none() =>
+                {
+                    self.plain(path)
+                }
                 (_, _) if req.header_value("X-aliyun-ecs-metadata-token") != Some("session-token") => {
                     Ok(HttpResponse { status: 401, body: String::new() })
                 }
-                ("GET", "/latest/meta-data/ram/security-credentials/") => ok("runner-role\n".into()),
-                ("GET", "/latest/meta-data/ram/security-credentials/runner-role") => ok(serde_json::json!({
+                _ => self.plain(path),
+            }
+        }
+    }
+
+    impl FakeMetadata {
+        fn plain(&self, path: &str) -> Result<HttpResponse, TransportError> {
+            let ok = |body: String| Ok(HttpResponse { status: 200, body });
+            match path {
+                "/latest/meta-data/ram/security-credentials/" => ok("runner-role\n".into()),
+                "/latest/meta-data/ram/security-credentials/runner-role" => ok(serde_json::json!({
                     "AccessKeyId": "STS.roleKey0003", "AccessKeySecret": SECRET, "SecurityToken": TOKEN,
                     "Expiration": *self.expiration.lock().unwrap(), "LastUpdated": "2025-01-01T00:00:00Z", "Code": "Success"
                 })
@@ -597,6 +679,7 @@ mod tests {
             calls: Mutex::new(Vec::new()),
             expiration: Mutex::new("2025-01-01T06:00:00Z".into()),
             fail: Default::default(),
+            no_tokens: Default::default(),
         })
     }
 
@@ -642,9 +725,50 @@ mod tests {
         assert_eq!(
             e,
             "failed to get the instance RAM role credentials from the metadata service: the metadata service did not answer: \
-             PUT `http://meta.test/latest/api/token`: connection refused (is this runner host an ECS instance?)"
+             GET `http://meta.test/latest/meta-data/ram/security-credentials/`: connection refused (is this runner host an \
+             ECS instance?)"
         );
         assert!(!e.contains(SECRET) && !e.contains(TOKEN));
+    }
+
+    /// A metadata service that gives no token: the plain requests follow, as Aliyun's
+    /// credentials provider does; `hardened_only` refuses them with one line.
+    #[test]
+    fn without_a_token_plain_requests_follow_unless_hardened_only() {
+        let meta = fake();
+        meta.no_tokens.store(true, Ordering::SeqCst);
+        let p =
+            InstanceRoleProvider::with_transport("http://meta.test", None, Box::new(meta.clone())).unwrap();
+        assert_eq!(p.credentials().unwrap().access_key_id, "STS.roleKey0003");
+        let seen: Vec<String> = meta
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {} {:?}", r.method, r.url, r.header_value("X-aliyun-ecs-metadata-token")))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                "PUT http://meta.test/latest/api/token None",
+                "GET http://meta.test/latest/meta-data/ram/security-credentials/ None",
+                "GET http://meta.test/latest/meta-data/ram/security-credentials/runner-role None",
+            ]
+        );
+
+        let meta = fake();
+        meta.no_tokens.store(true, Ordering::SeqCst);
+        let p = InstanceRoleProvider::with_transport("http://meta.test", None, Box::new(meta.clone()))
+            .unwrap()
+            .hardened_only(true);
+        let e = format!("{:#}", p.credentials().unwrap_err());
+        assert_eq!(
+            e,
+            "failed to get the instance RAM role credentials from the metadata service: the metadata service answered \
+             HTTP 404 to PUT `http://meta.test/latest/api/token` (hardened mode token), and `credentials.hardened_only` \
+             forbids the plain request: unset it to fall back to the plain request as Aliyun's credentials provider does"
+        );
+        assert!(meta.calls.lock().unwrap().iter().all(|r| r.method == "PUT"), "no plain request was sent");
     }
 
     #[test]

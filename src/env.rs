@@ -1,20 +1,19 @@
 //! The one place where the process environment is read.
 //!
-//! A stage process gets three kinds of variables mixed in one environment (CUSTOM_EXECUTOR.md
-//! §3): the runner host's own (the administrator's `ALIYUN_*` settings, `HOME`, `PATH`), the
+//! A stage process gets three kinds of variables mixed in one environment (docs/gitlab-runner.md,
+//! "Environment"): the runner host's own (the administrator's `ALIYUN_*` settings, `HOME`, `PATH`), the
 //! fixed ones gitlab-runner adds (`BUILD_FAILURE_EXIT_CODE`, …), and every job variable prefixed
 //! with `CUSTOM_ENV_`, which anyone who can edit `.gitlab-ci.yml` controls. Taking one snapshot
 //! here — from the process in the binaries, from a map in tests — keeps the rest of the crate
 //! free of hidden inputs, and keeps the line between trusted and job-controlled values visible:
 //! [`Env::get`] is the administrator's world, [`Env::custom`] the job's. Internal variables of
-//! this driver never start with `CUSTOM_ENV_`, so a job cannot set them.
+//! this driver never start with `CUSTOM_ENV_`, so a job cannot set them. The job's identity is
+//! never read from `CUSTOM_ENV_*` (a job may override `CI_JOB_ID`): see [`crate::identity`].
 //!
 //! `clippy.toml` bans `std::env::var` and friends everywhere else.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-use anyhow::bail;
 
 use crate::exit::ExitCodes;
 
@@ -94,26 +93,19 @@ impl Env {
         self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// The job's identity as gitlab-runner describes it in `CUSTOM_ENV_CI_*`.
+    /// What the job's `CUSTOM_ENV_CI_*` variables say about it. None of it is identity: the job
+    /// may set every one of these (see [`crate::identity`] for the trusted ids). Values that
+    /// reach tags, file names or logs are checked here and dropped when malformed.
     pub fn job(&self) -> JobInfo {
         let c = |name: &str| self.custom(name).map(str::to_string);
-        let runner_short_token = c("CI_RUNNER_SHORT_TOKEN");
         JobInfo {
-            runner_id: c("CI_RUNNER_ID").or_else(|| runner_short_token.clone()),
-            runner_short_token,
-            project_id: c("CI_PROJECT_ID"),
-            project_path: c("CI_PROJECT_PATH"),
-            job_id: c("CI_JOB_ID"),
-            job_name: c("CI_JOB_NAME"),
-            pipeline_id: c("CI_PIPELINE_ID"),
-            concurrent_id: c("CI_CONCURRENT_ID"),
+            project_path: c("CI_PROJECT_PATH").filter(|p| crate::identity::is_project_path(p)),
+            pipeline_id: c("CI_PIPELINE_ID").filter(|p| crate::identity::is_numeric_id(p)),
             job_timeout: self
                 .custom("CI_JOB_TIMEOUT")
                 .and_then(|v| v.parse::<u64>().ok())
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs),
-            builds_dir: c("CI_BUILDS_DIR"),
-            project_dir: c("CI_PROJECT_DIR"),
         }
     }
 
@@ -123,84 +115,16 @@ impl Env {
     }
 }
 
-/// What gitlab-runner tells a stage about its job (`CUSTOM_ENV_CI_*`). Every field is `None`
-/// when the variable is missing or empty; [`JobInfo::ids`] checks the ones that name files and
-/// tags.
+/// What the job's variables (`CUSTOM_ENV_CI_*`) say, checked; every field is `None` when the
+/// variable is missing, empty or malformed. Untrusted: never identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobInfo {
-    /// `CI_RUNNER_ID`, else `CI_RUNNER_SHORT_TOKEN`.
-    pub runner_id: Option<String>,
-    /// `CI_RUNNER_SHORT_TOKEN` (the first characters of the runner's token; not a secret).
-    pub runner_short_token: Option<String>,
-    /// `CI_PROJECT_ID`.
-    pub project_id: Option<String>,
-    /// `CI_PROJECT_PATH` (`group/project`).
+    /// `CI_PROJECT_PATH` (`group/project`), when it looks like one.
     pub project_path: Option<String>,
-    /// `CI_JOB_ID`.
-    pub job_id: Option<String>,
-    /// `CI_JOB_NAME`.
-    pub job_name: Option<String>,
-    /// `CI_PIPELINE_ID`.
+    /// `CI_PIPELINE_ID`, when it is digits.
     pub pipeline_id: Option<String>,
-    /// `CI_CONCURRENT_ID` (the runner-local slot).
-    pub concurrent_id: Option<String>,
     /// `CI_JOB_TIMEOUT` (seconds), when positive.
     pub job_timeout: Option<Duration>,
-    /// `CI_BUILDS_DIR` (empty in the `config` stage).
-    pub builds_dir: Option<String>,
-    /// `CI_PROJECT_DIR` (empty in the `config` stage).
-    pub project_dir: Option<String>,
-}
-
-/// The three identifiers that key a job's state directory, tags and `ClientToken`; checked to
-/// be short and made only of `[A-Za-z0-9._-]`, so they are safe in paths and tag values.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobIds {
-    /// The runner (`CI_RUNNER_ID`, else `CI_RUNNER_SHORT_TOKEN`).
-    pub runner_id: String,
-    /// The project (`CI_PROJECT_ID`).
-    pub project_id: String,
-    /// The job (`CI_JOB_ID`).
-    pub job_id: String,
-}
-
-impl JobInfo {
-    /// The runner, project and job ids, or one line naming the variable that is missing or
-    /// unusable. A stage run outside gitlab-runner fails here, before touching anything.
-    pub fn ids(&self) -> anyhow::Result<JobIds> {
-        fn check(name: &str, value: &Option<String>) -> anyhow::Result<String> {
-            let Some(v) = value else {
-                bail!(
-                    "gitlab-runner did not provide `{CUSTOM_PREFIX}{name}`; the stage programs must be \
-                     started by gitlab-runner's custom executor (or `aliyun-spot demo`)"
-                );
-            };
-            let safe = v.len() <= 64
-                && v != "."
-                && v != ".."
-                && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !safe {
-                bail!(
-                    "`{CUSTOM_PREFIX}{name}`=`{v}` is not a usable id: expected at most 64 letters, digits, \
-                     `.`, `_` or `-`; do not override `{name}` in the job's variables"
-                );
-            }
-            Ok(v.clone())
-        }
-        let runner_name = if self.runner_id.is_some()
-            && self.runner_id == self.runner_short_token
-            && self.runner_short_token.is_some()
-        {
-            "CI_RUNNER_SHORT_TOKEN"
-        } else {
-            "CI_RUNNER_ID"
-        };
-        Ok(JobIds {
-            runner_id: check(runner_name, &self.runner_id)?,
-            project_id: check("CI_PROJECT_ID", &self.project_id)?,
-            job_id: check("CI_JOB_ID", &self.job_id)?,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -236,41 +160,18 @@ mod tests {
     #[test]
     fn job_info_from_custom_env() {
         let j = job_env().job();
-        assert_eq!(j.runner_id.as_deref(), Some("42"));
         assert_eq!(j.project_path.as_deref(), Some("group/app"));
+        assert_eq!(j.pipeline_id.as_deref(), Some("555"));
         assert_eq!(j.job_timeout, Some(Duration::from_secs(3600)));
-        assert_eq!(j.builds_dir, None, "empty means unset");
-        assert_eq!(j.project_dir.as_deref(), Some("/builds/group/app"));
-        let ids = j.ids().unwrap();
-        assert_eq!(
-            (ids.runner_id.as_str(), ids.project_id.as_str(), ids.job_id.as_str()),
-            ("42", "7", "1001")
-        );
     }
 
     #[test]
-    fn runner_id_falls_back_to_the_short_token() {
-        let mut m: BTreeMap<String, String> = job_env().iter().map(|(k, v)| (k.into(), v.into())).collect();
-        m.remove("CUSTOM_ENV_CI_RUNNER_ID");
-        let j = Env::from_map(m).job();
-        assert_eq!(j.runner_id.as_deref(), Some("t1abcdefg"));
-        assert_eq!(j.ids().unwrap().runner_id, "t1abcdefg");
-    }
-
-    #[test]
-    fn ids_name_the_missing_or_unsafe_variable() {
-        let err = Env::default().job().ids().unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "gitlab-runner did not provide `CUSTOM_ENV_CI_RUNNER_ID`; the stage programs must be started by \
-             gitlab-runner's custom executor (or `aliyun-spot demo`)"
-        );
-        let err = job_env().with("CUSTOM_ENV_CI_JOB_ID", "../../etc").job().ids().unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "`CUSTOM_ENV_CI_JOB_ID`=`../../etc` is not a usable id: expected at most 64 letters, digits, `.`, \
-             `_` or `-`; do not override `CI_JOB_ID` in the job's variables"
-        );
+    fn malformed_values_that_would_reach_tags_or_logs_are_dropped() {
+        let j = job_env()
+            .with("CUSTOM_ENV_CI_PIPELINE_ID", "555\nERROR: fake")
+            .with("CUSTOM_ENV_CI_PROJECT_PATH", "../../etc")
+            .job();
+        assert_eq!((j.pipeline_id, j.project_path), (None, None));
     }
 
     #[test]

@@ -1,11 +1,29 @@
 //! The one place where a stage's outcome becomes a process exit code.
 //!
-//! gitlab-runner knows only two failures (CUSTOM_EXECUTOR.md §4): `BUILD_FAILURE_EXIT_CODE`
-//! (the job's own script failed) and `SYSTEM_FAILURE_EXIT_CODE` (everything else: configuration,
-//! API, capacity, SSH, reclaim, timeouts, signals). Only the script's own failure may be a build
-//! failure; its status also goes to `BUILD_EXIT_CODE_FILE` so `allow_failure: exit_codes` works.
+//! gitlab-runner knows two failures (docs/gitlab-runner.md, "Exit codes"; gitlab-runner
+//! v18.3.0-1857-gd79f3e7b8, `executors/custom/command/command.go`, `waitForCommand`):
+//! `BUILD_FAILURE_EXIT_CODE` becomes a `BuildError` with reason `script_failure`, which
+//! `common/build.go` (`retryCreateExecutor`) never retries and `retry: when:
+//! runner_system_failure` does not match; `SYSTEM_FAILURE_EXIT_CODE` is a system failure, and a
+//! failed `config`/`prepare` is retried up to `PreparationRetries` (3) times, 3 s apart.
+//!
+//! So a build failure is reserved for what the job itself got wrong: its script's status
+//! ([`StageError::Build`], also written to `BUILD_EXIT_CODE_FILE` so `allow_failure:
+//! exit_codes` works) and a job variable this runner cannot accept ([`StageError::Job`]: a
+//! retry would fail the same way). Everything else — configuration, API, capacity, SSH,
+//! reclaim, timeouts, signals — is a system failure.
 
 use std::path::PathBuf;
+
+/// The job's own mistake outside its script: a job variable (`CUSTOM_ENV_*`) that does not
+/// parse, is out of bounds or is not allowed on this runner. The message is the one line the
+/// user needs (the variable, its value and the fix).
+///
+/// Code that finds such a mistake returns this type (inside an `anyhow::Error` where the
+/// surrounding code uses `anyhow`); [`StageError`]'s `From<anyhow::Error>` finds it by type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct JobError(pub String);
 
 /// How a stage ended when it did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -13,9 +31,30 @@ pub enum StageError {
     /// The job's script ran and exited non-zero with this status.
     #[error("the job script exited with status {0}")]
     Build(i32),
+    /// The job asked for something this runner does not accept (a build failure: retrying
+    /// cannot help).
+    #[error(transparent)]
+    Job(JobError),
     /// Anything the runner, the cloud or the network got wrong.
     #[error(transparent)]
-    System(#[from] anyhow::Error),
+    System(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StageError {
+    /// A [`JobError`] anywhere in the chain makes a [`StageError::Job`]; anything else is a
+    /// system failure.
+    fn from(e: anyhow::Error) -> Self {
+        match e.downcast_ref::<JobError>() {
+            Some(job) => StageError::Job(job.clone()),
+            None => StageError::System(e),
+        }
+    }
+}
+
+impl From<JobError> for StageError {
+    fn from(e: JobError) -> Self {
+        StageError::Job(e)
+    }
 }
 
 impl StageError {
@@ -72,13 +111,23 @@ impl ExitCodes {
                 if let Some(path) = &self.build_exit_code_file {
                     // Only the bare integer: anything else turns into a system failure.
                     if let Err(e) = std::fs::write(path, format!("{status}\n")) {
-                        eprintln!("WARNING: could not write `{}`: {e}", path.display());
+                        crate::logging::stderr_line(&format!(
+                            "WARNING: could not write `{}`: {e}",
+                            path.display()
+                        ));
                     }
                 }
                 self.build_failure
             }
+            Err(StageError::Job(e)) => {
+                // No status file: a stale one from an earlier stage would be read as this
+                // failure's status; without one gitlab-runner reports `exit status 1`.
+                self.clear_build_exit_code_file();
+                eprintln!("ERROR: {e}");
+                self.build_failure
+            }
             Err(StageError::System(e)) => {
-                eprintln!("ERROR: {}", one_line(e));
+                crate::logging::stderr_line(&format!("ERROR: {}", one_line(e)));
                 self.system_failure
             }
         }
@@ -117,5 +166,19 @@ mod tests {
         assert_eq!(c.code_for(&Err(StageError::system("boom"))), 2);
         assert!(!file.exists(), "a system failure writes no status");
         assert_eq!(c.code_for(&Ok(())), 0);
+    }
+
+    #[test]
+    fn a_job_error_is_a_build_failure_without_a_status_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("build_exit_code");
+        std::fs::write(&file, "42\n").unwrap();
+        let c = ExitCodes { build_exit_code_file: Some(file.clone()), ..ExitCodes::default() };
+        let wrapped = anyhow::Error::new(JobError("job variable `X`=`y` is bad".into())).context("loading");
+        let err = StageError::from(wrapped);
+        assert!(matches!(&err, StageError::Job(j) if j.0 == "job variable `X`=`y` is bad"), "{err:?}");
+        assert_eq!(c.code_for(&Err(err)), 1);
+        assert!(!file.exists(), "a stale status must not be read as this failure's");
+        assert!(matches!(StageError::from(anyhow::anyhow!("boom")), StageError::System(_)));
     }
 }

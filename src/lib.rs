@@ -11,7 +11,9 @@
 //!
 //! Module map:
 //! - [`config`] and [`mod@env`]: the TOML file, the administrator's environment and the job's
-//!   `CUSTOM_ENV_*` overrides, validated once into typed values.
+//!   `CUSTOM_ENV_*` overrides, validated once into typed values; [`identity`]: who a job is,
+//!   from gitlab-runner's job payload, the runner id and a per-attempt secret (never from job
+//!   variables).
 //! - [`ecs`]: the ECS RPC client (signing, transport, typed errors, retry, actions) and
 //!   [`credentials`]: the AccessKey / profile / instance RAM role chain.
 //! - [`selection`], [`price_cache`] and [`cooldown`]: candidate types, availability and spot
@@ -20,13 +22,15 @@
 //! - [`userdata`] and [`watchdog`]: the cloud-config given to each instance (keys, the
 //!   self-destruct watchdog).
 //! - [`offers`]: live offers from ECS through the price cache; [`logging`]: debug logs.
-//! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes.
+//! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes;
+//!   [`helper`]: gitlab-runner's own binary on the instance.
 //! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands; [`github`]:
 //!   ephemeral GitHub Actions runners on the same rules (`aliyun-spot github`).
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
 
 pub mod admin;
 pub mod config;
+pub mod config_perms;
 pub mod cooldown;
 pub mod credentials;
 pub mod demo;
@@ -34,17 +38,23 @@ pub mod ecs;
 pub mod emulator;
 pub mod env;
 pub mod exit;
+pub mod families;
 pub mod fsutil;
 pub mod github;
+pub mod helper;
+pub mod identity;
 pub mod keys;
 pub mod logging;
 pub mod offers;
 pub mod price_cache;
+pub mod pricing;
+pub mod ram_policy;
 pub mod secret;
 pub mod selection;
 pub mod ssh;
 pub mod stages;
 pub mod state;
+pub mod sts;
 pub mod sweep;
 pub mod userdata;
 pub mod watchdog;

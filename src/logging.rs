@@ -4,10 +4,79 @@
 //! asks for them (e.g. `RUST_LOG=aliyun_spot_executor=debug`). Nothing logged at any level
 //! contains a secret: credentials are [`crate::secret::Secret`] and requests are logged
 //! without their signature or token.
+//!
+//! Dependencies are another matter: at debug and trace level the HTTP client (`ureq`) logs
+//! every request's URL and header block ("writing prelude"), which for the metadata service
+//! carries the session token (`X-aliyun-ecs-metadata-token`), and the TLS stack logs its
+//! handshake. So whatever `RUST_LOG` says (`debug`, `trace`, `ureq=trace`), a record whose
+//! target is not this crate is dropped unless it is a warning or an error: debugging the
+//! driver never puts a credential request's headers or body on the screen.
 
-/// Installs the logger (stderr, filtered by `RUST_LOG`, default `warn`).
+use log::{Level, Log, Metadata, Record};
+
+/// Writes one line to stderr, ignoring a failed write.
+///
+/// `eprintln!` panics when the write fails, and Rust programs ignore SIGPIPE, so a stage whose
+/// stderr is a closed pipe (`prepare 2>&1 | head -4`, a runner that went away) would die with
+/// exit code 101 half-way through creating an instance. A progress line nobody can read is
+/// not worth that: the stage goes on and records or releases what it created.
+pub fn stderr_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The target prefix of this crate's own records.
+const OWN_TARGET: &str = "aliyun_spot_executor";
+
+/// Installs the logger (stderr, filtered by `RUST_LOG`, default `warn`; other crates' records
+/// only at `warn` and `error`).
 pub fn init() {
-    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
-        .try_init();
+        .build();
+    let max = inner.filter();
+    if log::set_boxed_logger(Box::new(OwnRecordsOnly(inner))).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Passes this crate's records on as filtered by `RUST_LOG`, and only warnings and errors of
+/// every other target.
+struct OwnRecordsOnly<L>(L);
+
+/// Whether a record of `target` at `level` may be logged at all.
+fn allowed(target: &str, level: Level) -> bool {
+    level <= Level::Warn || target == OWN_TARGET || target.starts_with("aliyun_spot_executor::")
+}
+
+impl<L: Log> Log for OwnRecordsOnly<L> {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        allowed(metadata.target(), metadata.level()) && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record) {
+        if allowed(record.target(), record.level()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_own_records_pass_below_warn() {
+        assert!(allowed("aliyun_spot_executor::credentials", Level::Trace));
+        assert!(allowed("aliyun_spot_executor", Level::Debug));
+        assert!(!allowed("ureq::unit", Level::Debug));
+        assert!(!allowed("rustls::client::hs", Level::Trace));
+        assert!(!allowed("aliyun_spot_executor_evil", Level::Debug));
+        assert!(allowed("ureq::unit", Level::Warn));
+        assert!(allowed("rustls", Level::Error));
+    }
 }

@@ -58,12 +58,14 @@ enum Entry {
 }
 
 /// The cache key of a catalogue: region, architecture and a hash of everything else that changes
-/// its content (the endpoint, so the emulator and the real API never share entries, and the
-/// whole shape), e.g. `cn-hangzhou-arm64-3f2a9c0d1e4b5a6c`.
-pub fn cache_key(region: &str, endpoint: &str, shape: &Shape) -> String {
+/// its content (the endpoint, so the emulator and the real API never share entries, the
+/// protection period `SpotDuration`, which changes prices and stock, and the whole shape), e.g.
+/// `cn-hangzhou-arm64-3f2a9c0d1e4b5a6c`.
+pub fn cache_key(region: &str, endpoint: &str, spot_duration: u32, shape: &Shape) -> String {
     let mut h = Sha256::new();
     h.update(endpoint.as_bytes());
     h.update([0]);
+    h.update(spot_duration.to_le_bytes());
     // Serializing a plain struct of numbers, strings and lists cannot fail.
     h.update(serde_json::to_vec(shape).unwrap_or_default());
     let digest = h.finalize();
@@ -150,8 +152,18 @@ impl PriceCache {
         Ok(file.catalogue)
     }
 
+    /// Forgets the entry of `key`, so the next [`PriceCache::get_or_fetch`] asks ECS afresh (a
+    /// catalogue that just proved wrong, e.g. every offer out of stock).
+    pub fn invalidate(&self, key: &str) {
+        match fs::remove_file(self.path_for(key)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => log::warn!("could not drop the price cache entry `{key}`: {e}"),
+        }
+    }
+
     fn read(&self, path: &Path, key: &str) -> Entry {
-        let bytes = match fs::read(path) {
+        let bytes = match crate::fsutil::read_nofollow(path) {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return Entry::Missing,
             Err(e) => return Entry::Unusable(format!("cannot read it: {e}")),
@@ -217,6 +229,9 @@ mod tests {
                 cores: 8,
                 memory_gib: 16.0,
                 arch: Arch::Amd64,
+                family_level: "EnterpriseLevel".into(),
+                gpu_amount: 0,
+                gpu_spec: String::new(),
             }],
             stock: vec![ZoneStock {
                 instance_type: "ecs.c7.2xlarge".into(),
@@ -230,6 +245,7 @@ mod tests {
                 on_demand: Some(5.0),
                 timestamp: fetched_at,
             }],
+            currency: "CNY".into(),
             fetched_at,
         }
     }
@@ -372,11 +388,12 @@ mod tests {
         assert_eq!(sanitize(""), "_");
         assert_eq!(sanitize(&"x".repeat(500)).len(), 120);
         let shape = Shape::defaults(Arch::Arm64);
-        let k = cache_key("cn-hangzhou", "", &shape);
+        let k = cache_key("cn-hangzhou", "", 1, &shape);
+        assert_ne!(k, cache_key("cn-hangzhou", "", 0, &shape), "the protection period is part of the key");
         assert!(k.starts_with("cn-hangzhou-arm64-") && k.len() == "cn-hangzhou-arm64-".len() + 16, "{k}");
-        assert_eq!(k, cache_key("cn-hangzhou", "", &shape));
-        assert_ne!(k, cache_key("cn-hangzhou", "http://127.0.0.1:9470", &shape));
-        assert_ne!(k, cache_key("cn-hangzhou", "", &Shape { min_cpu: 16, ..shape }));
+        assert_eq!(k, cache_key("cn-hangzhou", "", 1, &shape));
+        assert_ne!(k, cache_key("cn-hangzhou", "http://127.0.0.1:9470", 1, &shape));
+        assert_ne!(k, cache_key("cn-hangzhou", "", 1, &Shape { min_cpu: 16, ..shape }));
         assert_eq!(sanitize(&k), k);
     }
 }

@@ -4,8 +4,9 @@
 //! This exists because the whole point of the executor is to run each job on the cheapest
 //! machine that fits it, and because spot capacity comes and goes: the first choice is often
 //! out of stock, so selection must produce an ordered list and the create step must fall back
-//! through it (the top complaint about comparable tools, PEERS.md §2 and §5). The algorithm is
-//! the one of Aliyun's `spot-instance-advisor` (PEERS.md §6): `DescribeInstanceTypes`, then
+//! through it (a stock-out must not fail a job while another zone or type has stock). The
+//! algorithm is the one of Aliyun's `spot-instance-advisor`
+//! (github.com/AliyunContainerService/spot-instance-advisor, `meta.go`): `DescribeInstanceTypes`, then
 //! `DescribeAvailableResource` (spot stock per zone), then `DescribeSpotPriceHistory`, keep the
 //! **latest** price per (type, zone) and sort by price per core. Everything here is pure data
 //! in, data out; the ECS client implements [`CatalogueSource`] elsewhere, and
@@ -61,6 +62,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+
+pub use crate::families::TypeKinds;
 
 /// CPU architecture of the build machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -138,10 +141,14 @@ pub struct Shape {
     pub families: Vec<String>,
     /// Instance types never to use (`ecs.g8y.2xlarge`).
     pub deny_types: Vec<String>,
+    /// Shared, burstable and GPU types allowed besides ordinary ones (none by default; see
+    /// [`crate::families`]).
+    #[serde(default)]
+    pub kinds: TypeKinds,
 }
 
 impl Shape {
-    /// The default shape of an architecture (SPEC.md): amd64 8c8g..64c64g at 1:1; arm64
+    /// The default shape of an architecture (docs/configuration.md, `[shape.amd64]`): amd64 8c8g..64c64g at 1:1; arm64
     /// 8c16g..64c128g at 1:2 in the families `ecs.c8y` and `ecs.c8r`.
     pub fn defaults(arch: Arch) -> Shape {
         match arch {
@@ -153,6 +160,7 @@ impl Shape {
                 max_mem_gib: 64.0,
                 families: Vec::new(),
                 deny_types: Vec::new(),
+                kinds: TypeKinds::default(),
             },
             Arch::Arm64 => Shape {
                 arch,
@@ -162,6 +170,7 @@ impl Shape {
                 max_mem_gib: 128.0,
                 families: vec!["ecs.c8y".to_string(), "ecs.c8r".to_string()],
                 deny_types: Vec::new(),
+                kinds: TypeKinds::default(),
             },
         }
     }
@@ -288,9 +297,11 @@ impl Shape {
     }
 
     /// Whether an instance type fits: architecture, CPU and memory bounds (inclusive, memory
-    /// with [`MEM_TOLERANCE`]), family allow-list, type deny-list.
+    /// with [`MEM_TOLERANCE`]), family allow-list, type deny-list, and the allowed kinds (shared,
+    /// burstable, GPU: [`TypeKinds`]).
     pub fn admits(&self, t: &TypeInfo) -> bool {
         t.arch == self.arch
+            && self.kinds.admits(&t.family_level, t.gpu_amount, &t.gpu_spec)
             && t.cores >= 1
             && (self.min_cpu..=self.max_cpu).contains(&t.cores)
             && t.memory_gib.is_finite()
@@ -341,6 +352,15 @@ pub struct TypeInfo {
     pub memory_gib: f64,
     /// `CpuArchitecture`.
     pub arch: Arch,
+    /// `InstanceFamilyLevel` (`EntryLevel`, `EnterpriseLevel`, `CreditEntryLevel`; may be empty).
+    #[serde(default)]
+    pub family_level: String,
+    /// `GPUAmount`.
+    #[serde(default)]
+    pub gpu_amount: u32,
+    /// `GPUSpec` (empty without a GPU).
+    #[serde(default)]
+    pub gpu_spec: String,
 }
 
 impl TypeInfo {
@@ -372,7 +392,10 @@ impl ZoneStock {
     /// Builds an entry from the per-type `Status` (`Available` | `SoldOut`) and
     /// `StatusCategory` (`WithStock` | `ClosedWithStock` | `WithoutStock` |
     /// `ClosedWithoutStock`) of a `SupportedResource`. Only `Available` with a `…WithStock`
-    /// category (or none) counts as available; pass the inner level, never the zone's.
+    /// category (or none) counts as available; pass the inner level, never the zone's. A missing
+    /// category is `None`: the current SDK's response model
+    /// (`_describe_available_resource_response_body.py`) declares `StatusCategory` an optional
+    /// string, so its absence says nothing and `Status` alone decides.
     pub fn from_ecs(
         instance_type: &str,
         zone: &str,
@@ -388,7 +411,8 @@ impl ZoneStock {
     }
 }
 
-/// One spot price observation (`DescribeSpotPriceHistory`), CNY per instance-hour.
+/// One spot price observation (`DescribeSpotPriceHistory`), per instance-hour in the
+/// catalogue's currency.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PricePoint {
     /// Instance type id.
@@ -418,9 +442,25 @@ pub struct Catalogue {
     pub stock: Vec<ZoneStock>,
     /// Price observations; the latest per (type, zone) is the current price.
     pub prices: Vec<PricePoint>,
+    /// The currency of every price (`Currency` of `DescribeSpotPriceHistory`: `CNY` or `USD`).
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// When the data was fetched (UTC); the price cache ages entries by it.
     #[serde(with = "time::serde::rfc3339")]
     pub fetched_at: OffsetDateTime,
+}
+
+fn default_currency() -> String {
+    crate::pricing::DEFAULT_CURRENCY.to_string()
+}
+
+/// Prices as [`CatalogueSource::latest_prices`] returns them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PriceList {
+    /// The observations.
+    pub points: Vec<PricePoint>,
+    /// The answers' `Currency`, when they named one.
+    pub currency: Option<String>,
 }
 
 /// Where catalogue data comes from: the ECS API (implemented by the ECS client) or, in tests
@@ -432,7 +472,7 @@ pub trait CatalogueSource {
     /// Spot stock per (type, zone) (`DescribeAvailableResource`, inner level).
     fn spot_stock(&self, shape: &Shape) -> anyhow::Result<Vec<ZoneStock>>;
     /// Recent prices of the given types in the given zones (`DescribeSpotPriceHistory`).
-    fn latest_prices(&self, types: &[TypeInfo], zones: &[String]) -> anyhow::Result<Vec<PricePoint>>;
+    fn latest_prices(&self, types: &[TypeInfo], zones: &[String]) -> anyhow::Result<PriceList>;
 }
 
 /// Fetches a [`Catalogue`] from `source` for `shape`, stamped with the current time: the
@@ -460,14 +500,18 @@ pub fn fetch_catalogue(
         stock.iter().map(|s| s.zone.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let priced_types: Vec<TypeInfo> =
         types.iter().filter(|t| stocked.contains(t.id.as_str())).cloned().collect();
-    let prices =
-        if priced_types.is_empty() { Vec::new() } else { source.latest_prices(&priced_types, &zones)? };
+    let prices = if priced_types.is_empty() {
+        PriceList::default()
+    } else {
+        source.latest_prices(&priced_types, &zones)?
+    };
     Ok(Catalogue {
         region: region.to_string(),
         arch: shape.arch,
         types,
         stock,
-        prices,
+        prices: prices.points,
+        currency: prices.currency.unwrap_or_else(default_currency),
         fetched_at: OffsetDateTime::now_utc(),
     })
 }
@@ -481,13 +525,15 @@ pub struct MemorySource {
     pub stock: Vec<ZoneStock>,
     /// Price history.
     pub prices: Vec<PricePoint>,
+    /// The currency the prices are answered in (`None`: not named).
+    pub currency: Option<String>,
     calls: AtomicUsize,
 }
 
 impl MemorySource {
     /// A source answering with these tables.
     pub fn new(types: Vec<TypeInfo>, stock: Vec<ZoneStock>, prices: Vec<PricePoint>) -> MemorySource {
-        MemorySource { types, stock, prices, calls: AtomicUsize::new(0) }
+        MemorySource { types, stock, prices, currency: None, calls: AtomicUsize::new(0) }
     }
 
     /// How many calls (of any method) were made so far.
@@ -509,19 +555,21 @@ impl CatalogueSource for MemorySource {
         Ok(self.stock.iter().filter(|s| arch_types.contains(s.instance_type.as_str())).cloned().collect())
     }
 
-    fn latest_prices(&self, types: &[TypeInfo], zones: &[String]) -> anyhow::Result<Vec<PricePoint>> {
+    fn latest_prices(&self, types: &[TypeInfo], zones: &[String]) -> anyhow::Result<PriceList> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let wanted: BTreeSet<&str> = types.iter().map(|t| t.id.as_str()).collect();
-        Ok(self
+        let points = self
             .prices
             .iter()
             .filter(|p| wanted.contains(p.instance_type.as_str()) && zones.contains(&p.zone))
             .cloned()
-            .collect())
+            .collect();
+        Ok(PriceList { points, currency: self.currency.clone() })
     }
 }
 
-/// One ranked spot offer: an instance type in a zone at its current price (CNY/hour).
+/// One ranked spot offer: an instance type in a zone at its current price per hour, in
+/// `currency`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offer {
     /// Instance type id.
@@ -534,14 +582,18 @@ pub struct Offer {
     pub cores: u32,
     /// Memory in GiB.
     pub memory_gib: f64,
-    /// Current spot price, CNY per hour.
+    /// Current spot price per hour.
     pub spot_price: f64,
     /// `spot_price ÷ cores`.
     pub price_per_core: f64,
-    /// Pay-as-you-go list price, CNY per hour, when known.
+    /// Pay-as-you-go list price per hour, when known.
     pub on_demand_price: Option<f64>,
-    /// `spot_price ÷ on_demand_price` as a fraction (0.15 = 15 % of the list price).
+    /// `spot_price ÷ on_demand_price` as a fraction (0.15 = 15 % of the list price, i.e. 85 %
+    /// off; [`crate::pricing::percent_off`] labels it).
     pub discount: Option<f64>,
+    /// The currency of the prices (`CNY`, `USD`).
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// The configured vswitch of the zone; `None` only in [`rank_all`]'s listing.
     pub vswitch_id: Option<String>,
     /// Whether a vswitch is configured for the zone (an instance can be created there).
@@ -642,6 +694,7 @@ fn rank_inner(
             price_per_core: p.spot / f64::from(t.cores),
             on_demand_price: on_demand,
             discount: on_demand.map(|od| p.spot / od),
+            currency: cat.currency.clone(),
             vswitch_configured: vswitch_id.is_some(),
             vswitch_id,
         });
@@ -663,39 +716,7 @@ fn rank_inner(
     offers
 }
 
-/// The `SpotPriceLimit` to send with `SpotWithPriceLimit`: `factor × spot`, rounded up to 4
-/// decimals (never below the current price), clamped to the hard `cap` (CNY/hour) when one is
-/// set. `None` when the current price is already above the cap (skip the offer; see
-/// [`above_cap_reason`]) or is not a usable price. `factor` must be ≥ 1.0 (the configuration
-/// validates it); a smaller one is treated as 1.0.
-pub fn price_limit(spot: f64, factor: f64, cap: Option<f64>) -> Option<f64> {
-    debug_assert!(factor >= 1.0, "price limit factor {factor} below 1.0");
-    if !valid_price(spot) {
-        return None;
-    }
-    if let Some(cap) = cap {
-        if spot > cap {
-            return None;
-        }
-    }
-    let factor = factor.max(1.0);
-    // The small epsilon keeps 0.1 × 1.2 = 0.12000000000000001 at 0.12 instead of 0.1201.
-    let mut ticks = (spot * factor * 10_000.0 - 1e-6).ceil();
-    if ticks / 10_000.0 < spot {
-        ticks += 1.0;
-    }
-    let limit = ticks / 10_000.0;
-    Some(match cap {
-        Some(cap) if limit > cap => cap,
-        _ => limit,
-    })
-}
-
-/// The skip reason for an offer whose spot price is above the hard cap (the same text for
-/// every such offer, so the walk's summary counts them together).
-pub fn above_cap_reason(cap: f64) -> String {
-    format!("spot price above the cap of {cap} CNY/hour")
-}
+pub use crate::pricing::{above_cap_reason, price_limit};
 
 /// What one create attempt reported to [`walk_offers`].
 #[derive(Debug)]
@@ -789,7 +810,16 @@ mod tests {
     use time::Duration as TimeDelta;
 
     fn ty(id: &str, cores: u32, mem: f64, arch: Arch) -> TypeInfo {
-        TypeInfo { id: id.to_string(), family: String::new(), cores, memory_gib: mem, arch }
+        TypeInfo {
+            id: id.to_string(),
+            family: String::new(),
+            cores,
+            memory_gib: mem,
+            arch,
+            family_level: String::new(),
+            gpu_amount: 0,
+            gpu_spec: String::new(),
+        }
     }
 
     fn x86(id: &str, cores: u32, mem: f64) -> TypeInfo {
@@ -824,7 +854,15 @@ mod tests {
         stock: Vec<ZoneStock>,
         prices: Vec<PricePoint>,
     ) -> Catalogue {
-        Catalogue { region: "cn-hangzhou".into(), arch, types, stock, prices, fetched_at: base_time() }
+        Catalogue {
+            region: "cn-hangzhou".into(),
+            arch,
+            types,
+            stock,
+            prices,
+            currency: "CNY".into(),
+            fetched_at: base_time(),
+        }
     }
 
     fn vswitches(zones: &[&str]) -> BTreeMap<String, String> {
@@ -1126,29 +1164,6 @@ mod tests {
         assert_eq!(candidates(&types, &exact).len(), 1);
     }
 
-    #[test]
-    fn price_limit_applies_factor_rounds_up_and_caps() {
-        assert_eq!(price_limit(0.1, 1.2, None), Some(0.12));
-        assert_eq!(price_limit(0.12345, 1.0, None), Some(0.1235));
-        assert_eq!(price_limit(0.5, 1.2, None), Some(0.6));
-        assert_eq!(price_limit(0.33333, 1.2, None), Some(0.4));
-        assert_eq!(price_limit(1.0, 1.2, Some(1.1)), Some(1.1), "clamped to the cap");
-        assert_eq!(price_limit(1.1, 1.2, Some(1.1)), Some(1.1), "at the cap is allowed");
-        assert_eq!(price_limit(1.2, 1.2, Some(1.1)), None, "above the cap is skipped");
-        assert_eq!(price_limit(f64::NAN, 1.2, None), None);
-        assert_eq!(price_limit(0.0, 1.2, None), None);
-        for i in 1..2000 {
-            let spot = f64::from(i) * 0.000_37;
-            for factor in [1.0, 1.15, 1.2, 2.0] {
-                let limit = price_limit(spot, factor, None).unwrap();
-                assert!(limit >= spot * factor - 1e-9 && limit >= spot, "{spot} × {factor} → {limit}");
-                assert!(limit < spot * factor + 0.0001 + 1e-9, "{spot} × {factor} → {limit}");
-                assert_eq!((limit * 10_000.0).round() / 10_000.0, limit);
-            }
-        }
-        assert_eq!(above_cap_reason(0.5), "spot price above the cap of 0.5 CNY/hour");
-    }
-
     fn offer(t: &str, zone: &str) -> Offer {
         Offer {
             instance_type: t.to_string(),
@@ -1160,6 +1175,7 @@ mod tests {
             price_per_core: 0.0625,
             on_demand_price: None,
             discount: None,
+            currency: "CNY".into(),
             vswitch_id: Some("vsw".into()),
             vswitch_configured: true,
         }
@@ -1237,7 +1253,8 @@ mod tests {
             offer("ecs.c6.2xlarge", G),
             offer("ecs.c6.2xlarge", H),
         ];
-        let reasons = [NO_STOCK, "zone not on sale (Zone.NotOnSale)", NO_STOCK, &above_cap_reason(0.4)];
+        let reasons =
+            [NO_STOCK, "zone not on sale (Zone.NotOnSale)", NO_STOCK, &above_cap_reason(0.4, "CNY")];
         let mut i = 0;
         let mut lines = Vec::new();
         let result = walk_offers::<(), anyhow::Error>(
@@ -1315,6 +1332,7 @@ mod tests {
             keys,
             [
                 "cores",
+                "currency",
                 "discount",
                 "family",
                 "instance_type",

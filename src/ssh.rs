@@ -15,7 +15,10 @@
 //!   second connection sends TERM to the whole group, then KILL after a short grace.
 //! - **A dead peer is noticed.** SSH keepalives plus TCP keepalive and `TCP_USER_TIMEOUT` turn a
 //!   vanished instance (e.g. a reclaimed spot instance) into [`SshError::Lost`] rather than a
-//!   hang.
+//!   hang. A server that still holds the TCP connection but no longer speaks (a stopped or
+//!   wedged sshd: the kernel keeps acknowledging) is caught by [`Keepalive`]: keepalives ask for
+//!   a reply, and when nothing at all has come from the server for the configured time the
+//!   connection is lost, like OpenSSH's `ServerAliveInterval` / `ServerAliveCountMax`.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -29,8 +32,6 @@ use ssh2::{BlockDirections, ErrorCode, MethodType, Session};
 use crate::keys::{fingerprint_sha256, fingerprint_sha256_of_blob, public_key_blob};
 use crate::secret::Secret;
 
-/// Seconds between SSH keepalives while a script runs.
-const KEEPALIVE_SECS: u32 = 10;
 /// Unacknowledged data older than this kills the TCP connection (`TCP_USER_TIMEOUT`).
 const TCP_USER_TIMEOUT_MS: u32 = 30_000;
 /// How long the remote process group gets between TERM and KILL on cancel.
@@ -281,6 +282,7 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     if !session.authenticated() {
         return Err(SshError::Auth { addr, user: t.user.clone(), message: "not authenticated".into() });
     }
+    log::debug!("SSH to {addr} as `{}`: the host key matches the pinned one", t.user);
     Ok(Connection { session, fd, addr })
 }
 
@@ -301,6 +303,17 @@ fn exec_blocking(c: &Connection, command: &str, stdin: &[u8]) -> Result<(i32, St
     ch.stderr().read_to_string(&mut err).map_err(io)?;
     ch.wait_close().map_err(ssh)?;
     Ok((ch.exit_status().map_err(ssh)?, out, err))
+}
+
+/// Runs one command on the instance over a fresh pinned session, feeding it `stdin`, and
+/// returns its exit status, stdout and stderr (small outputs only: stdout is read to its end
+/// before stderr). For prepare's own checks and installs, not for job scripts.
+pub fn exec(t: &SshTarget, command: &str, stdin: &[u8]) -> Result<(i32, String, String), SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    let out = exec_blocking(&c, command, stdin)
+        .map_err(|message| SshError::Lost { addr: c.addr.clone(), message })?;
+    let _ = c.session.disconnect(None, "done", None);
+    Ok(out)
 }
 
 fn attempt_ready(t: &SshTarget, timeout: Duration) -> Result<(), SshError> {
@@ -363,7 +376,7 @@ pub fn wait_until_ready(
 }
 
 /// Single-quotes `s` for a POSIX shell.
-fn sh_quote(s: &str) -> String {
+pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
@@ -399,6 +412,101 @@ fn wrapper_command(dir: &str, interpreter: &str, hooks: &StageHooks) -> String {
         d = sh_quote(dir),
         i = sh_quote(interpreter)
     )
+}
+
+/// Writes `content` to `path` on the instance, root-owned, mode 0600 in a 0700 directory,
+/// replaced atomically (a reader never sees half a file). Through `sudo -n` when the login user
+/// is not root. The content goes over the channel's stdin, never on a command line.
+pub fn install_private_file(t: &SshTarget, path: &str, content: &[u8]) -> Result<(), SshError> {
+    let c = connect(t, t.connect_timeout)?;
+    let (dir, _) = path.rsplit_once('/').unwrap_or(("", path));
+    let script = format!(
+        "umask 077 && mkdir -p {d} && chown root:root {d} && chmod 700 {d} && cat > {p}.new && mv -f {p}.new {p}",
+        d = sh_quote(if dir.is_empty() { "/" } else { dir }),
+        p = sh_quote(path)
+    );
+    let command = if t.user == "root" {
+        format!("sh -c {}", sh_quote(&script))
+    } else {
+        format!("sudo -n sh -c {}", sh_quote(&script))
+    };
+    let (status, _, err) = exec_blocking(&c, &command, content).map_err(|message| SshError::Lost {
+        addr: c.addr.clone(),
+        message: format!("writing {path}: {message}"),
+    })?;
+    let _ = c.session.disconnect(None, "done", None);
+    if status != 0 {
+        return Err(SshError::Io {
+            addr: c.addr.clone(),
+            message: format!("writing {path} failed (status {status}): {}", err.trim()),
+        });
+    }
+    Ok(())
+}
+
+/// How a silent server is noticed while a script runs (`ssh.keepalive_interval` and
+/// `ssh.keepalive_count_max`), the same rule as OpenSSH's `ServerAliveInterval` and
+/// `ServerAliveCountMax` (ssh_config(5)): a keepalive that wants a reply goes out every
+/// `interval`, and a server that sent nothing for `count_max` intervals is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between keepalives (whole seconds: libssh2 counts in seconds).
+    pub interval: Duration,
+    /// Unanswered keepalives that make the connection lost.
+    pub count_max: u32,
+}
+
+impl Default for Keepalive {
+    /// 10 s × 3, so a stalled server is given up after about 30 s.
+    fn default() -> Self {
+        Keepalive { interval: Duration::from_secs(10), count_max: 3 }
+    }
+}
+
+impl Keepalive {
+    fn interval_secs(&self) -> u32 {
+        self.interval.as_secs().clamp(1, u64::from(u32::MAX)) as u32
+    }
+
+    /// Silence after which the server is gone: `count_max` intervals, plus one second because
+    /// libssh2 schedules keepalives on a one-second clock.
+    pub fn silence_limit(&self) -> Duration {
+        Duration::from_secs(u64::from(self.interval_secs()) * u64::from(self.count_max.max(1)) + 1)
+    }
+}
+
+/// Milliseconds since the socket last received data (`TCP_INFO`'s `tcpi_last_data_recv`), or
+/// `None` when the kernel does not tell. Counts what libssh2 has not read yet too, so it is
+/// the server's silence, not ours.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn silent_for(fd: RawFd) -> Option<Duration> {
+    // SAFETY: tcp_info is plain old data; getsockopt writes at most `len` bytes into it.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        );
+        (rc == 0).then(|| Duration::from_millis(u64::from(info.tcpi_last_data_recv)))
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn silent_for(_: RawFd) -> Option<Duration> {
+    None
+}
+
+/// How [`run_script_with`] runs a stage script.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Commands around the script.
+    pub hooks: StageHooks,
+    /// When a silent server counts as gone.
+    pub keepalive: Keepalive,
 }
 
 /// Shell commands run on the instance around a stage script (by the wrapper shell, whose pid
@@ -456,10 +564,18 @@ fn pump(
     match stream.read(buf) {
         Ok(0) => Ok(false),
         Ok(n) => {
-            sink.write_all(&buf[..n]).and_then(|()| sink.flush()).map_err(|e| SshError::Io {
-                addr: addr.to_string(),
-                message: format!("writing output: {e}"),
-            })?;
+            match sink.write_all(&buf[..n]).and_then(|()| sink.flush()) {
+                Ok(()) => {}
+                // Nobody reads the job log any more (a closed pipe): the script still runs to
+                // its end, so its status decides the stage and nothing is left behind.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    return Err(SshError::Io {
+                        addr: addr.to_string(),
+                        message: format!("writing output: {e}"),
+                    })
+                }
+            }
             Ok(true)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -483,15 +599,19 @@ pub fn run_script(
     stderr: &mut dyn Write,
     cancel: &AtomicBool,
 ) -> Result<RunOutcome, SshError> {
-    run_script_with_hooks(t, script, interpreter, &StageHooks::default(), stdout, stderr, cancel)
+    run_script_with(t, script, interpreter, &RunOptions::default(), stdout, stderr, cancel)
 }
 
-/// [`run_script`] with [`StageHooks`] around the script.
-pub fn run_script_with_hooks(
+/// [`run_script`] with [`StageHooks`] around the script and the given [`Keepalive`].
+///
+/// When the server stays silent past [`Keepalive::silence_limit`], the connection is
+/// [`SshError::Lost`] and stopping the script's processes is attempted over a new connection
+/// (bounded by the connect timeout); the error says whether that worked.
+pub fn run_script_with(
     t: &SshTarget,
     script: &[u8],
     interpreter: &str,
-    hooks: &StageHooks,
+    options: &RunOptions,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     cancel: &AtomicBool,
@@ -511,13 +631,16 @@ pub fn run_script_with_hooks(
         return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
     }
     let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
-    ch.exec(&wrapper_command(&dir, interpreter, hooks)).map_err(|e| lost("starting the script", &e))?;
+    ch.exec(&wrapper_command(&dir, interpreter, &options.hooks))
+        .map_err(|e| lost("starting the script", &e))?;
     ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
 
     // Keepalives only from here on: in blocking mode libssh2 waits at most until the next
     // keepalive is due and then fails with "Timed out waiting on socket", so configured before
     // the upload they would cut the timeout above down to the keepalive interval.
-    c.session.set_keepalive(true, KEEPALIVE_SECS);
+    // `want_reply`: a live sshd answers every keepalive, so its silence means it is gone.
+    c.session.set_keepalive(true, options.keepalive.interval_secs());
+    let silence_limit = options.keepalive.silence_limit();
     c.session.set_blocking(false);
     let mut out_stream = ch.stream(0);
     let mut err_stream = ch.stderr();
@@ -568,6 +691,24 @@ pub fn run_script_with_hooks(
             Ok(_) => {}
             Err(e) if is_eagain(&e) => {}
             Err(e) => break Err(lost("sending a keepalive", &e)),
+        }
+        if killer.is_none() && silent_for(c.fd).is_some_and(|s| s >= silence_limit) {
+            let k = options.keepalive;
+            let stopped = match kill_remote(t, &dir) {
+                Ok(()) => "stopped the script's processes over a new connection".to_string(),
+                Err(e) => format!("stopping the script's processes failed too ({e})"),
+            };
+            break Err(SshError::Lost {
+                addr: addr.clone(),
+                message: format!(
+                    "the server answered none of {} keepalives in {}s (`ssh.keepalive_interval` = {}s, \
+                     `ssh.keepalive_count_max` = {}); {stopped}",
+                    k.count_max,
+                    silence_limit.as_secs(),
+                    k.interval_secs(),
+                    k.count_max
+                ),
+            });
         }
         wait_socket(&c, Duration::from_millis(100));
     };

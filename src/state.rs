@@ -1,8 +1,10 @@
 //! The per-job state file: what `prepare` learned, for `run` and `cleanup` to use.
 //!
 //! Each stage is a separate process, so `prepare` records the instance it created (id, address,
-//! pinned host key, price) in `<root>/<runner>/<project>-<job>/state.json` and the client private
-//! key beside it in `id_ed25519`. The state is a cache, the instance's tags are the truth:
+//! pinned host key, price) in `<root>/<runner>/<project>-<job>-<binding>/state.json` and the
+//! client private key beside it in `id_ed25519`. Runner, project and job are the trusted ids and
+//! `<binding>` the hash of the preparation attempt's secret ([`crate::identity`]), so a stage
+//! finds only its own attempt's state, and a job can neither name nor overwrite another's. The state is a cache, the instance's tags are the truth:
 //! `cleanup` and `sweep` can find an instance without it, so a missing file is `Ok(None)`, not an
 //! error. But a file that exists and cannot be read is an error naming the path — silently
 //! ignoring it could leak an instance.
@@ -18,26 +20,28 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::fsutil::{create_private_dir, write_atomic};
+use crate::fsutil::{create_private_dir, read_nofollow, write_atomic};
 use crate::secret::Secret;
 use crate::selection::Arch;
 
 /// The version of [`JobState`] this build writes and reads.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 /// File name of the JSON state inside a job directory.
 pub const STATE_FILE: &str = "state.json";
 /// File name of the client private key inside a job directory.
 pub const PRIVATE_KEY_FILE: &str = "id_ed25519";
 
-/// Which job a state belongs to.
+/// Which job, and which preparation attempt of it, a state belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct JobKey {
-    /// `CUSTOM_ENV_CI_RUNNER_ID` (or the runner short token).
+    /// The administrator's runner id (`runner.id`, else the host name).
     pub runner_id: String,
-    /// `CUSTOM_ENV_CI_PROJECT_ID`.
+    /// The project id from the job payload.
     pub project_id: String,
-    /// `CUSTOM_ENV_CI_JOB_ID`.
+    /// The job id from the job payload.
     pub job_id: String,
+    /// The hash of the attempt's secret ([`crate::identity::JobSecret::binding`]).
+    pub binding: String,
 }
 
 /// How far a job's instance got.
@@ -65,7 +69,13 @@ pub struct JobState {
     pub project_id: String,
     /// See [`JobKey::job_id`].
     pub job_id: String,
-    /// `CUSTOM_ENV_CI_PIPELINE_ID`, for tags and the ledger.
+    /// See [`JobKey::binding`].
+    pub binding: String,
+    /// The digest of the job's token ([`crate::identity::JobPayload::token_digest`]): a later
+    /// preparation attempt releases this attempt's instance only when its own digest is equal,
+    /// i.e. when it is provably the same job.
+    pub token_digest: String,
+    /// The pipeline id, for tags and the ledger.
     pub pipeline_id: Option<String>,
     /// The `ClientToken` sent with `RunInstances`, so a retry never creates a second instance.
     pub client_token: String,
@@ -79,8 +89,12 @@ pub struct JobState {
     pub instance_type: String,
     /// The zone chosen.
     pub zone: String,
-    /// The spot price (CNY/hour) seen when the offer was chosen.
+    /// The spot price per hour seen when the offer was chosen, in `currency`.
     pub spot_price: Option<f64>,
+    /// The currency of `spot_price` and `price_limit` (`CNY`, `USD`; `crate::pricing`); states
+    /// written before it was recorded read as CNY.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// The `SpotPriceLimit` sent, if any.
     pub price_limit: Option<f64>,
     /// CPU architecture.
@@ -110,6 +124,10 @@ pub struct JobState {
     pub attempt_id: String,
 }
 
+fn default_currency() -> String {
+    crate::pricing::DEFAULT_CURRENCY.to_string()
+}
+
 impl JobState {
     /// The key of the job this state belongs to.
     pub fn key(&self) -> JobKey {
@@ -117,6 +135,7 @@ impl JobState {
             runner_id: self.runner_id.clone(),
             project_id: self.project_id.clone(),
             job_id: self.job_id.clone(),
+            binding: self.binding.clone(),
         }
     }
 }
@@ -147,14 +166,32 @@ impl StateStore {
         &self.root
     }
 
-    /// `<root>/<runner>/<project>-<job>`, each component sanitised so that no job variable can
-    /// escape the root or collide with another job.
+    /// `<root>/<runner>/<project>-<job>-<binding>`, each component sanitised so that no value
+    /// can escape the root or collide with another job or attempt.
     pub fn job_dir(&self, key: &JobKey) -> PathBuf {
         self.root.join(sanitize(&key.runner_id)).join(format!(
-            "{}-{}",
-            sanitize(&key.project_id),
-            sanitize(&key.job_id)
+            "{}{}",
+            job_prefix(&key.project_id, &key.job_id),
+            sanitize(&key.binding)
         ))
+    }
+
+    /// The other preparation attempts of `key`'s job (same runner, project and job, another
+    /// binding) that left a state, sorted by path; an unreadable state is listed with its error.
+    pub fn other_attempts(&self, key: &JobKey) -> Result<Vec<ListedJob>> {
+        let prefix = job_prefix(&key.project_id, &key.job_id);
+        let own = self.job_dir(key);
+        let mut out = Vec::new();
+        for dir in read_dir_sorted(&self.root.join(sanitize(&key.runner_id)))? {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if dir == own || !name.starts_with(&prefix) || !dir.is_dir() {
+                continue;
+            }
+            if let Some(job) = listed(dir)? {
+                out.push(job);
+            }
+        }
+        Ok(out)
     }
 
     /// The state file path of a job.
@@ -170,7 +207,7 @@ impl StateStore {
     /// Loads a job's state; `Ok(None)` when there is none.
     pub fn load(&self, key: &JobKey) -> Result<Option<JobState>> {
         let path = self.state_path(key);
-        match fs::read(&path) {
+        match read_nofollow(&path) {
             Ok(bytes) => read_state(&path, &bytes).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("failed to read job state `{}`", path.display())),
@@ -202,7 +239,7 @@ impl StateStore {
     /// Loads the job's client private key; `Ok(None)` when there is none.
     pub fn load_private_key(&self, key: &JobKey) -> Result<Option<Secret<String>>> {
         let path = self.private_key_path(key);
-        match fs::read(&path) {
+        match read_nofollow(&path) {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(s) => Ok(Some(Secret::new(s))),
                 Err(_) => bail!("private key `{}` is not text", path.display()),
@@ -232,15 +269,9 @@ impl StateStore {
                 continue;
             }
             for job_dir in read_dir_sorted(&runner_dir)? {
-                let path = job_dir.join(STATE_FILE);
-                let state = match fs::read(&path) {
-                    Ok(bytes) => read_state(&path, &bytes),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        Err(e).with_context(|| format!("failed to read job state `{}`", path.display()))
-                    }
-                };
-                out.push(ListedJob { dir: job_dir, state });
+                if let Some(job) = listed(job_dir)? {
+                    out.push(job);
+                }
             }
         }
         Ok(out)
@@ -251,6 +282,22 @@ impl StateStore {
         create_private_dir(&dir)?;
         Ok(dir)
     }
+}
+
+/// The job directory `dir` with its state; `None` when it holds no state file.
+fn listed(dir: PathBuf) -> Result<Option<ListedJob>> {
+    let path = dir.join(STATE_FILE);
+    let state = match read_nofollow(&path) {
+        Ok(bytes) => read_state(&path, &bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => Err(e).with_context(|| format!("failed to read job state `{}`", path.display())),
+    };
+    Ok(Some(ListedJob { dir, state }))
+}
+
+/// `<project>-<job>-`, the start of every attempt directory of one job.
+fn job_prefix(project_id: &str, job_id: &str) -> String {
+    format!("{}-{}-", sanitize(project_id), sanitize(job_id))
 }
 
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -311,8 +358,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::sync::Arc;
 
+    const B1: &str = "0123456789abcdef0123456789abcdef";
+    const B2: &str = "fedcba9876543210fedcba9876543210";
+
     fn key() -> JobKey {
-        JobKey { runner_id: "r1".into(), project_id: "42".into(), job_id: "1001".into() }
+        JobKey { runner_id: "r1".into(), project_id: "42".into(), job_id: "1001".into(), binding: B1.into() }
     }
 
     fn state(k: &JobKey) -> JobState {
@@ -321,6 +371,8 @@ mod tests {
             runner_id: k.runner_id.clone(),
             project_id: k.project_id.clone(),
             job_id: k.job_id.clone(),
+            binding: k.binding.clone(),
+            token_digest: "d".repeat(64),
             pipeline_id: Some("77".into()),
             client_token: "aliyun-spot-r1-1001-1".into(),
             region: "cn-hangzhou".into(),
@@ -329,6 +381,7 @@ mod tests {
             instance_type: "ecs.c7.large".into(),
             zone: "cn-hangzhou-b".into(),
             spot_price: Some(0.123),
+            currency: "CNY".into(),
             price_limit: Some(0.1476),
             arch: Arch::Amd64,
             ip: Some("127.0.3.4".into()),
@@ -364,13 +417,13 @@ mod tests {
             "-----BEGIN OPENSSH PRIVATE KEY-----\n"
         );
         let dir = store.job_dir(&k);
-        assert_eq!(dir, tmp.path().join("state/r1/42-1001"));
+        assert_eq!(dir, tmp.path().join(format!("state/r1/42-1001-{B1}")));
         assert_eq!(mode_of(&dir), 0o700);
         assert_eq!(mode_of(dir.parent().unwrap()), 0o700);
         assert_eq!(mode_of(&dir.join(STATE_FILE)), 0o600);
         assert_eq!(mode_of(&dir.join(PRIVATE_KEY_FILE)), 0o600);
         let json = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
-        assert!(json.contains("\"version\": 1"), "{json}");
+        assert!(json.contains("\"version\": 2"), "{json}");
         assert!(json.contains("\"created_at\": \"2025-01-02T03:04:05Z\""), "{json}");
         assert!(!json.contains("PRIVATE"));
     }
@@ -401,20 +454,26 @@ mod tests {
         fs::write(&path, b"{\"version\": 9}").unwrap();
         assert_eq!(
             store.load(&k).unwrap_err().to_string(),
-            format!("job state `{}` has version 9, this build reads version 1", path.display())
+            format!("job state `{}` has version 9, this build reads version 2", path.display())
         );
     }
 
     #[test]
     fn key_components_cannot_escape_the_root() {
         let store = StateStore::new("/var/lib/x");
-        let k = JobKey { runner_id: "..".into(), project_id: "a/b".into(), job_id: "-1".into() };
-        assert_eq!(store.job_dir(&k), PathBuf::from("/var/lib/x/%2E%2E/a%2Fb-%2D1"));
-        let a = JobKey { runner_id: "r".into(), project_id: "1-2".into(), job_id: "3".into() };
-        let b = JobKey { runner_id: "r".into(), project_id: "1".into(), job_id: "2-3".into() };
-        assert_ne!(store.job_dir(&a), store.job_dir(&b));
-        let e = JobKey { runner_id: String::new(), project_id: "1".into(), job_id: "2".into() };
-        assert_eq!(store.job_dir(&e), PathBuf::from("/var/lib/x/%/1-2"));
+        let k = |r: &str, p: &str, j: &str, b: &str| JobKey {
+            runner_id: r.into(),
+            project_id: p.into(),
+            job_id: j.into(),
+            binding: b.into(),
+        };
+        assert_eq!(
+            store.job_dir(&k("..", "a/b", "-1", "/")),
+            PathBuf::from("/var/lib/x/%2E%2E/a%2Fb-%2D1-%2F")
+        );
+        assert_ne!(store.job_dir(&k("r", "1-2", "3", "b")), store.job_dir(&k("r", "1", "2-3", "b")));
+        assert_ne!(store.job_dir(&k("r", "1", "2", "3-b")), store.job_dir(&k("r", "1", "2-3", "b")));
+        assert_eq!(store.job_dir(&k("", "1", "2", "")), PathBuf::from("/var/lib/x/%/1-2-%"));
     }
 
     #[test]
@@ -432,7 +491,8 @@ mod tests {
         let store = StateStore::new(tmp.path().join("root"));
         assert!(store.list().unwrap().is_empty());
         let a = key();
-        let b = JobKey { runner_id: "r2".into(), project_id: "7".into(), job_id: "8".into() };
+        let b =
+            JobKey { runner_id: "r2".into(), project_id: "7".into(), job_id: "8".into(), binding: B1.into() };
         let c = JobKey { job_id: "1002".into(), ..key() };
         for k in [&a, &b, &c] {
             store.save(k, &state(k)).unwrap();
@@ -448,6 +508,28 @@ mod tests {
             format!("job state `{}` is corrupt", store.state_path(&c).display())
         );
         assert_eq!(listed[2].state.as_ref().unwrap().key(), b);
+    }
+
+    #[test]
+    fn other_attempts_are_the_same_jobs_other_bindings_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path());
+        let mine = key();
+        assert!(store.other_attempts(&mine).unwrap().is_empty(), "no runner directory yet");
+        let earlier = JobKey { binding: B2.into(), ..key() };
+        // Same job id in another project, another job whose id starts alike, another runner.
+        let others = [
+            JobKey { project_id: "43".into(), binding: B2.into(), ..key() },
+            JobKey { job_id: "10011".into(), binding: B2.into(), ..key() },
+            JobKey { runner_id: "r2".into(), binding: B2.into(), ..key() },
+        ];
+        for k in [&mine, &earlier].into_iter().chain(others.iter()) {
+            store.save(k, &state(k)).unwrap();
+        }
+        let found = store.other_attempts(&mine).unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].state.as_ref().unwrap().key(), earlier);
+        assert_eq!(found[0].dir, store.job_dir(&earlier));
     }
 
     #[test]

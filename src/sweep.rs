@@ -15,7 +15,7 @@ use anyhow::Result;
 use time::OffsetDateTime;
 
 use crate::config::Config;
-use crate::ecs::{DeleteOutcome, EcsClient, Instance};
+use crate::ecs::{EcsClient, Instance};
 use crate::env::Env;
 use crate::stages::{cost::format_duration, tags};
 use crate::state::{JobKey, StateStore};
@@ -59,8 +59,13 @@ pub fn verdict(
         }
     }
     if ours {
-        let key =
-            JobKey { runner_id: tag(tags::RUNNER), project_id: tag(tags::PROJECT), job_id: tag(tags::JOB) };
+        // The tags name the job's preparation attempt, whose state directory is keyed the same.
+        let key = JobKey {
+            runner_id: tag(tags::RUNNER),
+            project_id: tag(tags::PROJECT),
+            job_id: tag(tags::JOB),
+            binding: tag(tags::BINDING),
+        };
         match store.load(&key) {
             Ok(None) => return Some("its job has ended on this host (no job state)".to_string()),
             Ok(Some(s)) if s.instance_id.as_deref().is_some_and(|id| id != inst.id) => {
@@ -105,8 +110,9 @@ pub fn sweep(config: &Config, client: &EcsClient, this_host: &str, args: &SweepA
             println!("would delete {what}: {reason}");
             continue;
         }
-        match client.delete_instance(&inst.id, true) {
-            Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => {
+        // The one release loop: waits out `IncorrectInstanceStatus.Initializing` and throttling.
+        match crate::stages::release_instance(client, &inst.id, None) {
+            Ok(()) => {
                 deleted += 1;
                 println!("deleted {what}: {reason}");
             }
@@ -127,6 +133,11 @@ mod tests {
 
     const HOST: &str = "runner-host-1";
 
+    /// A binding per job, as the job's attempt would have.
+    fn binding(job: &str) -> String {
+        format!("{job:0>32}")
+    }
+
     fn instance(id: &str, job: &str, host: &str, age_secs: i64, now: OffsetDateTime) -> Instance {
         let safety = Config::defaults().safety;
         let mut tags = BTreeMap::new();
@@ -134,6 +145,7 @@ mod tests {
         tags.insert(safety.tag_key(tags::RUNNER), "7".to_string());
         tags.insert(safety.tag_key(tags::PROJECT), "42".to_string());
         tags.insert(safety.tag_key(tags::JOB), job.to_string());
+        tags.insert(safety.tag_key(tags::BINDING), binding(job));
         tags.insert(safety.tag_key(tags::HOST), host.to_string());
         Instance {
             id: id.to_string(),
@@ -166,6 +178,8 @@ mod tests {
             runner_id: "7".into(),
             project_id: "42".into(),
             job_id: job.into(),
+            binding: binding(job),
+            token_digest: String::new(),
             pipeline_id: None,
             client_token: "token".into(),
             region: "cn-hangzhou".into(),
@@ -174,6 +188,7 @@ mod tests {
             instance_type: "ecs.c7.large".into(),
             zone: "cn-hangzhou-b".into(),
             spot_price: None,
+            currency: "CNY".into(),
             price_limit: None,
             arch: Arch::Amd64,
             ip: Some("10.0.0.2".into()),
@@ -209,6 +224,14 @@ mod tests {
         let running_old = instance("i-running", "1", HOST, 2 * 3600, now);
         assert_eq!(v(&running_old, &old).as_deref(), Some("older than 1h00m"));
         assert_eq!(v(&running, &old), None, "10 minutes old is not older than 1h");
+
+        // The same job's tags with another attempt's binding: that attempt's state is gone.
+        let mut other_attempt = instance("i-other-attempt", "1", HOST, 60, now);
+        other_attempt.tags.insert(safety.tag_key(tags::BINDING), binding("9"));
+        assert_eq!(
+            v(&other_attempt, &plain).as_deref(),
+            Some("its job has ended on this host (no job state)")
+        );
 
         // No job state on this host: its job has ended.
         let leaked = instance("i-leaked", "2", HOST, 60, now);

@@ -6,13 +6,20 @@
 //! at most 32 KB of base64 user data, so the rendered size is reported and checked here rather
 //! than discovered as an `InvalidUserData` error after an instance was already chosen.
 //!
-//! The renderer writes YAML by hand (no YAML library in the dependency tree): keys are fixed,
-//! multi-line values become literal block scalars (`|`, `|-` or `|+` to keep their exact
-//! trailing newlines), and any value that is not obviously safe as a plain scalar is written
-//! double-quoted with escapes. Because the text contains the host private key it is returned
-//! wrapped in [`Secret`].
+//! The document is `#cloud-config` followed by JSON from `serde_json`: cloud-init reads
+//! cloud-config with a YAML loader (PyYAML's `safe_load`) and a JSON document is a YAML flow
+//! document, so no YAML writer is needed. The one gap between the two is characters that
+//! JSON allows raw in a string but YAML 1.1 does not (C1 controls, DEL, U+FEFF, U+FFFE/U+FFFF)
+//! or reads as line breaks inside a quoted scalar (U+0085, U+2028, U+2029, folded to spaces):
+//! `YamlSafe` writes those as `\uXXXX`, an escape both languages read the same way (PyYAML's
+//! reader: `NON_PRINTABLE` and the line-break set in `yaml/reader.py` and `yaml/scanner.py`).
+//! A test runs real cloud-init's schema check and PyYAML on the output. Because the text
+//! contains the host private key it is returned wrapped in [`Secret`].
+
+use std::io;
 
 use anyhow::{bail, Result};
+use serde::Serialize;
 
 use crate::keys::KeyPair;
 use crate::secret::Secret;
@@ -21,20 +28,22 @@ use crate::secret::Secret;
 pub const USER_DATA_MAX_BASE64: usize = 32 * 1024;
 
 /// A file cloud-init writes at boot (`write_files`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WriteFile {
     /// Absolute path on the instance.
     pub path: String,
     /// Octal permission string, e.g. `"0700"`.
     pub permissions: String,
     /// `user:group`, when not root's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// The file's text, written as is.
     pub content: String,
 }
 
 /// A command cloud-init runs once at the end of the first boot (`runcmd`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum RunCmd {
     /// A line given to `sh -c`.
     Shell(String),
@@ -53,6 +62,26 @@ pub struct CloudConfig {
     pub write_files: Vec<WriteFile>,
     /// Extra boot commands.
     pub runcmd: Vec<RunCmd>,
+}
+
+/// The document as cloud-init's modules name its keys (`cc_ssh`, `cc_write_files`,
+/// `cc_runcmd` in cloud-init's schema, `cloudinit/config/schemas/schema-cloud-config-v1.json`).
+#[derive(Serialize)]
+struct Document<'a> {
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    ssh_authorized_keys: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_keys: Option<SshKeys<'a>>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    write_files: &'a [WriteFile],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    runcmd: &'a [RunCmd],
+}
+
+#[derive(Serialize)]
+struct SshKeys<'a> {
+    ed25519_private: &'a str,
+    ed25519_public: &'a str,
 }
 
 /// Rendered user data: the text (it holds a private key) and its sizes.
@@ -87,67 +116,42 @@ impl CloudConfig {
     /// Renders the document; fails when a field is malformed or the result exceeds
     /// [`USER_DATA_MAX_BASE64`].
     pub fn render(&self) -> Result<UserData> {
-        let mut out = String::from("#cloud-config\n");
-        if !self.authorized_keys.is_empty() {
-            out.push_str("ssh_authorized_keys:\n");
-            for key in &self.authorized_keys {
-                check_one_line("an authorized key", key)?;
-                out.push_str("  - ");
-                out.push_str(&scalar(key.trim()));
-                out.push('\n');
-            }
+        for key in &self.authorized_keys {
+            check_one_line("an authorized key", key)?;
         }
         if let Some(host) = &self.host_key {
             check_one_line("the host public key", &host.public_openssh)?;
-            out.push_str("ssh_keys:\n");
-            push_entry(&mut out, 2, "ed25519_private", host.private_openssh.expose());
-            push_entry(&mut out, 2, "ed25519_public", host.public_openssh.trim());
         }
-        if !self.write_files.is_empty() {
-            out.push_str("write_files:\n");
-            for f in &self.write_files {
-                if !f.path.starts_with('/') {
-                    bail!("write_files path `{}` is not absolute", f.path);
-                }
-                check_one_line("a write_files path", &f.path)?;
-                let p = f.permissions.as_str();
-                if !(3..=4).contains(&p.len()) || !p.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-                    bail!("write_files permissions `{p}` for `{}` are not an octal mode like 0700", f.path);
-                }
-                out.push_str("  - path: ");
-                out.push_str(&scalar(&f.path));
-                out.push('\n');
-                out.push_str(&format!("    permissions: \"{p}\"\n"));
-                if let Some(owner) = &f.owner {
-                    check_one_line("a write_files owner", owner)?;
-                    push_entry(&mut out, 4, "owner", owner);
-                }
-                push_entry(&mut out, 4, "content", &f.content);
+        for f in &self.write_files {
+            if !f.path.starts_with('/') {
+                bail!("write_files path `{}` is not absolute", f.path);
+            }
+            check_one_line("a write_files path", &f.path)?;
+            let p = f.permissions.as_str();
+            if !(3..=4).contains(&p.len()) || !p.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+                bail!("write_files permissions `{p}` for `{}` are not an octal mode like 0700", f.path);
+            }
+            if let Some(owner) = &f.owner {
+                check_one_line("a write_files owner", owner)?;
             }
         }
-        if !self.runcmd.is_empty() {
-            out.push_str("runcmd:\n");
-            for cmd in &self.runcmd {
-                match cmd {
-                    RunCmd::Shell(line) => {
-                        out.push_str("  - ");
-                        out.push_str(&quoted(line));
-                        out.push('\n');
-                    }
-                    RunCmd::Argv(argv) => {
-                        if argv.is_empty() {
-                            bail!("a runcmd argument vector is empty");
-                        }
-                        for (i, arg) in argv.iter().enumerate() {
-                            out.push_str(if i == 0 { "  - - " } else { "    - " });
-                            out.push_str(&quoted(arg));
-                            out.push('\n');
-                        }
-                    }
-                }
-            }
+        if self.runcmd.iter().any(|c| matches!(c, RunCmd::Argv(a) if a.is_empty())) {
+            bail!("a runcmd argument vector is empty");
         }
-        let data = UserData { text: Secret::new(out) };
+        let doc = Document {
+            ssh_authorized_keys: self.authorized_keys.iter().map(|k| k.trim()).collect(),
+            ssh_keys: self.host_key.as_ref().map(|h| SshKeys {
+                ed25519_private: h.private_openssh.expose(),
+                ed25519_public: h.public_openssh.trim(),
+            }),
+            write_files: &self.write_files,
+            runcmd: &self.runcmd,
+        };
+        let mut out = b"#cloud-config\n".to_vec();
+        doc.serialize(&mut serde_json::Serializer::with_formatter(&mut out, YamlSafe))?;
+        out.push(b'\n');
+        let text = String::from_utf8(out).expect("serde_json writes UTF-8");
+        let data = UserData { text: Secret::new(text) };
         if data.base64_len() > USER_DATA_MAX_BASE64 {
             bail!(
                 "user data is {} bytes after base64, over the ECS limit of {USER_DATA_MAX_BASE64}",
@@ -165,273 +169,43 @@ fn check_one_line(what: &str, s: &str) -> Result<()> {
     Ok(())
 }
 
-/// `key: value` at `indent`, choosing a block literal for multi-line text.
-fn push_entry(out: &mut String, indent: usize, key: &str, value: &str) {
-    let pad = " ".repeat(indent);
-    out.push_str(&pad);
-    out.push_str(key);
-    out.push(':');
-    match block_literal_header(value) {
-        Some(header) => {
-            out.push(' ');
-            out.push_str(header);
-            out.push('\n');
-            let body = value.trim_end_matches('\n');
-            for line in body.split('\n') {
-                if !line.is_empty() {
-                    out.push_str(&pad);
-                    out.push_str("  ");
-                    out.push_str(line);
-                }
-                out.push('\n');
-            }
-            // `|+` keeps the extra trailing newlines as empty lines.
-            let extra = value.len() - body.len();
-            for _ in 1..extra {
-                out.push('\n');
-            }
+/// Compact JSON that a YAML 1.1 reader reads back unchanged (see the module comment).
+struct YamlSafe;
+
+/// Characters JSON allows raw in a string that PyYAML rejects or folds.
+fn yaml_unsafe(c: char) -> bool {
+    matches!(c, '\u{7f}'..='\u{9f}' | '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}')
+}
+
+impl serde_json::ser::Formatter for YamlSafe {
+    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+        let mut rest = fragment;
+        while let Some(at) = rest.find(yaml_unsafe) {
+            w.write_all(&rest.as_bytes()[..at])?;
+            let c = rest[at..].chars().next().expect("a char at a found index");
+            write!(w, "\\u{:04x}", c as u32)?;
+            rest = &rest[at + c.len_utf8()..];
         }
-        None => {
-            out.push(' ');
-            out.push_str(&scalar(value));
-            out.push('\n');
-        }
+        w.write_all(rest.as_bytes())
     }
-}
-
-/// The block-literal header for `value`, or `None` when it must be written quoted.
-///
-/// A literal is used only for multi-line text whose first line does not start with a blank
-/// (that would need an indentation indicator) and that has no characters a block scalar cannot
-/// hold (control characters other than tab, carriage returns, BOM).
-fn block_literal_header(value: &str) -> Option<&'static str> {
-    if !value.contains('\n') {
-        return None;
-    }
-    let first = value.split('\n').next().unwrap_or("");
-    if first.is_empty() || first.starts_with([' ', '\t']) {
-        return None;
-    }
-    if value.chars().any(|c| (c.is_control() && c != '\n' && c != '\t') || needs_escape(c)) {
-        return None;
-    }
-    let trailing = value.len() - value.trim_end_matches('\n').len();
-    Some(match trailing {
-        0 => "|-",
-        1 => "|",
-        _ => "|+",
-    })
-}
-
-/// Characters YAML does not allow raw in a document or that readers treat as line breaks.
-fn needs_escape(c: char) -> bool {
-    matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}' | '\u{feff}')
-}
-
-/// A plain scalar when obviously safe, else a double-quoted one.
-fn scalar(s: &str) -> String {
-    let safe = !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || " +/=@._-".contains(c))
-        && !s.starts_with(['-', ' ', '.'])
-        && !s.ends_with(' ')
-        && !looks_typed(s);
-    if safe {
-        s.to_string()
-    } else {
-        quoted(s)
-    }
-}
-
-/// Plain scalars that a YAML reader would turn into something other than a string.
-fn looks_typed(s: &str) -> bool {
-    let lower = s.to_ascii_lowercase();
-    matches!(lower.as_str(), "null" | "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n")
-        || s.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '+')
-}
-
-/// A YAML double-quoted scalar.
-fn quoted(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() || needs_escape(c) => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::process::Command;
+
+    use serde_json::{json, Value};
+
     use super::*;
     use crate::keys::generate_ed25519;
 
-    /// Just enough YAML to read back what [`CloudConfig::render`] writes: block mappings,
-    /// block sequences, literal block scalars with chomping, double-quoted and plain scalars.
-    #[derive(Debug, Clone, PartialEq)]
-    enum Yaml {
-        Str(String),
-        Seq(Vec<Yaml>),
-        Map(Vec<(String, Yaml)>),
-    }
-
-    impl Yaml {
-        fn get(&self, key: &str) -> &Yaml {
-            match self {
-                Yaml::Map(m) => &m.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no {key}")).1,
-                other => panic!("not a map: {other:?}"),
-            }
-        }
-        fn str(&self) -> &str {
-            match self {
-                Yaml::Str(s) => s,
-                other => panic!("not a string: {other:?}"),
-            }
-        }
-        fn seq(&self) -> &[Yaml] {
-            match self {
-                Yaml::Seq(s) => s,
-                other => panic!("not a sequence: {other:?}"),
-            }
-        }
-    }
-
-    fn indent_of(line: &str) -> usize {
-        line.len() - line.trim_start_matches(' ').len()
-    }
-
-    fn parse(doc: &str) -> Yaml {
-        let mut lines: Vec<String> = doc.split('\n').map(str::to_string).collect();
-        assert_eq!(lines.pop().as_deref(), Some(""), "document must end with a newline");
-        assert_eq!(lines[0], "#cloud-config");
-        lines.remove(0);
-        let mut i = 0;
-        let v = parse_node(&mut lines, &mut i, 0);
-        assert_eq!(i, lines.len(), "unparsed line {:?}", lines.get(i));
-        v
-    }
-
-    fn parse_node(lines: &mut [String], i: &mut usize, indent: usize) -> Yaml {
-        let line = &lines[*i];
-        assert_eq!(indent_of(line), indent, "bad indentation: {line:?}");
-        if line[indent..].starts_with("- ") {
-            let mut items = Vec::new();
-            while *i < lines.len() && indent_of(&lines[*i]) == indent && lines[*i][indent..].starts_with("- ")
-            {
-                // Turn "- x" into "  x" and parse x as a node at indent + 2.
-                lines[*i].replace_range(indent..indent + 2, "  ");
-                let rest = lines[*i][indent + 2..].to_string();
-                if rest.starts_with("- ") || split_key(&rest).is_some() {
-                    items.push(parse_node(lines, i, indent + 2));
-                } else {
-                    items.push(Yaml::Str(parse_scalar(&rest)));
-                    *i += 1;
-                }
-            }
-            Yaml::Seq(items)
-        } else {
-            let mut entries = Vec::new();
-            while *i < lines.len()
-                && indent_of(&lines[*i]) == indent
-                && !lines[*i][indent..].starts_with("- ")
-            {
-                let (key, rest) =
-                    split_key(&lines[*i][indent..]).unwrap_or_else(|| panic!("{:?}", lines[*i]));
-                *i += 1;
-                let value = if rest.is_empty() {
-                    let child = indent_of(&lines[*i]);
-                    assert!(child > indent || lines[*i][child..].starts_with("- "));
-                    parse_node(lines, i, child)
-                } else if let Some(chomp) = rest.strip_prefix('|') {
-                    parse_literal(lines, i, indent, chomp)
-                } else {
-                    Yaml::Str(parse_scalar(&rest))
-                };
-                entries.push((key, value));
-            }
-            Yaml::Map(entries)
-        }
-    }
-
-    fn split_key(s: &str) -> Option<(String, String)> {
-        let (k, rest) = s.split_once(':')?;
-        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return None;
-        }
-        if !(rest.is_empty() || rest.starts_with(' ')) {
-            return None;
-        }
-        Some((k.to_string(), rest.trim_start().to_string()))
-    }
-
-    fn parse_literal(lines: &[String], i: &mut usize, parent: usize, chomp: &str) -> Yaml {
-        let mut body: Vec<&str> = Vec::new();
-        let mut ind = None;
-        while *i < lines.len() {
-            let l = &lines[*i];
-            if l.is_empty() {
-                body.push("");
-            } else if indent_of(l) > parent {
-                let n = *ind.get_or_insert(indent_of(l));
-                assert!(indent_of(l) >= n, "under-indented literal line {l:?}");
-                body.push(&l[n..]);
-            } else {
-                break;
-            }
-            *i += 1;
-        }
-        let mut text = body.join("\n");
-        let content = text.trim_end_matches('\n').len();
-        match chomp {
-            "" => {
-                text.truncate(content);
-                text.push('\n');
-            }
-            "-" => text.truncate(content),
-            "+" => text.push('\n'),
-            other => panic!("unknown chomping {other:?}"),
-        }
-        Yaml::Str(text)
-    }
-
-    fn parse_scalar(s: &str) -> String {
-        if let Some(inner) = s.strip_prefix('"') {
-            let inner = inner.strip_suffix('"').expect("closing quote");
-            let mut out = String::new();
-            let mut chars = inner.chars();
-            while let Some(c) = chars.next() {
-                if c == '"' {
-                    panic!("unescaped quote in {s:?}");
-                }
-                if c != '\\' {
-                    out.push(c);
-                    continue;
-                }
-                match chars.next().unwrap() {
-                    'n' => out.push('\n'),
-                    't' => out.push('\t'),
-                    'r' => out.push('\r'),
-                    '"' => out.push('"'),
-                    '\\' => out.push('\\'),
-                    'u' => {
-                        let hex: String = chars.by_ref().take(4).collect();
-                        out.push(char::from_u32(u32::from_str_radix(&hex, 16).unwrap()).unwrap());
-                    }
-                    other => panic!("unknown escape {other:?}"),
-                }
-            }
-            out
-        } else {
-            assert!(!s.contains(": ") && !s.contains(" #") && !s.starts_with(['\'', '[', '{', '&', '*']));
-            s.to_string()
-        }
+    /// The JSON after the `#cloud-config` line.
+    fn json_of(ud: &UserData) -> Value {
+        let text = ud.text.expose();
+        let body = text.strip_prefix("#cloud-config\n").expect("starts with #cloud-config");
+        assert!(body.ends_with('\n') && !body.trim_end().contains('\n'), "one JSON line and a newline");
+        serde_json::from_str(body).expect("valid JSON")
     }
 
     fn fixed_keys() -> (KeyPair, KeyPair) {
@@ -462,15 +236,9 @@ mod tests {
         assert_eq!(
             ud.text.expose(),
             "#cloud-config\n\
-             ssh_authorized_keys:\n\
-             \x20 - ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient aliyun-spot-executor job 1\n\
-             ssh_keys:\n\
-             \x20 ed25519_private: |\n\
-             \x20   -----BEGIN OPENSSH PRIVATE KEY-----\n\
-             \x20   b3BlbnNzaC1rZXktdjEAAAAA\n\
-             \x20   QUJD\n\
-             \x20   -----END OPENSSH PRIVATE KEY-----\n\
-             \x20 ed25519_public: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost host@job-1\n"
+             {\"ssh_authorized_keys\":[\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClient aliyun-spot-executor job 1\"],\
+             \"ssh_keys\":{\"ed25519_private\":\"-----BEGIN OPENSSH PRIVATE KEY-----\\nb3BlbnNzaC1rZXktdjEAAAAA\\nQUJD\\n-----END OPENSSH PRIVATE KEY-----\\n\",\
+             \"ed25519_public\":\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHost host@job-1\"}}\n"
         );
         assert_eq!(format!("{:?}", ud.text), "REDACTED");
     }
@@ -493,73 +261,120 @@ mod tests {
         assert_eq!(
             cfg.render().unwrap().text.expose(),
             "#cloud-config\n\
-             write_files:\n\
-             \x20 - path: /usr/local/sbin/w\n\
-             \x20   permissions: \"0700\"\n\
-             \x20   owner: \"root:root\"\n\
-             \x20   content: |\n\
-             \x20     #!/bin/sh\n\
-             \x20     echo hi\n\
-             runcmd:\n\
-             \x20 - \"systemctl start w\"\n\
-             \x20 - - \"a\"\n\
-             \x20   - \"b c\"\n"
+             {\"write_files\":[{\"path\":\"/usr/local/sbin/w\",\"permissions\":\"0700\",\"owner\":\"root:root\",\
+             \"content\":\"#!/bin/sh\\necho hi\\n\"}],\"runcmd\":[\"systemctl start w\",[\"a\",\"b c\"]]}\n"
         );
+    }
+
+    /// Contents that a hand-written YAML writer gets wrong, and characters JSON and YAML 1.1
+    /// disagree on.
+    const TRICKY: [&str; 12] = [
+        "#!/bin/bash\nset -eu\n\n  indented: 'x' # not a comment\n\tTab\n",
+        "no trailing newline\nsecond",
+        "two trailing\n\n\n",
+        "  leading blank\nx\n",
+        "\nstarts empty\n",
+        "one line with \"quotes\" and \\ back\\slash: and # hash",
+        "control \u{7} bell, \u{85} next line, \u{2028} separator\u{2029}, \u{7f}\u{9f}\nline\n",
+        "\u{feff}bom, \u{fffe} and astral \u{1f600} and \u{4e2d}\u{6587}",
+        "",
+        "0700",
+        "true",
+        "- [a, {b: c}] &x *y !tag %d @e `f`",
+    ];
+
+    fn tricky_config(host: KeyPair, client: KeyPair) -> CloudConfig {
+        CloudConfig {
+            authorized_keys: vec![client.public_openssh, "ssh-ed25519 AAAA x: y #z".into()],
+            host_key: Some(host),
+            write_files: TRICKY
+                .iter()
+                .enumerate()
+                .map(|(n, c)| WriteFile {
+                    path: format!("/etc/x-{n}"),
+                    permissions: "644".into(),
+                    owner: (n == 0).then(|| "root:root".into()),
+                    content: c.to_string(),
+                })
+                .collect(),
+            runcmd: vec![
+                RunCmd::Shell("echo \"$(date)\" > /tmp/x # c".into()),
+                RunCmd::Argv(vec!["- a".into(), "yes".into()]),
+            ],
+        }
     }
 
     #[test]
     fn real_keys_and_tricky_content_parse_back() {
         let host = generate_ed25519("host key: job #7").unwrap();
         let client = generate_ed25519("yes").unwrap();
-        let tricky = [
-            "#!/bin/bash\nset -eu\n\n  indented: 'x' # not a comment\n\tTab\n",
-            "no trailing newline\nsecond",
-            "two trailing\n\n\n",
-            "  leading blank\nx\n",
-            "\nstarts empty\n",
-            "one line with \"quotes\" and \\ back\\slash: and # hash",
-            "control \u{7} bell and \u{2028} separator\nline\n",
-            "",
-            "0700",
-            "true",
-        ];
-        let cfg = CloudConfig {
-            authorized_keys: vec![client.public_openssh.clone(), "ssh-ed25519 AAAA x: y #z".into()],
-            host_key: Some(host.clone()),
-            write_files: tricky
-                .iter()
-                .enumerate()
-                .map(|(n, c)| WriteFile {
-                    path: format!("/etc/x-{n}"),
-                    permissions: "644".into(),
-                    owner: None,
-                    content: c.to_string(),
-                })
-                .collect(),
-            runcmd: vec![
-                RunCmd::Shell("echo \"$(date)\" > /tmp/x # c".into()),
-                RunCmd::Argv(vec!["- a".into()]),
-            ],
-        };
-        let ud = cfg.render().unwrap();
-        let doc = parse(ud.text.expose());
-        let keys = doc.get("ssh_authorized_keys").seq();
-        assert_eq!(keys[0].str(), client.public_openssh);
-        assert_eq!(keys[1].str(), "ssh-ed25519 AAAA x: y #z");
-        assert_eq!(doc.get("ssh_keys").get("ed25519_private").str(), host.private_openssh.expose());
-        assert_eq!(doc.get("ssh_keys").get("ed25519_public").str(), host.public_openssh);
-        let files = doc.get("write_files").seq();
-        assert_eq!(files.len(), tricky.len());
-        for (n, (f, want)) in files.iter().zip(tricky).enumerate() {
-            assert_eq!(f.get("path").str(), format!("/etc/x-{n}"));
-            assert_eq!(f.get("permissions").str(), "644");
-            assert_eq!(f.get("content").str(), want, "file {n}");
+        let ud = tricky_config(host.clone(), client.clone()).render().unwrap();
+        let doc = json_of(&ud);
+        assert_eq!(doc["ssh_authorized_keys"], json!([client.public_openssh, "ssh-ed25519 AAAA x: y #z"]));
+        assert_eq!(doc["ssh_keys"]["ed25519_private"], host.private_openssh.expose().as_str());
+        assert_eq!(doc["ssh_keys"]["ed25519_public"], host.public_openssh.as_str());
+        let files = doc["write_files"].as_array().unwrap();
+        assert_eq!(files.len(), TRICKY.len());
+        for (n, (f, want)) in files.iter().zip(TRICKY).enumerate() {
+            assert_eq!(f["path"], format!("/etc/x-{n}"));
+            assert_eq!(f["permissions"], "644");
+            assert_eq!(f["content"], want, "file {n}");
         }
-        let cmds = doc.get("runcmd").seq();
-        assert_eq!(cmds[0].str(), "echo \"$(date)\" > /tmp/x # c");
-        assert_eq!(cmds[1].seq()[0].str(), "- a");
+        assert_eq!(doc["runcmd"], json!(["echo \"$(date)\" > /tmp/x # c", ["- a", "yes"]]));
+        // What YAML 1.1 cannot hold raw is escaped; the rest is written as is.
+        let text = ud.text.expose();
+        for c in ['\u{85}', '\u{2028}', '\u{2029}', '\u{7f}', '\u{9f}', '\u{feff}', '\u{fffe}'] {
+            assert!(!text.contains(c), "{:04x} is escaped", c as u32);
+        }
+        assert!(text.contains("\\u2028"));
+        assert!(text.contains("astral \u{1f600} and \u{4e2d}\u{6587}"));
         assert!(ud.base64_len() < USER_DATA_MAX_BASE64);
         assert_eq!(ud.base64_len(), ud.len().div_ceil(3) * 4);
+    }
+
+    /// The interpreter cloud-init runs under (its `#!` line), which has PyYAML.
+    fn cloud_init_python(cloud_init: &Path) -> String {
+        let text = std::fs::read_to_string(cloud_init).expect("cloud-init is readable");
+        let shebang = text.lines().next().and_then(|l| l.strip_prefix("#!")).expect("a #! line");
+        shebang.split_whitespace().next().expect("an interpreter").to_string()
+    }
+
+    /// Real cloud-init validates the document against its schema, and PyYAML (the loader
+    /// cloud-init uses) reads back exactly what JSON reads.
+    #[test]
+    fn cloud_init_accepts_the_document_and_reads_it_as_json_does() {
+        let cloud_init = Path::new("/usr/bin/cloud-init");
+        if !cloud_init.exists() {
+            println!("skipped: {} is not installed (Debian package `cloud-init`)", cloud_init.display());
+            return;
+        }
+        let host = generate_ed25519("h").unwrap();
+        let client = generate_ed25519("c").unwrap();
+        let mut cc = tricky_config(host, client);
+        crate::watchdog::add_to(&mut cc, &crate::watchdog::example_spec());
+        let ud = cc.render().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("user-data");
+        std::fs::write(&file, ud.text.expose()).unwrap();
+
+        let out = Command::new(cloud_init).arg("schema").arg("--config-file").arg(&file).output().unwrap();
+        let said = format!(
+            "exit {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "cloud-init schema rejected the user data: {said}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("Valid cloud-config: {}\n", file.display()));
+
+        let read = "import json, sys, yaml\n\
+                    doc = yaml.safe_load(open(sys.argv[1], encoding='utf-8'))\n\
+                    sys.stdout.write(json.dumps(doc))\n";
+        let out =
+            Command::new(cloud_init_python(cloud_init)).arg("-c").arg(read).arg(&file).output().unwrap();
+        assert!(out.status.success(), "PyYAML: {}", String::from_utf8_lossy(&out.stderr));
+        let by_yaml: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(by_yaml == json_of(&ud), "PyYAML reads the document differently from JSON");
     }
 
     #[test]
@@ -569,14 +384,14 @@ mod tests {
                 path: "/big".into(),
                 permissions: "0600".into(),
                 owner: None,
-                content: "x\n".repeat(13_000),
+                content: "x".repeat(25_000),
             }],
             ..Default::default()
         };
         let err = big.render().unwrap_err().to_string();
         let text_len =
-            "#cloud-config\nwrite_files:\n  - path: /big\n    permissions: \"0600\"\n    content: |\n".len()
-                + 13_000 * "      x\n".len();
+            "#cloud-config\n{\"write_files\":[{\"path\":\"/big\",\"permissions\":\"0600\",\"content\":\"\"}]}\n".len()
+                + 25_000;
         assert_eq!(
             err,
             format!(
@@ -602,6 +417,8 @@ mod tests {
             two_lines.render().unwrap_err().to_string(),
             "an authorized key must be one non-empty line"
         );
+        let empty_argv = CloudConfig { runcmd: vec![RunCmd::Argv(vec![])], ..Default::default() };
+        assert_eq!(empty_argv.render().unwrap_err().to_string(), "a runcmd argument vector is empty");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 # aliyun-spot-executor self-destruct watchdog.
 #
-# Installed into every instance through cloud-config when an instance RAM role is configured.
-# It is the last safety net after cleanup and AutoReleaseTime: when no stage has run for the
-# idle timeout, or the instance has outlived its maximum lifetime, it deletes its own instance
-# with the instance RAM role's temporary credentials (metadata service, hardened mode) and a
-# signed DeleteInstance call. Standard library only, so any image with python3 runs it.
+# Installed into every instance through cloud-config. It is the last safety net after cleanup
+# and AutoReleaseTime: when no stage has run for the idle timeout, or the instance has outlived
+# its maximum lifetime, it deletes its own instance with a signed DeleteInstance call. Its
+# credentials: by default the STS credentials the runner host writes over SSH to
+# <credentials_dir>/<instance id>.json (root only; their session policy allows deleting this
+# instance and nothing else); with the opt-in shared-role mode, the instance RAM role's
+# (metadata service, hardened mode). Standard library only, so any image with python3 runs it.
 #
 # Usage: watchdog.py [CONFIG_JSON] [--once]
 #   CONFIG_JSON  default /etc/aliyun-spot-executor/watchdog.json
@@ -132,6 +134,20 @@ def open_state_root(conf):
         log("cannot prepare %s: %s" % (root, e))
 
 
+def credentials(conf, token, instance_id):
+    cdir = conf.get("credentials_dir")
+    if cdir:
+        path = os.path.join(cdir, instance_id + ".json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            # Not yet handed over (prepare writes them once SSH works) or unreadable.
+            raise RuntimeError("no usable credentials in %s: %s" % (path, type(e).__name__))
+    role = conf.get("ram_role") or metadata(conf, "ram/security-credentials/", token).strip().splitlines()[0]
+    return json.loads(metadata(conf, "ram/security-credentials/" + role, token))
+
+
 def check(conf, started):
     open_state_root(conf)
     token = metadata_token(conf)
@@ -145,8 +161,7 @@ def check(conf, started):
         reason = "no stage ran for %ds" % conf["idle_timeout_seconds"]
     if reason is None:
         return False
-    role = conf.get("ram_role") or metadata(conf, "ram/security-credentials/", token).strip().splitlines()[0]
-    creds = json.loads(metadata(conf, "ram/security-credentials/" + role, token))
+    creds = credentials(conf, token, instance_id)
     log("deleting instance %s: %s" % (instance_id, reason))
     call_ecs(conf, creds, "DeleteInstance", {"InstanceId": instance_id, "Force": "true"})
     return True

@@ -3,10 +3,12 @@
 //! `cleanup` deletes each instance, and `AutoReleaseTime` bounds its life at creation; but a
 //! runner host that crashes mid-job would leave an idle machine billing until that time. So
 //! prepare installs this small program through cloud-config: it deletes its own instance when
-//! no stage has run for the idle timeout, or past the maximum lifetime, with the instance RAM
-//! role's temporary credentials from the metadata service (docs/safety.md has the RAM policy).
-//! It is python3 with the standard library only, because every mainstream image has python3
-//! and nothing else can be assumed on a fresh instance; it holds no credentials of its own.
+//! no stage has run for the idle timeout, or past the maximum lifetime, with STS credentials
+//! scoped to that one instance that the runner host writes over SSH ([`crate::sts`]), or, as an
+//! explicit opt-in, the instance RAM role's credentials from the metadata service
+//! (docs/safety.md has both policies). It is python3 with the standard library only, because
+//! every mainstream image has python3 and nothing else can be assumed on a fresh instance; its
+//! user data holds no credentials.
 //!
 //! Stages mark activity under `/run/aliyun-spot-executor/<instance-id>/`: `busy.<pid>` while a
 //! stage runs and `activity` touched at its start and end (see [`stage_markers`]). The idle
@@ -29,6 +31,14 @@ pub const SCRIPT_PATH: &str = "/usr/local/lib/aliyun-spot-executor/watchdog.py";
 pub const CONFIG_PATH: &str = "/etc/aliyun-spot-executor/watchdog.json";
 /// Where stages leave their markers (one directory per instance id).
 pub const STATE_ROOT: &str = "/run/aliyun-spot-executor";
+/// Where the runner host writes the instance's scoped STS credentials (root only, mode 0700;
+/// under `/run`, so never on disk). One file per instance id, `<id>.json`, mode 0600.
+pub const CREDENTIALS_DIR: &str = "/run/aliyun-spot-executor-credentials";
+
+/// The credentials file of `instance_id` on the instance.
+pub fn credentials_path(instance_id: &str) -> String {
+    format!("{CREDENTIALS_DIR}/{instance_id}.json")
+}
 
 /// What the watchdog needs to know; no secret.
 #[derive(Debug, Clone)]
@@ -39,14 +49,23 @@ pub struct WatchdogSpec {
     pub endpoint: String,
     /// Metadata service base URL (`http://100.100.100.200`).
     pub metadata: String,
-    /// The instance RAM role whose credentials it uses.
-    pub ram_role: String,
+    /// Where its credentials come from.
+    pub credentials: WatchdogCredentials,
     /// Delete after this long without a running stage.
     pub idle_timeout: Duration,
     /// When the instance was created (the lifetime and the idle clock start here).
     pub created_at: OffsetDateTime,
     /// Maximum lifetime.
     pub max_lifetime: Duration,
+}
+
+/// Where the watchdog finds credentials when it must delete its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchdogCredentials {
+    /// `<dir>/<instance id>.json`, written by the runner host over SSH ([`crate::sts`]).
+    HandedOver(String),
+    /// The instance RAM role, from the metadata service (the opt-in shared-role mode).
+    InstanceRole(String),
 }
 
 /// The watchdog's settings file (`watchdog.json`).
@@ -56,7 +75,8 @@ pub fn config_json(spec: &WatchdogSpec) -> String {
         "region_id": spec.region_id,
         "endpoint": spec.endpoint,
         "metadata": spec.metadata,
-        "ram_role": spec.ram_role,
+        "ram_role": match &spec.credentials { WatchdogCredentials::InstanceRole(r) => json!(r), _ => json!(null) },
+        "credentials_dir": match &spec.credentials { WatchdogCredentials::HandedOver(d) => json!(d), _ => json!(null) },
         "idle_timeout_seconds": spec.idle_timeout.as_secs(),
         "started_epoch": started,
         "deadline_epoch": started + spec.max_lifetime.as_secs() as i64,
@@ -105,6 +125,20 @@ pub fn add_to(cc: &mut CloudConfig, spec: &WatchdogSpec) {
     )));
 }
 
+/// A spec with realistic values, for tests that need a full document.
+#[cfg(test)]
+pub(crate) fn example_spec() -> WatchdogSpec {
+    WatchdogSpec {
+        region_id: "cn-hangzhou".into(),
+        endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
+        metadata: "http://100.100.100.200".into(),
+        credentials: WatchdogCredentials::HandedOver(CREDENTIALS_DIR.into()),
+        idle_timeout: Duration::from_secs(600),
+        created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+        max_lifetime: Duration::from_secs(3 * 3600),
+    }
+}
+
 /// Shell lines a stage wraps around the job's script so the watchdog sees it: a `busy.<pid>`
 /// marker while it runs and `activity` touched at both ends. Returns (before, after).
 pub fn stage_markers(instance_id: &str) -> (String, String) {
@@ -121,15 +155,7 @@ mod tests {
 
     #[test]
     fn settings_carry_the_deadline_and_no_secret() {
-        let spec = WatchdogSpec {
-            region_id: "cn-hangzhou".into(),
-            endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
-            metadata: "http://100.100.100.200".into(),
-            ram_role: "aliyun-spot-self-destruct".into(),
-            idle_timeout: Duration::from_secs(600),
-            created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
-            max_lifetime: Duration::from_secs(3 * 3600),
-        };
+        let spec = example_spec();
         let v: serde_json::Value = serde_json::from_str(&config_json(&spec)).unwrap();
         assert_eq!(v["deadline_epoch"], 1_700_000_000 + 3 * 3600);
         assert_eq!(v["idle_timeout_seconds"], 600);
@@ -154,7 +180,7 @@ mod tests {
             region_id: "ap-southeast-1".into(),
             endpoint: format!("https://{}.aliyuncs.com", "e".repeat(200)),
             metadata: format!("http://{}", "m".repeat(200)),
-            ram_role: "r".repeat(64),
+            credentials: WatchdogCredentials::InstanceRole("r".repeat(64)),
             idle_timeout: Duration::from_secs(600),
             created_at: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
             max_lifetime: Duration::from_secs(7 * 86_400),
@@ -167,12 +193,13 @@ mod tests {
             ud.base64_len(),
             crate::userdata::USER_DATA_MAX_BASE64
         );
-        // The program goes in as a literal block, byte for byte (the integration test reads
-        // it back from a real instance's user data and runs it).
-        let text = ud.text.expose();
-        assert!(
-            text.contains(&format!("  - path: {SCRIPT_PATH}\n    permissions: \"0755\"\n    content: |\n"))
-        );
-        assert!(text.contains("\n      def check(conf, started):\n"));
+        // The program goes in byte for byte (the integration test reads it back from a real
+        // instance's user data and runs it).
+        let body = ud.text.expose().strip_prefix("#cloud-config\n").unwrap();
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+        let script =
+            doc["write_files"].as_array().unwrap().iter().find(|f| f["path"] == SCRIPT_PATH).unwrap();
+        assert_eq!(script["permissions"], "0755");
+        assert_eq!(script["content"], SCRIPT);
     }
 }

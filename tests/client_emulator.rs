@@ -137,7 +137,9 @@ fn our_client_creates_an_instance_we_log_into_with_ssh2_and_delete() {
     let sshd_pid =
         emu.instances().iter().find(|r| r.id == id).and_then(|r| r.sshd_pid).expect("sshd running");
     assert!(process_alive(sshd_pid as i32));
-    assert_eq!(api.delete_instance(&id, true).unwrap(), DeleteOutcome::Deleted);
+    // A new instance refuses deletion while it initializes (`IncorrectInstanceStatus.Initializing`).
+    let deleted = wait_for("deletable", || api.delete_instance(&id, true).ok());
+    assert_eq!(deleted, DeleteOutcome::Deleted);
     wait_for("sshd gone", || (!process_alive(sshd_pid as i32)).then_some(()));
     let refused = TcpStream::connect_timeout(&format!("{ip}:22").parse().unwrap(), Duration::from_secs(2));
     assert!(refused.is_err(), "the instance's port still answers");
@@ -177,7 +179,7 @@ fn an_auth_error_fails_at_once_with_one_line_carrying_the_request_id() {
     assert_eq!(emu.requests().len(), 1, "an auth error is not retried");
 
     // The same through the administrator's tool: one line on stderr, non-zero exit.
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
         .arg("instances")
         .env_clear()
@@ -215,4 +217,45 @@ fn the_runner_hosts_ram_role_signs_requests_through_metadata() {
         emu.requests().into_iter().rev().find(|r| r.action.as_deref() == Some("DescribeZones")).unwrap();
     assert_eq!(last.status, 200);
     assert!(last.access_key_id.as_deref().unwrap_or("").starts_with("STS."));
+}
+
+/// A metadata service that gives no hardened-mode token (`--metadata-token-error`): the role's
+/// credentials are read in plain mode, as Aliyun's credentials provider does, unless
+/// `credentials.hardened_only`, which fails with one line and sends no plain request.
+#[test]
+fn without_a_metadata_token_the_role_is_read_in_plain_mode_unless_hardened_only() {
+    let emu = emulator(Faults { metadata_token_error: true, ..Faults::default() });
+    let spec = CredentialSpec {
+        use_instance_role: true,
+        metadata_endpoint: emu.endpoint(),
+        ..CredentialSpec::default()
+    };
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&spec).unwrap()).unwrap();
+    assert!(!api.describe_zones().unwrap().is_empty());
+    let last = emu.requests().into_iter().last().unwrap();
+    assert_eq!((last.action.as_deref(), last.status), (Some("DescribeZones"), 200));
+    assert_eq!(last.role.as_deref(), Some("runner-host-role"));
+
+    let strict = CredentialSpec { hardened_only: true, ..spec.clone() };
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&strict).unwrap()).unwrap();
+    let e = api.describe_zones().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "ECS `DescribeZones` not sent: no credentials: failed to get the instance RAM role credentials from the \
+             metadata service: the metadata service answered HTTP 404 to PUT `{}/latest/api/token` (hardened mode \
+             token), and `credentials.hardened_only` forbids the plain request: unset it to fall back to the plain \
+             request as Aliyun's credentials provider does",
+            emu.endpoint()
+        )
+    );
+
+    // With tokens back (switched through the faults endpoint), hardened mode works again.
+    let r = ureq::post(&format!("{}/_emulator/faults", emu.endpoint()))
+        .send_string(r#"{"metadata-token-error": false}"#)
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let api = EcsClient::new(client_config(&emu), provider_from_spec(&strict).unwrap()).unwrap();
+    assert!(!api.describe_zones().unwrap().is_empty());
 }

@@ -44,8 +44,8 @@ security_group_id = "sg-1"
 [images]
 amd64 = "img-x86"
 arm64 = "img-arm"
-[instance]
-ram_role_name = "ci-spot-self-destruct"
+[self_destruct]
+role_arn = "acs:ram::1234567890123456:role/ci-spot-self-destruct"
 "#;
 
 fn job(pairs: &[(&str, &str)]) -> Env {
@@ -69,13 +69,13 @@ fn unknown_key_names_the_key_and_its_table() {
         err("[spot]\nprice_limit_factor = 1.5\nprice_limit_facter = 2\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 3: unknown key `price_limit_facter` in table \
          `[spot]`; expected one of `strategy`, `price_limit_factor`, `max_price_per_hour`, `ranking`, \
-         `price_cache_ttl`, `stock_cooldown` (see docs/configuration.md)"
+         `price_cache_ttl`, `stock_cooldown`, `protection_hours`, `allow_shared`, `allow_burstable`, `allow_gpu` (see docs/configuration.md)"
     );
     assert_eq!(
         err("regionid = \"cn-hangzhou\"\n", &no_env()),
         "invalid configuration file `/etc/spot.toml` at line 1: unknown key `regionid` at the top level; expected \
          one of `aliyun`, `credentials`, `network`, `images`, `instance`, `shape`, `spot`, `ssh`, `job_overrides`, \
-         `safety`, `paths`, `runner`, `timeouts` (see docs/configuration.md)"
+         `safety`, `self_destruct`, `paths`, `runner`, `timeouts`, `helper` (see docs/configuration.md)"
     );
     // Nested tables too.
     let e = err("[shape.arm64]\nmin_cpus = 4\n", &no_env());
@@ -290,6 +290,9 @@ max_cpu = 32
     assert_eq!(from_file.paths.state_dir, Path::new("/var/lib/aliyun-spot-executor"));
     assert_eq!(from_file.paths.ledger, Path::new("/var/lib/aliyun-spot-executor/ledger.jsonl"));
     assert_eq!(from_file.credentials.metadata_endpoint, "http://100.100.100.200");
+    assert!(!from_file.credentials.hardened_only, "the plain-request fallback is on by default");
+    let strict = parse("[credentials]\nuse_instance_role = true\nhardened_only = true\n", &no_env()).unwrap();
+    assert!(strict.credentials.hardened_only);
     assert_eq!(from_file.endpoint_url().unwrap(), "https://ecs.cn-shanghai.aliyuncs.com");
 
     let env = Env::from_map([
@@ -416,7 +419,7 @@ fn annotated_example_parses() {
 
 #[test]
 fn config_path_resolution() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let named = dir.path().join("named.toml");
     std::fs::write(&named, "[aliyun]\nregion_id = \"cn-beijing\"\n").unwrap();
     let via_env = dir.path().join("via-env.toml");
@@ -462,33 +465,81 @@ fn config_path_resolution() {
 
 #[cfg(unix)]
 #[test]
-fn world_readable_file_with_a_secret_warns() {
+fn a_readable_file_with_a_secret_for_a_real_endpoint_is_refused() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, COMPLETE).unwrap();
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let e = config::load(Some(&path), &no_env()).unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            format!(
+                "refusing the configuration file `{p}`: it holds an AccessKey secret and is readable by other \
+                 users (mode {mode:04o}); run `chmod 600 {p}`",
+                p = path.display()
+            )
+        );
+    }
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(config::load(Some(&path), &no_env()).unwrap().warnings.is_empty());
+    // Without a secret in the file (credentials from the environment or the instance role)
+    // a readable file is fine.
+    let no_secret =
+        COMPLETE.replace("access_key_id = \"LTAIfile\"\naccess_key_secret = \"file-secret-value\"\n", "");
+    assert_ne!(no_secret, COMPLETE);
+    std::fs::write(&path, no_secret).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    config::load(Some(&path), &no_env()).unwrap();
+}
+
+#[test]
+fn a_readable_secret_for_a_loopback_endpoint_only_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::private_tempdir();
+    let path = dir.path().join("c.toml");
+    let local = COMPLETE.replace("[aliyun]\n", "[aliyun]\nendpoint = \"http://127.0.0.1:9470\"\n");
+    std::fs::write(&path, &local).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let c = config::load(Some(&path), &no_env()).unwrap();
     assert_eq!(
         c.warnings,
         [format!(
-            "`{p}` holds credentials and is readable by every user; run `chmod 600 {p}`",
+            "`{p}` holds credentials and is readable by other users (mode 0644); run `chmod 600 {p}`",
             p = path.display()
         )]
     );
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The emulator's built-in test key is public: nothing to warn about.
+    let emulator =
+        local.replace("file-secret-value", aliyun_spot_executor::emulator::DEFAULT_ACCESS_KEY_SECRET);
+    std::fs::write(&path, emulator).unwrap();
     assert!(config::load(Some(&path), &no_env()).unwrap().warnings.is_empty());
 }
 
 #[test]
-fn watchdog_without_an_instance_role_warns() {
+fn watchdog_without_credentials_or_with_the_shared_role_warns() {
     let c = parse("", &no_env()).unwrap();
     assert_eq!(
         c.warnings,
-        ["`safety.watchdog` is on but `instance.ram_role_name` is empty: the watchdog cannot delete the instance \
-          itself and only powers it off; `AutoReleaseTime` still releases it"]
+        ["`safety.watchdog` is on but `self_destruct.role_arn` is empty: instances get no credentials, so the \
+          watchdog cannot delete them; `AutoReleaseTime` still releases them (docs/safety.md)"]
     );
     assert!(parse("[safety]\nwatchdog = false\n", &no_env()).unwrap().warnings.is_empty());
+    let arn = "[self_destruct]\nrole_arn = \"acs:ram::1:role/r\"\n";
+    assert!(parse(arn, &no_env()).unwrap().warnings.is_empty());
+    let shared = "[self_destruct]\ncredentials = \"instance_role\"\n[instance]\nram_role_name = \"r\"\n";
+    assert_eq!(
+        parse(shared, &no_env()).unwrap().warnings,
+        ["`self_destruct.credentials = \"instance_role\"`: every job can read the instance role's credentials and \
+          delete any instance the role's policy covers; the default `sts` mode limits them to the job's own \
+          instance (docs/safety.md)"]
+    );
+    assert_eq!(
+        parse(&format!("{arn}[instance]\nram_role_name = \"r\"\n"), &no_env()).unwrap().warnings,
+        ["`instance.ram_role_name` is not given to instances unless `self_destruct.credentials = \"instance_role\"`: \
+          every job could read that role's credentials (docs/safety.md)"]
+    );
 }
 
 // ----- job overrides -----
@@ -617,9 +668,10 @@ fn empty_job_variables_are_ignored() {
 
 #[test]
 fn load_for_job_combines_both() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, COMPLETE).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let env = job(&[("ALIYUN_SPOT_ARCH", "arm64")]);
     let (cfg, spec) = config::load_for_job(Some(&path), &env).unwrap();
     assert_eq!(spec.arch, Arch::Arm64);
@@ -630,7 +682,7 @@ fn load_for_job_combines_both() {
 
 #[test]
 fn the_aliyun_cli_profile_file_is_found_in_home_when_no_key_is_given() {
-    let home = tempfile::tempdir().unwrap();
+    let home = crate::private_tempdir();
     let env = Env::from_map([("HOME".to_string(), home.path().display().to_string())]);
     let text = "[aliyun]\nregion_id = \"cn-hangzhou\"\n";
     assert_eq!(parse(text, &env).unwrap().credentials.profile_file, None, "no file, nothing assumed");
@@ -651,4 +703,23 @@ fn stock_cooldown_defaults_to_ten_minutes_and_is_bounded() {
     assert_eq!(parse(&off, &no_env()).unwrap().spot.stock_cooldown, Duration::ZERO);
     let e = err(&format!("{COMPLETE}\n[spot]\nstock_cooldown = \"1d\"\n"), &no_env());
     assert!(e.contains("`spot.stock_cooldown`") && e.contains("is longer than 6 hours"), "{e}");
+}
+
+#[test]
+fn ssh_keepalive_defaults_and_bounds() {
+    use aliyun_spot_executor::ssh::Keepalive;
+    let c = parse("", &no_env()).unwrap();
+    assert_eq!(c.ssh.keepalive, Keepalive { interval: Duration::from_secs(10), count_max: 3 });
+    assert_eq!(c.ssh.keepalive.silence_limit(), Duration::from_secs(31));
+    let c = parse("[ssh]\nkeepalive_interval = \"2s\"\nkeepalive_count_max = 5\n", &no_env()).unwrap();
+    assert_eq!(c.ssh.keepalive, Keepalive { interval: Duration::from_secs(2), count_max: 5 });
+    assert_eq!(
+        err("[ssh]\nkeepalive_interval = \"10m\"\n", &no_env()),
+        "`ssh.keepalive_interval` = `10m` in `/etc/spot.toml` is out of range; set between \"1s\" and \"5m\" \
+         (default \"10s\")"
+    );
+    assert_eq!(
+        err("[ssh]\nkeepalive_count_max = 0\n", &no_env()),
+        "`ssh.keepalive_count_max` = `0` in `/etc/spot.toml` is out of range; set 1 to 100 (default 3)"
+    );
 }

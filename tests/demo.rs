@@ -4,7 +4,7 @@ use std::process::Command;
 
 #[test]
 fn demo_runs_a_job_on_an_emulated_spot_instance_and_leaves_nothing() {
-    let home = tempfile::tempdir().unwrap();
+    let home = crate::private_tempdir();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
         .arg("demo")
         .env_clear()
@@ -19,6 +19,7 @@ fn demo_runs_a_job_on_an_emulated_spot_instance_and_leaves_nothing() {
         "======== job log ========",
         "Hello from ",
         "building step 3",
+        "after_script: job status success",
         "Released instance i-",
         "instances created: 1, still running: 0",
         "demo passed: the job ran on a spot instance that no longer exists",

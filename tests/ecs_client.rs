@@ -21,6 +21,11 @@ struct Seen {
     method: String,
     url: String,
     headers: BTreeMap<String, String>,
+    /// The URL query's parameters.
+    query: BTreeMap<String, String>,
+    /// The form body's parameters.
+    body: BTreeMap<String, String>,
+    /// Both, the body's over the query's: what the signature covers.
     form: BTreeMap<String, String>,
 }
 
@@ -51,8 +56,13 @@ impl Server {
                         .iter()
                         .map(|h| (h.field.to_string().to_ascii_lowercase(), h.value.to_string()))
                         .collect(),
-                    form: parse_form(&body),
+                    query: parse_form(rq.url().split_once('?').map_or("", |(_, q)| q)),
+                    body: parse_form(&body),
+                    form: BTreeMap::new(),
                 };
+                let mut seen = seen;
+                seen.form = seen.query.clone();
+                seen.form.extend(seen.body.clone());
                 let index = {
                     let mut l = log.lock().unwrap();
                     l.push(seen.clone());
@@ -83,27 +93,12 @@ impl Drop for Server {
     }
 }
 
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(if b[i] == b'+' { b' ' } else { b[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
+fn parse_form(s: &str) -> BTreeMap<String, String> {
+    form_urlencoded::parse(s.as_bytes()).into_owned().collect()
 }
 
-fn parse_form(body: &str) -> BTreeMap<String, String> {
-    body.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (decode(k), decode(v))).collect()
-}
-
-/// What ECS checks: a known key, and the signature over everything received.
+/// What ECS checks: a known key, and the signature over everything received, query and body
+/// together.
 fn verify(seen: &Seen, keys: &[(&str, &str)]) -> Result<(), (u16, String)> {
     let f = &seen.form;
     let Some(secret) =
@@ -159,7 +154,13 @@ fn signed_form_post_over_http_is_accepted_and_throttling_is_retried() {
     let seen = server.seen();
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].method, "POST");
-    assert_eq!(seen[0].url, "/");
+    assert!(seen[0].url.starts_with("/?"), "{}", seen[0].url);
+    // The common parameters and the signature travel in the query, as the legacy SDK sends them.
+    for k in
+        ["AccessKeyId", "Action", "Format", "RegionId", "Signature", "SignatureNonce", "Timestamp", "Version"]
+    {
+        assert!(seen[0].query.contains_key(k) && !seen[0].body.contains_key(k), "{k}: {seen:?}");
+    }
     assert_eq!(
         seen[0].headers.get("content-type").map(String::as_str),
         Some("application/x-www-form-urlencoded")
@@ -263,11 +264,11 @@ fn instance_role_credentials_from_loopback_metadata_sign_requests() {
                        "Expiration": "2099-01-01T00:00:00Z", "LastUpdated": "2025-01-01T00:00:00Z", "Code": "Success"})
                 .to_string(),
             ),
-            ("POST", "/") => {
+            ("POST", url) if url.starts_with("/?") => {
                 if let Err(e) = verify(seen, &[("STS.loopbackRole01", ROLE_SECRET)]) {
                     return e;
                 }
-                assert_eq!(seen.form.get("SecurityToken").map(String::as_str), Some(ROLE_TOKEN));
+                assert_eq!(seen.query.get("SecurityToken").map(String::as_str), Some(ROLE_TOKEN));
                 (200, regions())
             }
             _ => (404, "not found".into()),
@@ -283,7 +284,8 @@ fn instance_role_credentials_from_loopback_metadata_sign_requests() {
     let client = EcsClient::new(config(&server.endpoint(), 1), creds).unwrap();
     client.describe_regions().unwrap();
     client.describe_regions().unwrap();
-    let paths: Vec<String> = server.seen().iter().map(|s| format!("{} {}", s.method, s.url)).collect();
+    let paths: Vec<String> =
+        server.seen().iter().map(|s| format!("{} {}", s.method, s.url.split('?').next().unwrap())).collect();
     assert_eq!(
         paths,
         vec![
@@ -315,8 +317,8 @@ fn unreachable_metadata_service_is_a_credentials_error() {
         e.to_string(),
         format!(
             "ECS `DescribeRegions` not sent: no credentials: failed to get the instance RAM role credentials from the metadata \
-             service: the metadata service did not answer: PUT `http://127.0.0.1:{port}/latest/api/token`: connection refused \
-             (is this runner host an ECS instance?)"
+             service: the metadata service did not answer: GET `http://127.0.0.1:{port}/latest/meta-data/ram/security-credentials/`: \
+             connection refused (is this runner host an ECS instance?)"
         )
     );
 }
@@ -341,6 +343,8 @@ fn a_metadata_service_blip_is_retried() {
         use_instance_role: true,
         instance_ram_role: Some("ci-runner-role".into()),
         metadata_endpoint: server.endpoint(),
+        // Without the fallback to plain requests, the token request itself is tried again.
+        hardened_only: true,
         ..Default::default()
     };
     let c = provider_from_spec(&spec).unwrap().credentials().unwrap();

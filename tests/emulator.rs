@@ -23,7 +23,9 @@ const SG: &str = "sg-bp1emulator0000000001";
 fn start(faults: Faults) -> Emulator {
     Emulator::start(EmulatorOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
-        faults,
+        // These tests delete instances right after creating them to check answer shapes; the
+        // refusal while an instance initializes is tested in `faults::`.
+        faults: Faults { initializing: Duration::ZERO, ..faults },
         boot_delay: Duration::from_millis(200),
         ssh_delay: Duration::from_millis(100),
         ..EmulatorOptions::default()
@@ -184,12 +186,12 @@ fn keys() -> Keys {
 }
 
 fn cloud_config(k: &Keys) -> String {
-    let indented: String = k.host_private.lines().map(|l| format!("    {l}\n")).collect();
-    let doc = format!(
-        "#cloud-config\nssh_authorized_keys:\n  - {}\nssh_keys:\n  ed25519_private: |\n{indented}\nruncmd:\n  - echo ignored\n",
-        k.client_public
-    );
-    base64::engine::general_purpose::STANDARD.encode(doc)
+    let doc = serde_json::json!({
+        "ssh_authorized_keys": [k.client_public],
+        "ssh_keys": { "ed25519_private": k.host_private },
+        "runcmd": ["echo ignored"],
+    });
+    base64::engine::general_purpose::STANDARD.encode(format!("#cloud-config\n{doc}\n"))
 }
 
 fn ssh(addr: SocketAddr, k: &Keys) -> ssh2::Session {
@@ -276,30 +278,41 @@ fn processes_mentioning(needle: &Path) -> Vec<i32> {
     out
 }
 
-fn find_python() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
+/// Both SDK generations must import: the legacy one (signature v1) and the current one (V3).
+const SDK_IMPORTS: &str =
+    "import aliyunsdkcore, aliyunsdkecs, alibabacloud_ecs20140526.client, alibabacloud_tea_openapi";
+
+/// The Python with Aliyun's SDKs. `ALIYUN_SPOT_TEST_PYTHON` (set by `.ci/run`) is used alone and
+/// must import both SDKs: a missing SDK fails the test with the import error, it never skips it.
+/// Without it, `.venv` of the repository or `/opt/aliyun-sdk-venv`, else the test fails too.
+fn python_with_sdks() -> PathBuf {
+    let check = |p: &Path| Command::new(p).args(["-c", SDK_IMPORTS]).output();
     if let Some(p) = aliyun_spot_executor::env::Env::from_process().value("ALIYUN_SPOT_TEST_PYTHON") {
-        candidates.push(p.into());
+        let p = PathBuf::from(p);
+        match check(&p) {
+            Ok(o) if o.status.success() => return p,
+            Ok(o) => panic!(
+                "ALIYUN_SPOT_TEST_PYTHON=`{}` cannot import Aliyun's SDKs (aliyun-python-sdk-core, \
+                 aliyun-python-sdk-ecs, alibabacloud-ecs20140526): {}",
+                p.display(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => panic!("ALIYUN_SPOT_TEST_PYTHON=`{}` does not run: {e}", p.display()),
+        }
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    candidates.push("/opt/aliyun-sdk-venv/bin/python".into());
-    candidates.into_iter().find(|p| {
-        Command::new(p)
-            .args(["-c", "import aliyunsdkcore, aliyunsdkecs"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
+    [Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"), "/opt/aliyun-sdk-venv/bin/python".into()]
+        .into_iter()
+        .find(|p| check(p).is_ok_and(|o| o.status.success()))
+        .expect(
+            "no Python with Aliyun's SDKs (aliyun-python-sdk-core, aliyun-python-sdk-ecs, alibabacloud-ecs20140526) \
+             found: set ALIYUN_SPOT_TEST_PYTHON, or create .venv in the repository, or /opt/aliyun-sdk-venv",
+        )
 }
 
-#[test]
-fn aliyun_python_sdk_works_against_the_emulator() {
-    let python = find_python().expect(
-        "no Python with Aliyun's SDK (aliyun-python-sdk-core, aliyun-python-sdk-ecs) found: set \
-         ALIYUN_SPOT_TEST_PYTHON, or create .venv in the repository, or /opt/aliyun-sdk-venv",
-    );
-    let emu = start(Faults::default());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/sdk_conformance.py");
-    let out = Command::new(&python)
+/// Runs `tests/conformance/<script>` against `emu`; returns its stdout after asserting success.
+fn conformance(emu: &Emulator, script: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/conformance").join(script);
+    let out = Command::new(python_with_sdks())
         .arg(&script)
         .arg(emu.addr().ip().to_string())
         .arg(emu.addr().port().to_string())
@@ -307,9 +320,16 @@ fn aliyun_python_sdk_works_against_the_emulator() {
         .arg(DEFAULT_ACCESS_KEY_SECRET)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "conformance script failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "{} failed\nstdout:\n{stdout}\nstderr:\n{stderr}", script.display());
+    stdout
+}
+
+#[test]
+fn aliyun_python_sdk_works_against_the_emulator() {
+    let emu = start(Faults::default());
+    let stdout = conformance(&emu, "sdk_conformance.py");
     for check in [
         "OK DescribeRegions",
         "OK DescribeInstanceTypes",
@@ -330,6 +350,38 @@ fn aliyun_python_sdk_works_against_the_emulator() {
     assert!(log
         .iter()
         .any(|r| r.method == "POST" && r.action.as_deref() == Some("RunInstances") && r.status == 200));
+    let dump = serde_json::to_string(&log).unwrap();
+    assert!(!dump.contains(DEFAULT_ACCESS_KEY_SECRET), "the request log leaks the secret");
+    assert!(!dump.contains("I2Nsb3Vk"), "the request log leaks UserData");
+    assert_eq!(emu.live_instances(), 0);
+}
+
+/// The current SDK (ACS3-HMAC-SHA256, action in `x-acs-action`) gets the legacy SDK's answers
+/// to the same calls, and a wrong secret is refused with the V3 error it expects.
+#[test]
+fn aliyun_v3_python_sdk_works_against_the_emulator_like_the_legacy_one() {
+    let emu = start(Faults::default());
+    let stdout = conformance(&emu, "sdk_v3_conformance.py");
+    for check in [
+        "OK DescribeRegions",
+        "OK DescribeInstanceTypes",
+        "OK DescribeAvailableResource",
+        "OK DescribeSpotPriceHistory",
+        "OK RunInstances",
+        "OK DescribeInstances",
+        "OK DeleteInstance then InvalidInstanceId.NotFound",
+        "OK WrongSecret 400 SignatureDoesNotMatch",
+        "CONFORMANCE V3 OK",
+    ] {
+        assert!(stdout.lines().any(|l| l.starts_with(check)), "missing `{check}` in:\n{stdout}");
+    }
+    let log = emu.requests();
+    // The V3 calls reached the actions through `x-acs-action` (the script asked the legacy SDK
+    // the read-only questions too, which leaves the two RunInstances to V3 alone).
+    let runs: Vec<_> = log.iter().filter(|r| r.action.as_deref() == Some("RunInstances")).collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|r| r.status == 200 && !r.params.contains_key("Action")), "{runs:?}");
+    assert!(log.iter().any(|r| r.status == 400 && r.code.as_deref() == Some("SignatureDoesNotMatch")));
     let dump = serde_json::to_string(&log).unwrap();
     assert!(!dump.contains(DEFAULT_ACCESS_KEY_SECRET), "the request log leaks the secret");
     assert!(!dump.contains("I2Nsb3Vk"), "the request log leaks UserData");
@@ -384,7 +436,7 @@ fn instance_runs_real_sshd_with_cloud_config_keys_and_dies_with_delete() {
 
 #[test]
 fn no_sshd_outlives_the_emulator() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let emu = Emulator::start(EmulatorOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
         boot_delay: Duration::from_millis(100),
@@ -489,6 +541,50 @@ fn rejects_bad_signatures_timestamps_nonces_and_tokens() {
         token: Some(expired.security_token.expose().clone()),
     };
     expired.err("DescribeRegions", &[], 400, "InvalidSecurityToken.Expired");
+}
+
+/// Common parameters in the query, the action's in the form body, as the legacy SDK sends a
+/// POST (`rpc_signature_composer.get_signed_url`): the signature covers both parts together,
+/// and one over either part alone is refused.
+#[test]
+fn signature_v1_covers_query_and_form_body_together() {
+    let emu = start(Faults::default());
+    let api = Api::new(&emu);
+    let common = api.params("DescribeZones", &[]);
+    let body: BTreeMap<String, String> = [("AcceptLanguage".to_string(), "en-US".to_string())].into();
+    let post = |sign_over: &BTreeMap<String, String>,
+                body: &BTreeMap<String, String>,
+                query: &BTreeMap<String, String>| {
+        let mut query = query.clone();
+        query.insert("Signature".into(), sign::sign("POST", sign_over, &api.secret));
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| format!("{}={}", sign::percent_encode(k), sign::percent_encode(v)))
+            .collect();
+        let pairs: Vec<(&str, &str)> = body.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        match ureq::post(&format!("{}/?{}", api.endpoint, qs.join("&"))).send_form(&pairs) {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut both = common.clone();
+    both.extend(body.clone());
+    let (s, text) = post(&both, &body, &common);
+    assert_eq!(s, 200, "{text}");
+    // Signed over the query alone, then over the body alone (fresh nonces each time).
+    for query_only in [true, false] {
+        let fresh = api.params("DescribeZones", &[]);
+        let sign_over = if query_only { fresh.clone() } else { body.clone() };
+        let (s, text) = post(&sign_over, &body, &fresh);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((s, v["Code"].as_str()), (400, Some("SignatureDoesNotMatch")), "{v}");
+        // The server's string to sign has the body's parameter and the query's nonce: it
+        // signed both parts.
+        let msg = v["Message"].as_str().unwrap();
+        assert!(msg.contains("AcceptLanguage%3Den-US"), "{msg}");
+        assert!(msg.contains(&format!("SignatureNonce%3D{}", fresh["SignatureNonce"])), "{msg}");
+    }
 }
 
 #[test]
@@ -732,13 +828,17 @@ fn never_boot_instances_stay_starting() {
         .collect();
     st.sort_by_key(|(id, _)| id != &stuck);
     assert_eq!(st, [(stuck.clone(), "Starting".to_string()), (fine.clone(), "Running".to_string())]);
-    // NextToken paging, newest first.
+    // NextToken paging, newest first; a MaxResults below 10 means 10 (the SDK's
+    // `_describe_instances_request.py`), so both fit one page.
     let p1 = api.ok("DescribeInstances", &[("MaxResults", "1")]);
-    assert_eq!(p1["Instances"]["Instance"][0]["InstanceId"], fine.as_str());
-    let token = p1["NextToken"].as_str().unwrap();
-    let p2 = api.ok("DescribeInstances", &[("MaxResults", "1"), ("NextToken", token)]);
-    assert_eq!(p2["Instances"]["Instance"][0]["InstanceId"], stuck.as_str());
-    assert_eq!(p2["NextToken"], "");
+    let ids: Vec<&str> = p1["Instances"]["Instance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["InstanceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [fine.as_str(), stuck.as_str()]);
+    assert_eq!(p1["NextToken"], "");
     api.ok("DeleteInstances", &[("InstanceId.1", &stuck), ("InstanceId.2", &fine), ("Force", "true")]);
     assert_eq!(emu.live_instances(), 0);
 }

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Exit, Job, Running};
 use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions, Faults};
 
+/// The runner id of every [`World`]'s configuration (`runner.id`).
+pub const RUNNER_ID: &str = "7";
+
 /// One test's world: an emulator, a configuration pointing at it, and private directories.
 pub struct World {
     pub emulator: Emulator,
@@ -34,9 +37,12 @@ impl World {
             ..EmulatorOptions::default()
         })
         .expect("emulator starts");
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private_tempdir();
         let config = dir.path().join("config.toml");
         let mut doc: toml::Table = config_text(&emulator.endpoint(), dir.path()).parse().unwrap();
+        // The administrator's runner id, so that nothing depends on this machine's host name.
+        let runner = doc.entry("runner").or_insert_with(|| toml::Value::Table(Default::default()));
+        runner.as_table_mut().expect("a table").insert("id".into(), toml::Value::String(RUNNER_ID.into()));
         for (table, key, value) in overrides {
             let t = doc.entry(table.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
             t.as_table_mut().expect("a table").insert(key.to_string(), value.clone());
@@ -74,11 +80,7 @@ impl World {
 
     pub fn job(&self, job_id: &str, script: &str) -> Job {
         let builds = self.builds_dir();
-        Job {
-            variables: Job::ci_variables("7", "42", job_id, &builds),
-            stages: Job::standard_stages(&format!("{builds}/group/project"), script),
-            after_script: None,
-        }
+        Job::new(42, job_id.parse().expect("a numeric job id"), &builds, script)
     }
 
     pub fn attempt(&self, job: &Job) -> Attempt {
@@ -105,6 +107,12 @@ pub fn config_text(endpoint: &str, dir: &Path) -> String {
     let base = include_str!("../config/emulator.toml");
     aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts")
 }
+
+/// The line every stage but `config` prints when it runs without `config`'s secret.
+pub const SECRET_MISSING: &str =
+    "ERROR: `ALIYUN_SPOT_JOB_SECRET` is not set: this stage only acts for a job whose \
+     `config` stage ran in the same preparation attempt; configure `config_exec` in gitlab-runner's \
+     [runners.custom] (nothing was touched)";
 
 fn show(outcome: &aliyun_spot_executor::demo::gitlab::JobOutcome) -> String {
     format!("JOB LOG:\n{}\nRUNNER LOG:\n{}\n", outcome.job_log, outcome.runner_log)
@@ -254,18 +262,24 @@ fn invalid_job_variable_fails_config_before_anything_is_created() {
     let mut job = w.job("1007", "true");
     job.variables.push(("ALIYUN_SPOT_MAX_CPU".into(), "512".into()));
     let out = w.attempt(&job).run_job(&job).unwrap();
-    assert_eq!(out.config, Exit::Code(2), "{}", show(&out));
+    // The job's mistake: a build failure, which gitlab-runner does not retry.
+    assert_eq!(out.config, Exit::Code(1), "{}", show(&out));
+    assert_eq!(out.preparations, 1, "a build failure is not retried: {}", show(&out));
     assert!(out.job_log.contains("ALIYUN_SPOT_MAX_CPU"), "{}", show(&out));
     assert!(out.job_log.contains("512"), "{}", show(&out));
-    assert_eq!(out.cleanup, Some(Exit::Code(0)), "cleanup without prepare is harmless: {}", show(&out));
+    // Without config's secret, cleanup refuses to act, in one line, and touches nothing.
+    assert_eq!(out.cleanup, Some(Exit::Code(2)), "{}", show(&out));
+    assert_eq!(out.runner_log.matches(SECRET_MISSING).count(), 1, "{}", show(&out));
     assert!(w.emulator.instances().is_empty());
+    assert!(w.emulator.requests().is_empty(), "no API call at all");
 }
 
 #[test]
 fn cleanup_twice_and_without_prepare_is_harmless() {
     let w = World::new();
     let job = w.job("1008", "true");
-    let attempt = w.attempt(&job);
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     assert_eq!(w.live(), 1);
@@ -406,11 +420,12 @@ fn every_stage_name_gitlab_runner_may_pass_is_run() {
 fn a_prepare_retried_without_cleanup_releases_the_earlier_attempts_instance() {
     let w = World::new();
     let job = w.job("1011", "true");
-    let first = w.attempt(&job);
+    let mut first = w.attempt(&job);
     assert!(first.prepare().unwrap().success(), "{}", first.log.text());
     let old = w.emulator.instances()[0].id.clone();
-    // A second preparation attempt of the same job, whose cleanup never ran in between.
-    let second = w.attempt(&job);
+    // A second preparation attempt of the same job (its own config and secret), whose cleanup
+    // never ran in between.
+    let mut second = w.attempt(&job);
     assert!(second.prepare().unwrap().success(), "{}", second.log.text());
     let log = second.log.text();
     assert!(

@@ -120,6 +120,19 @@ impl World {
         String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
     }
 
+    /// The user data's cloud-config document (`#cloud-config` and JSON, as the driver renders it).
+    fn cloud_config(&self, id: &str) -> Value {
+        let ud = self.user_data(id);
+        let body = ud.strip_prefix("#cloud-config\n").unwrap_or_else(|| panic!("not a cloud-config: {ud}"));
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("user data is not JSON ({e}): {ud}"))
+    }
+
+    /// The `write_files` entry for `path`, if any.
+    fn written(&self, id: &str, path: &str) -> Option<Value> {
+        let cc = self.cloud_config(id);
+        cc["write_files"].as_array().unwrap().iter().find(|f| f["path"] == path).cloned()
+    }
+
     fn tags(&self, id: &str) -> BTreeMap<String, String> {
         self.emulator.instances().into_iter().find(|i| i.id == id).unwrap().tags
     }
@@ -169,15 +182,19 @@ fn start_then_stop_through_the_cli_leaves_nothing_and_the_token_goes_nowhere() {
     let ud = w.user_data(&id);
     assert!(ud.starts_with("#cloud-config\n"), "{ud}");
     assert!(ud.contains(&jit), "the JIT configuration is in the user data");
+    let jit_file =
+        w.written(&id, "/etc/aliyun-spot-executor/github-jitconfig").expect("the JIT file is written");
+    assert_eq!(jit_file["permissions"], "0600");
+    let launcher =
+        w.written(&id, "/usr/local/lib/aliyun-spot-executor/github-runner.sh").expect("the launcher");
     assert!(
-        ud.contains("path: /etc/aliyun-spot-executor/github-jitconfig\n    permissions: \"0600\""),
-        "{ud}"
+        launcher["content"].as_str().unwrap().contains("run.sh --jitconfig \"$(cat \"$2\")\""),
+        "{launcher}"
     );
-    assert!(ud.contains("run.sh --jitconfig \"$(cat \"$2\")\""), "{ud}");
     // No --self-delete: no instance role, so nothing on the instance can delete instances.
     let rec = w.emulator.instances().into_iter().find(|i| i.id == id).unwrap();
     assert_eq!(rec.ram_role, None);
-    assert!(!ud.contains("path: /etc/aliyun-spot-executor/github-release.json"), "{ud}");
+    assert_eq!(w.written(&id, "/etc/aliyun-spot-executor/github-release.json"), None);
     assert!(
         stderr.contains("The instance gets no RAM role and cannot delete itself (see --self-delete)"),
         "{stderr}"
@@ -371,13 +388,17 @@ fn self_delete_is_an_opt_in_that_gives_the_instance_its_role() {
     let w = World::new(Faults::default());
     let mut args = w.start_args();
     args.self_delete = true;
-    let started = github::start(&w.config, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap();
+    let mut with_role = w.config.clone();
+    with_role.instance.ram_role_name = Some("ci-spot-self-destruct".into());
+    let started = github::start(&with_role, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap();
     let rec = w.emulator.instances().into_iter().find(|i| i.id == started.instance_id).unwrap();
-    assert!(rec.ram_role.is_some());
-    assert_eq!(rec.ram_role, w.config.instance.ram_role_name);
+    assert_eq!(rec.ram_role.as_deref(), Some("ci-spot-self-destruct"));
     let ud = w.user_data(&started.instance_id);
-    assert!(ud.contains("path: /etc/aliyun-spot-executor/github-release.json"), "{ud}");
-    assert!(ud.contains("\"idle_timeout_seconds\": 0"), "{ud}");
+    let release = w
+        .written(&started.instance_id, "/etc/aliyun-spot-executor/github-release.json")
+        .expect("the release settings are written");
+    let release: Value = serde_json::from_str(release["content"].as_str().unwrap()).unwrap();
+    assert_eq!(release["idle_timeout_seconds"], 0, "{release}");
     assert!(!ud.contains(TOKEN));
     let stop = StopArgs {
         scope: ScopeArgs { repo: Some(REPO.into()), org: None },

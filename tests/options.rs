@@ -49,7 +49,12 @@ fn the_default_price_limit_is_the_factor_times_the_offer_price() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((limit - (price * 1.2)).abs() < 0.0002, "limit {limit} for price {price}: {line}");
+    // Rounded up at the third decimal, the most ECS accepts (see src/pricing.rs).
+    assert!(
+        limit >= price * 1.2 - 1e-9 && limit < price * 1.2 + 0.001,
+        "limit {limit} for price {price}: {line}"
+    );
+    assert_eq!(limit, (limit * 1000.0).round() / 1000.0, "three decimals: {limit}");
     assert_eq!(created.spot_price_limit, Some(limit));
     w.assert_nothing_left();
 }
@@ -71,7 +76,7 @@ fn a_price_cap_below_every_offer_skips_them_all_and_fails_cleanly() {
 fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
     use std::os::unix::fs::PermissionsExt;
     let keys = aliyun_spot_executor::keys::generate_ed25519("team-key").unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::private_tempdir();
     let key_file = dir.path().join("id_ed25519");
     std::fs::write(&key_file, keys.private_openssh.expose()).unwrap();
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -91,4 +96,184 @@ fn a_registered_key_pair_and_its_private_key_log_in_instead_of_per_job_keys() {
     assert_eq!(run_instances_params(&w)[0]["KeyPairName"], "ci-team-key");
     assert_eq!(w.emulator.instances()[0].key_pair_name.as_deref(), Some("ci-team-key"));
     w.assert_nothing_left();
+}
+
+/// The ERROR lines of a log.
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.starts_with("ERROR: ")).collect()
+}
+
+#[test]
+fn a_bad_job_variable_is_the_jobs_mistake_in_config_and_prepare() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::new();
+    let mut job = w.job("5010", "true");
+    job.variables.push(("ALIYUN_SPOT_MAX_CPU".into(), "512".into()));
+    let line =
+        "ERROR: job variable `ALIYUN_SPOT_MAX_CPU`=`512` is above the administrator's ceiling of 64 vCPU; \
+                set a value between 1 and 64";
+    // config: BUILD_FAILURE_EXIT_CODE, so gitlab-runner fails the job as a script failure and
+    // does not retry it.
+    let mut attempt = w.attempt(&job);
+    let (exit, json) = attempt.config().unwrap();
+    assert_eq!(exit, Exit::Code(1), "{}", attempt.log.text());
+    assert!(json.is_none());
+    assert_eq!(error_lines(&attempt.log.text()), vec![line], "{}", attempt.log.text());
+    // prepare (config_exec is optional, so prepare evaluates the variables too): the same.
+    let mut attempt = w.attempt(&job);
+    std::fs::write(attempt.build_exit_code_file(), "7\n").unwrap();
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(1), "{}", attempt.log.text());
+    assert_eq!(error_lines(&attempt.log.text()), vec![line], "{}", attempt.log.text());
+    assert!(!attempt.build_exit_code_file().exists(), "no stale status is left for gitlab-runner to read");
+    assert!(w.emulator.instances().is_empty());
+    // A value that does not parse: the same class.
+    let mut job = w.job("5011", "true");
+    job.variables.push(("ALIYUN_SPOT_ARCH".into(), "sparc".into()));
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(1), "{}", attempt.log.text());
+    assert_eq!(
+        error_lines(&attempt.log.text()),
+        vec!["ERROR: job variable `ALIYUN_SPOT_ARCH`=`sparc` is not an architecture; set `amd64` (or `x86_64`) \
+              or `arm64` (or `aarch64`)"]
+    );
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn a_bad_configuration_file_stays_a_system_failure() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::with(Faults::default(), &[("ssh", "port", Value::String("twenty-two".into()))]);
+    let job = w.job("5012", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let lines = error_lines(&log);
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(lines[0].contains("`ssh.port`: invalid type: string \"twenty-two\""), "{log}");
+    assert!(w.emulator.instances().is_empty());
+}
+
+#[test]
+fn sh_is_refused_with_the_key_and_the_fix() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let w = World::with(Faults::default(), &[("runner", "shell", Value::String("sh".into()))]);
+    let job = w.job("5013", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    let config = w.config.display();
+    assert_eq!(
+        error_lines(&attempt.log.text()),
+        vec![format!(
+            "ERROR: `runner.shell` = `sh` in `{config}` is not supported: gitlab-runner's scripts need bash (they \
+             quote with `$'…'`); remove the key or set `bash`"
+        )]
+    );
+}
+
+#[test]
+fn helper_settings_are_checked_with_one_line_each() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let missing = "/nonexistent/gitlab-runner-linux-amd64";
+    for (overrides, problem) in [
+        (
+            vec![("helper", "install", Value::String("docker".into()))],
+            "`helper.install` = `docker` in `{config}` is not a way to install gitlab-runner on the instance; use \
+             `image`, `upload` or `download`"
+                .to_string(),
+        ),
+        (
+            vec![("helper", "install", Value::String("upload".into()))],
+            "`helper.install` = `upload` in `{config}` needs `helper.upload_amd64` or `helper.upload_arm64` \
+             (gitlab-runner's Linux binary on the runner host)"
+                .to_string(),
+        ),
+        (
+            vec![
+                ("helper", "install", Value::String("upload".into())),
+                ("helper", "upload_amd64", Value::String(missing.into())),
+            ],
+            format!(
+                "`helper.upload_amd64` = `{missing}` in `{{config}}` is not a file on the runner host; point it at \
+                 gitlab-runner's Linux binary for that architecture"
+            ),
+        ),
+        (
+            vec![("helper", "download_url", Value::String("http://mirror.example.com/{version}".into()))],
+            "`helper.download_url` = `http://mirror.example.com/{version}` in `{config}` uses plain http to a host \
+             that is not loopback; use `https://` (the binary runs as root on every instance)"
+                .to_string(),
+        ),
+        (
+            vec![("helper", "sha256_arm64", Value::String("abc".into()))],
+            "`helper.sha256_arm64` = `abc` in `{config}` is not a SHA-256 checksum (64 hex digits)".to_string(),
+        ),
+    ] {
+        let w = World::with(Faults::default(), &overrides);
+        let job = w.job("5020", "true");
+        let mut attempt = w.attempt(&job);
+        assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+        let want = format!("ERROR: {}", problem.replace("{config}", &w.config.display().to_string()));
+        assert_eq!(error_lines(&attempt.log.text()), vec![want.as_str()]);
+    }
+}
+
+#[test]
+fn config_says_when_caches_do_not_persist() {
+    let line = aliyun_spot_executor::stages::config::no_distributed_cache_line("/cache");
+    assert_eq!(
+        line,
+        "Caches do not persist: without a distributed cache they stay in `/cache` on the instance, which is deleted \
+         after the job; configure `[runners.cache]` in gitlab-runner (e.g. on Aliyun OSS) and set \
+         `helper.distributed_cache = true` (see docs/gitlab-runner.md)"
+    );
+    let w = World::new();
+    let job = w.job("5030", "true");
+    let mut attempt = w.attempt(&job);
+    let (exit, json) = attempt.config().unwrap();
+    assert!(exit.success(), "{}", attempt.log.text());
+    let cache_dir = json.unwrap()["cache_dir"].as_str().unwrap().to_string();
+    let want = aliyun_spot_executor::stages::config::no_distributed_cache_line(&cache_dir);
+    assert_eq!(attempt.log.text().lines().filter(|l| *l == want).count(), 1, "{}", attempt.log.text());
+
+    let w = World::with(Faults::default(), &[("helper", "distributed_cache", Value::Boolean(true))]);
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
+    assert!(!attempt.log.text().contains("Caches do not persist"), "{}", attempt.log.text());
+}
+
+#[test]
+fn after_script_sees_the_jobs_status_as_gitlab_runner_rewrites_it() {
+    let w = World::new();
+    for (job_id, script, status) in [("5040", "true", "success"), ("5041", "exit 3", "failed")] {
+        let mut job = w.job(job_id, script);
+        job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".into());
+        let out = w.attempt(&job).run_job(&job).unwrap();
+        let line = format!("after_script: job status {status}");
+        assert!(out.job_log.lines().any(|l| l == line), "missing `{line}`:\n{}", out.job_log);
+    }
+    w.assert_nothing_left();
+}
+
+#[test]
+fn upload_mode_without_a_binary_for_the_jobs_arch_fails_before_anything_is_created() {
+    use aliyun_spot_executor::demo::gitlab::Exit;
+    let fake = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-gitlab-runner");
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("helper", "install", Value::String("upload".into())),
+            ("helper", "upload_arm64", Value::String(fake.display().to_string())),
+        ],
+    );
+    let job = w.job("5050", "true");
+    let mut attempt = w.attempt(&job);
+    assert_eq!(attempt.config().unwrap().0, Exit::Code(2), "{}", attempt.log.text());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let want =
+        "ERROR: the configuration is incomplete for creating instances: missing gitlab-runner's linux-amd64 \
+                binary (`helper.upload_amd64`)";
+    assert_eq!(error_lines(&log), vec![want, want], "{log}");
+    assert!(w.emulator.instances().is_empty());
 }

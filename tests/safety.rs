@@ -4,8 +4,10 @@
 //! The watchdog is taken from a real prepare's user data (as the instance's metadata service
 //! serves it) and run with python3, exactly as cloud-config installs it; the only change is
 //! where it finds the API and its instance's metadata (the emulator, attributed by path rather
-//! than by source address). User data holds the instance's private host key: it is never
-//! printed here, only the two files taken out of it.
+//! than by source address). Its credentials are the scoped STS credentials prepare wrote over
+//! SSH (an emulated instance shares this machine's filesystem, so the file is where the
+//! watchdog looks). User data holds the instance's private host key: it is never printed
+//! here, only the two files taken out of it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::executor::World;
 
-/// The role config/emulator.toml gives instances.
+/// The role config/emulator.toml has the runner assume for each instance (`self_destruct.role_arn`).
 const ROLE: &str = "ci-spot-self-destruct";
 /// Above any Linux PID (PID_MAX_LIMIT is 2^22): a marker of a process that cannot be alive.
 const DEAD_PID: u32 = 4_194_305;
@@ -42,32 +44,21 @@ fn instance_metadata(emulator: &Emulator, id: &str, path: &str) -> String {
         .unwrap()
 }
 
-/// The content of the `write_files` entry for `path` in a cloud-config document, read the way
-/// cloud-init reads the literal block scalars prepare writes (`|`, `|-`, `|+`). Panics without
-/// showing the document (it holds a private key).
+/// The content of the `write_files` entry for `path` in a cloud-config document (JSON after
+/// the `#cloud-config` line, which cloud-init reads as YAML). Panics without showing the
+/// document (it holds a private key).
 fn write_file_content(doc: &str, path: &str) -> String {
-    let lines: Vec<&str> = doc.split('\n').collect();
-    let start = lines
+    let body = doc.strip_prefix("#cloud-config\n").expect("user data starts with #cloud-config");
+    let doc: Value = serde_json::from_str(body).map_err(|e| e.to_string()).expect("user data is JSON");
+    let files = doc["write_files"].as_array().expect("user data has write_files");
+    let file = files
         .iter()
-        .position(|l| *l == format!("  - path: {path}"))
+        .find(|f| f["path"] == path)
         .unwrap_or_else(|| panic!("user data has no write_files entry for {path}"));
-    let content = (start + 1..lines.len())
-        .take_while(|&i| lines[i].starts_with("    "))
-        .find(|&i| lines[i].starts_with("    content: "))
-        .unwrap_or_else(|| panic!("the write_files entry for {path} has no content"));
-    let header = &lines[content]["    content: ".len()..];
-    assert!(["|", "|-", "|+"].contains(&header), "content of {path} is not a literal block: `{header}`");
-    let mut text = String::new();
-    for l in lines[content + 1..].iter().take_while(|l| l.is_empty() || l.starts_with("      ")) {
-        text.push_str(l.get(6..).unwrap_or(""));
-        text.push('\n');
-    }
-    let clipped = text.trim_end_matches('\n');
-    match header {
-        "|" => format!("{clipped}\n"),
-        "|-" => clipped.to_string(),
-        _ => text,
-    }
+    file["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the write_files entry for {path} has no content"))
+        .to_string()
 }
 
 /// Runs `watchdog.py CONFIG --once` with the system python3.
@@ -125,15 +116,45 @@ impl Drop for MarkerDir {
     }
 }
 
+/// Removes an instance's handed-over credentials file at the end of a test.
+struct CredentialsFile(PathBuf);
+
+impl Drop for CredentialsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
-fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_role_credentials() {
+fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_handed_over_credentials() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let w = World::new();
     let job = w.job("3001", "true");
-    let attempt = w.attempt(&job);
+    let mut attempt = w.attempt(&job);
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     let record = w.emulator.instances().into_iter().next().expect("one instance");
     let id = record.id.clone();
-    assert_eq!(record.ram_role.as_deref(), Some(ROLE), "prepare passes the instance RAM role");
+    assert_eq!(record.ram_role, None, "no shared RAM role is given to the instance");
+    let log = attempt.log.text();
+    assert!(
+        log.contains(&format!(
+            "Gave {id} credentials that can delete only {id}, for its self-destruct watchdog"
+        )),
+        "{log}"
+    );
+    let creds = CredentialsFile(PathBuf::from(watchdog::credentials_path(&id)));
+    let meta = std::fs::metadata(&creds.0).expect("prepare wrote the credentials file over SSH");
+    assert_eq!((meta.permissions().mode() & 0o777, meta.uid()), (0o600, 0), "root-only file");
+    let dir = std::fs::metadata(watchdog::CREDENTIALS_DIR).unwrap();
+    assert_eq!((dir.permissions().mode() & 0o777, dir.uid()), (0o700, 0), "root-only directory");
+    let assumed: Vec<RequestRecord> =
+        w.emulator.requests().into_iter().filter(|r| r.action.as_deref() == Some("AssumeRole")).collect();
+    assert_eq!(assumed.len(), 1, "{assumed:#?}");
+    assert_eq!(
+        assumed[0].params.get("Policy").map(String::as_str),
+        Some(aliyun_spot_executor::sts::session_policy(&id).to_string().as_str()),
+        "the session policy names this instance only"
+    );
 
     // The exact files prepare sent, from the instance's own user data.
     let user_data = instance_metadata(&w.emulator, &id, "user-data");
@@ -142,7 +163,8 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
     let settings = write_file_content(&user_data, watchdog::CONFIG_PATH);
     let mut conf: Value = serde_json::from_str(&settings).expect("watchdog.json is JSON");
     assert_eq!(conf["region_id"], "cn-hangzhou");
-    assert_eq!(conf["ram_role"], ROLE);
+    assert_eq!(conf["ram_role"], Value::Null);
+    assert_eq!(conf["credentials_dir"], watchdog::CREDENTIALS_DIR);
     assert_eq!(conf["idle_timeout_seconds"], 1800, "safety.idle_timeout defaults to 30m");
     assert_eq!(conf["state_root"], watchdog::STATE_ROOT);
     assert_eq!(conf["endpoint"], w.emulator.endpoint());
@@ -151,7 +173,7 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
     // The only change: where the API and this instance's metadata are.
     conf["endpoint"] = json!(w.emulator.endpoint());
     conf["metadata"] = json!(format!("{}/instances/{id}", w.emulator.endpoint()));
-    let files = tempfile::tempdir().unwrap();
+    let files = crate::private_tempdir();
     let script_path = files.path().join("watchdog.py");
     let conf_path = files.path().join("watchdog.json");
     std::fs::write(&script_path, &script).unwrap();
@@ -185,8 +207,8 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
     let d = deletes[0];
     assert_eq!(d.status, 200, "{d:#?}");
     assert_eq!(d.code, None, "{d:#?}");
-    assert!(d.access_key_id.as_deref().is_some_and(|k| k.starts_with("STS.")), "role credentials: {d:#?}");
-    assert_eq!(d.role.as_deref(), Some(ROLE), "signed with the instance role's STS credentials: {d:#?}");
+    assert!(d.access_key_id.as_deref().is_some_and(|k| k.starts_with("STS.")), "STS credentials: {d:#?}");
+    assert_eq!(d.role.as_deref(), Some(ROLE), "signed with the assumed role's scoped credentials: {d:#?}");
     assert_eq!(d.params.get("Force").map(String::as_str), Some("true"), "{d:#?}");
     assert_eq!(d.params.get("SecurityToken").map(String::as_str), Some("REDACTED"), "{d:#?}");
 
@@ -203,16 +225,25 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_r
 }
 
 /// Settings written by hand (not prepare's): a lifetime already over, markers in a private
-/// directory. Proves that the maximum lifetime wins over a running stage.
+/// directory. Proves that the maximum lifetime wins over a running stage. Runs in the opt-in
+/// shared-role mode, so the watchdog's metadata path (the role's credentials) stays covered.
 #[test]
 fn watchdog_deletes_a_busy_instance_past_its_maximum_lifetime() {
-    let w = World::new();
+    let w = World::with(
+        Default::default(),
+        &[
+            ("self_destruct", "credentials", "instance_role".into()),
+            ("instance", "ram_role_name", ROLE.into()),
+        ],
+    );
     let job = w.job("3002", "true");
-    let attempt = w.attempt(&job);
+    let mut attempt = w.attempt(&job);
     assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
     let id = w.emulator.instances()[0].id.clone();
+    assert_eq!(w.emulator.instances()[0].ram_role.as_deref(), Some(ROLE), "the opt-in mode passes the role");
+    assert!(!Path::new(&watchdog::credentials_path(&id)).exists(), "nothing is handed over in this mode");
 
-    let files = tempfile::tempdir().unwrap();
+    let files = crate::private_tempdir();
     let root = files.path().join("markers");
     std::fs::create_dir_all(root.join(&id)).unwrap();
     std::fs::write(root.join(&id).join(format!("busy.{}", std::process::id())), "").unwrap();
@@ -323,8 +354,8 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
     let w = World::new();
     let job_a = w.job("4001", "true");
     let job_b = w.job("4002", "true");
-    let running = w.attempt(&job_a);
-    let leaking = w.attempt(&job_b);
+    let mut running = w.attempt(&job_a);
+    let mut leaking = w.attempt(&job_b);
     assert!(running.prepare().unwrap().success(), "{}", running.log.text());
     assert!(leaking.prepare().unwrap().success(), "{}", leaking.log.text());
     let a = job_instance(&w.emulator, "4001");
@@ -332,10 +363,10 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
 
     // Job B's runner host lost track of it: its job state is gone, cleanup never ran.
     let state_root = w.dir.path().join("state");
-    let b_dir = std::fs::read_dir(state_root.join("7"))
+    let b_dir = std::fs::read_dir(state_root.join(super::executor::RUNNER_ID))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("-4002")))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("42-4002-")))
         .expect("job 4002 has a state directory");
     std::fs::remove_dir_all(&b_dir).unwrap();
 
@@ -364,7 +395,12 @@ fn sweep_deletes_a_leaked_instance_and_leaves_a_running_job_alone() {
     assert!(is_live(&w.emulator, &a), "the running job's instance is kept");
     assert!(is_live(&w.emulator, &foreign), "another host's instance is kept");
     let requests = w.emulator.requests();
-    let deletes: Vec<_> = requests.iter().filter(|r| r.action.as_deref() == Some("DeleteInstance")).collect();
+    // A new instance refuses deletion while it initializes; sweep waits that out.
+    let deletes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("DeleteInstance"))
+        .filter(|r| r.code.as_deref() != Some("IncorrectInstanceStatus.Initializing"))
+        .collect();
     assert_eq!(deletes.len(), 1, "{deletes:#?}");
     assert_eq!(deletes[0].params.get("InstanceId"), Some(&b));
     assert_eq!(deletes[0].status, 200);

@@ -66,7 +66,7 @@ fn client(w: &World) -> EcsClient {
     aliyun_spot_executor::offers::client(&config).unwrap()
 }
 
-/// The shape rules of SPEC.md, written out for the test.
+/// The shape rules of docs/configuration.md (`[shape.*]`), written out for the test.
 struct ShapeSpec {
     arch: &'static str,
     min_cpu: u32,
@@ -74,10 +74,20 @@ struct ShapeSpec {
     min_mem: f64,
     max_mem: f64,
     families: &'static [&'static str],
+    /// Shared (`InstanceFamilyLevel` `EntryLevel`), burstable (`CreditEntryLevel`) and GPU
+    /// (`GPUAmount`/`GPUSpec`) types allowed; off by default.
+    other_kinds: bool,
 }
 
-const AMD64: ShapeSpec =
-    ShapeSpec { arch: "X86", min_cpu: 8, max_cpu: 64, min_mem: 8.0, max_mem: 64.0, families: &[] };
+const AMD64: ShapeSpec = ShapeSpec {
+    arch: "X86",
+    min_cpu: 8,
+    max_cpu: 64,
+    min_mem: 8.0,
+    max_mem: 64.0,
+    families: &[],
+    other_kinds: false,
+};
 const ARM64: ShapeSpec = ShapeSpec {
     arch: "ARM",
     min_cpu: 8,
@@ -85,10 +95,18 @@ const ARM64: ShapeSpec = ShapeSpec {
     min_mem: 16.0,
     max_mem: 128.0,
     families: &["ecs.c8y", "ecs.c8r"],
+    other_kinds: false,
 };
 /// `--min-cpu 16 --max-cpu 16` on amd64: the minimum memory follows at 1 GiB per core.
-const AMD64_16: ShapeSpec =
-    ShapeSpec { arch: "X86", min_cpu: 16, max_cpu: 16, min_mem: 16.0, max_mem: 64.0, families: &[] };
+const AMD64_16: ShapeSpec = ShapeSpec {
+    arch: "X86",
+    min_cpu: 16,
+    max_cpu: 16,
+    min_mem: 16.0,
+    max_mem: 64.0,
+    families: &[],
+    other_kinds: false,
+};
 
 /// One offer as the test expects it.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,7 +128,7 @@ fn items<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
 /// The ranked offers the emulator's own answers imply for `shape`, in every zone.
 fn expected_offers(client: &EcsClient, shape: &ShapeSpec) -> Vec<Expected> {
     // Every instance type, all pages.
-    let mut types: BTreeMap<String, (u32, f64, String, String)> = BTreeMap::new();
+    let mut types: BTreeMap<String, (u32, f64, String, String, bool)> = BTreeMap::new();
     let mut token = String::new();
     loop {
         let mut params = vec![("MaxResults".to_string(), "100".to_string())];
@@ -126,6 +144,10 @@ fn expected_offers(client: &EcsClient, shape: &ShapeSpec) -> Vec<Expected> {
                     t["MemorySize"].as_f64().unwrap(),
                     t["InstanceTypeFamily"].as_str().unwrap_or_default().to_string(),
                     t["CpuArchitecture"].as_str().unwrap_or_default().to_string(),
+                    ["EntryLevel", "CreditEntryLevel"]
+                        .contains(&t["InstanceFamilyLevel"].as_str().unwrap_or(""))
+                        || t["GPUAmount"].as_u64().unwrap_or(0) > 0
+                        || !t["GPUSpec"].as_str().unwrap_or("").is_empty(),
                 ),
             );
         }
@@ -135,8 +157,9 @@ fn expected_offers(client: &EcsClient, shape: &ShapeSpec) -> Vec<Expected> {
         }
     }
     // Memory bounds allow 5 % for types ECS reports a little below their nominal size.
-    let fits = |(cores, mem, family, arch): &(u32, f64, String, String)| {
+    let fits = |(cores, mem, family, arch, other_kind): &(u32, f64, String, String, bool)| {
         arch == shape.arch
+            && (shape.other_kinds || !other_kind)
             && (shape.min_cpu..=shape.max_cpu).contains(cores)
             && *mem >= shape.min_mem * 0.95
             && *mem <= shape.max_mem * 1.05
@@ -560,4 +583,293 @@ fn a_warm_price_cache_spares_the_catalogue_calls_of_the_next_prepare() {
     assert_eq!((&created[0].instance_type, &created[0].zone), (&created[1].instance_type, &created[1].zone));
     assert_eq!(second.cleanup().unwrap(), Exit::Code(0), "{}", second.runner_log.text());
     w.assert_nothing_left();
+}
+
+/// The decimals of a decimal number as sent (`"0.211"` → 3).
+fn decimals(v: &str) -> usize {
+    v.split_once('.').map_or(0, |(_, f)| f.trim_end_matches('0').len())
+}
+
+#[test]
+fn spot_price_limits_have_at_most_three_decimals_and_more_are_refused() {
+    let w = World::new();
+    let c = client(&w);
+    // The emulator refuses a limit with four decimals, as the generic parameter error.
+    let req = aliyun_spot_executor::ecs::RunInstancesRequest {
+        zone_id: "cn-hangzhou-j".into(),
+        instance_type: "ecs.c7.2xlarge".into(),
+        image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
+        security_group_id: "sg-bp1emulator0000000001".into(),
+        vswitch_id: "vsw-bp1emulatorzonej".into(),
+        instance_name: "decimals".into(),
+        host_name: None,
+        spot_strategy: aliyun_spot_executor::ecs::SpotStrategy::SpotWithPriceLimit,
+        spot_price_limit: Some(5.0),
+        spot_duration: Some(1),
+        internet_max_bandwidth_out: 0,
+        system_disk_category: None,
+        system_disk_size: None,
+        key_pair_name: None,
+        ram_role_name: None,
+        user_data: None,
+        tags: Vec::new(),
+        auto_release_time: None,
+        client_token: "decimals-1".into(),
+        dry_run: true,
+    };
+    let mut params = aliyun_spot_executor::ecs::run_instances_params(&req).unwrap();
+    for (k, v) in params.iter_mut() {
+        if k == "SpotPriceLimit" {
+            *v = "4.9999".into();
+        }
+    }
+    let e = c.call("RunInstances", &params).unwrap_err();
+    assert_eq!(e.code(), Some("InvalidParameter"), "{e}");
+    assert_eq!(
+        e.kind(),
+        aliyun_spot_executor::ecs::ErrorKind::Parameter,
+        "a request problem, not the offer's"
+    );
+    assert!(e.to_string().contains("SpotPriceLimit"), "{e}");
+    // Three decimals pass (DryRun).
+    for (k, v) in params.iter_mut() {
+        if k == "SpotPriceLimit" {
+            *v = "4.999".into();
+        }
+    }
+    assert_eq!(c.call("RunInstances", &params).unwrap_err().code(), Some("DryRunOperation"));
+
+    // Every limit the driver sends passes: at most three decimals, at least 1.2 × the price.
+    let offers = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert!(
+        offers.iter().take(5).any(|o| decimals(&o.spot.to_string()) > 3),
+        "the test needs 4-decimal prices"
+    );
+    let sold_out: Vec<String> =
+        offers.iter().take(3).map(|o| format!("{}@{}", o.instance_type, o.zone)).collect();
+    w.emulator.set_faults(Faults { no_stock: sold_out, ..Faults::default() });
+    let before = w.emulator.requests().len();
+    let job = w.job("5001", "echo hi");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    let runs: Vec<_> = w.emulator.requests()[before..]
+        .iter()
+        .filter(|r| r.action.as_deref() == Some("RunInstances"))
+        .cloned()
+        .collect();
+    assert_eq!(runs.len(), 4);
+    for (r, o) in runs.iter().zip(&offers) {
+        let limit = &r.params["SpotPriceLimit"];
+        assert!(decimals(limit) <= 3, "{limit}");
+        assert!(limit.parse::<f64>().unwrap() >= o.spot * 1.2 - 1e-9, "{limit} for {}", o.spot);
+        assert!(limit.parse::<f64>().unwrap() < o.spot * 1.2 + 0.001, "{limit} for {}", o.spot);
+    }
+    assert_eq!(runs.last().unwrap().status, 200);
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn one_protection_period_for_prices_stock_and_creation() {
+    for (hours, config) in [("1", None), ("0", Some(0))] {
+        let overrides: Vec<(&str, &str, toml::Value)> =
+            config.map(|h| vec![("spot", "protection_hours", toml::Value::Integer(h))]).unwrap_or_default();
+        let w = World::with(Faults::default(), &overrides);
+        let job = w.job("6001", "echo hi");
+        let mut attempt = w.attempt(&job);
+        assert!(attempt.config().unwrap().0.success());
+        assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+        let requests = w.emulator.requests();
+        for action in ["DescribeAvailableResource", "DescribeSpotPriceHistory", "RunInstances"] {
+            let sent: BTreeSet<Option<&str>> = requests
+                .iter()
+                .filter(|r| r.action.as_deref() == Some(action))
+                .map(|r| r.params.get("SpotDuration").map(String::as_str))
+                .collect();
+            assert_eq!(sent, BTreeSet::from([Some(hours)]), "{action} with protection_hours {hours}");
+        }
+        assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+        w.assert_nothing_left();
+    }
+
+    // Without protection, the emulator quotes less, and the driver ranks and limits by it.
+    let w = World::with(Faults::default(), &[("spot", "protection_hours", toml::Value::Integer(0))]);
+    let hour = expected_offers(&client(&w), &AMD64);
+    let none = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert_eq!(hour.len(), none.len());
+    for o in &none {
+        let h = hour.iter().find(|e| (&e.instance_type, &e.zone) == (&o.instance_type, &o.zone)).unwrap();
+        assert!(
+            o.spot < h.spot * 0.95,
+            "{} in {}: {} vs {} with an hour",
+            o.instance_type,
+            o.zone,
+            o.spot,
+            h.spot
+        );
+    }
+    // A protection period ECS does not offer is refused by the configuration, naming the key.
+    let w = World::with(Faults::default(), &[("spot", "protection_hours", toml::Value::Integer(2))]);
+    let out = aliyun_spot(w.dir.path(), &["prices", "--config", &w.config.display().to_string()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`spot.protection_hours`"), "{}", show(&out));
+}
+
+#[test]
+fn prices_and_costs_are_labelled_with_the_accounts_currency() {
+    let w = World::with_faults(Faults { currency: Some("USD".into()), ..Faults::default() });
+    let table = stdout(&with_config(&w, &["prices"]));
+    let header = table.lines().nth(1).unwrap();
+    assert!(
+        header.contains("SPOT/h USD") && header.contains("ON-DEMAND/h USD") && header.contains("SAVING"),
+        "{table}"
+    );
+    assert!(!table.contains("CNY"), "{table}");
+    // A saving is labelled as what is saved: a spot price at 12 % of the list price is 88 % off.
+    let offers: Value = serde_json::from_slice(&with_config(&w, &["prices", "--json"]).stdout).unwrap();
+    let first = &offers[0];
+    assert_eq!(first["currency"], "USD");
+    let off = ((1.0 - first["discount"].as_f64().unwrap()) * 100.0).round();
+    let row: Vec<&str> = table.lines().nth(2).unwrap().split_whitespace().collect();
+    assert!(row.windows(2).any(|p| p == [format!("{off:.0}%").as_str(), "off"]), "{row:?}");
+
+    let job = w.job("7001", "echo hi");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    assert!(log.lines().any(|l| l.starts_with("Created spot instance") && l.contains(" USD/hour")), "{log}");
+    assert!(!log.contains("CNY"), "{log}");
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    let runner_log = attempt.runner_log.text();
+    assert!(runner_log.lines().any(|l| l.contains(" USD/hour: ") && l.ends_with(" USD")), "{runner_log}");
+    let config = aliyun_spot_executor::config::load(Some(&w.config), &Env::default()).unwrap();
+    let ledger = std::fs::read_to_string(&config.paths.ledger).unwrap();
+    let entry: Value = serde_json::from_str(ledger.lines().last().unwrap()).unwrap();
+    assert_eq!(entry["currency"], "USD", "{ledger}");
+    w.assert_nothing_left();
+}
+
+#[test]
+fn shared_burstable_and_gpu_types_only_when_allowed() {
+    let other = ["ecs.s6-c1m2.2xlarge", "ecs.t5-c1m1.2xlarge", "ecs.gn6i-c8g1.2xlarge"];
+    let w = World::new();
+    let got = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|o| !other.contains(&o.instance_type.as_str())), "{:?}", names(&got));
+
+    let allow = [
+        ("spot", "allow_shared", toml::Value::Boolean(true)),
+        ("spot", "allow_burstable", toml::Value::Boolean(true)),
+        ("spot", "allow_gpu", toml::Value::Boolean(true)),
+    ];
+    let w = World::with(Faults::default(), &allow);
+    let expected = expected_offers(&client(&w), &ShapeSpec { other_kinds: true, ..AMD64 });
+    let got = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    assert_eq!(names(&got), names(&expected));
+    for t in other {
+        assert!(got.iter().any(|o| o.instance_type == t), "{t} allowed: {:?}", names(&got));
+    }
+    // One kind at a time.
+    let w = World::with(Faults::default(), &allow[2..]);
+    let got = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    let kinds: BTreeSet<&str> =
+        got.iter().map(|o| o.instance_type.as_str()).filter(|t| other.contains(t)).collect();
+    assert_eq!(kinds, BTreeSet::from(["ecs.gn6i-c8g1.2xlarge"]));
+}
+
+#[test]
+fn a_retried_prepare_asks_ecs_afresh_when_stock_comes_back() {
+    let w = World::new();
+    // The host's price cache is warm, as a job a minute earlier left it.
+    let offers = parse_prices_json(&with_config(&w, &["prices", "--json"]));
+    w.emulator.set_faults(Faults { no_stock: vec!["*@*".into()], ..Faults::default() });
+
+    let job = w.job("8001", "echo hi");
+    let mut attempt = w.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    // Every cached offer failed, so ECS was asked again before giving up: it said sold out.
+    assert_eq!(count_action(&w, "RunInstances"), offers.len());
+    assert_eq!(count_action(&w, "DescribeAvailableResource"), 2);
+
+    // Stock is back; gitlab-runner retries the preparation 3 s later, well inside the cache
+    // lifetime (5 minutes), and the cached "nothing available" does not stand in the way.
+    w.emulator.set_faults(Faults::default());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(0), "{}", attempt.log.text());
+    assert_eq!(count_action(&w, "DescribeAvailableResource"), 3);
+    let created = w.emulator.instances();
+    assert_eq!(created.len(), 1, "{created:#?}");
+    assert_eq!((&created[0].instance_type, &created[0].zone), (&offers[0].instance_type, &offers[0].zone));
+    assert_eq!(attempt.cleanup().unwrap(), Exit::Code(0), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn the_emulator_prices_protection_and_pages_as_ecs_documents() {
+    let w = World::new();
+    let c = client(&w);
+    let price = |duration: Option<&str>| -> Result<f64, String> {
+        let mut params = vec![
+            ("NetworkType".to_string(), "vpc".to_string()),
+            ("InstanceType".to_string(), "ecs.c7.2xlarge".to_string()),
+            ("ZoneId".to_string(), "cn-hangzhou-j".to_string()),
+        ];
+        if let Some(d) = duration {
+            params.push(("SpotDuration".to_string(), d.to_string()));
+        }
+        let v =
+            c.call("DescribeSpotPriceHistory", &params).map_err(|e| e.code().unwrap_or("?").to_string())?;
+        let page = items(&v, &["SpotPrices", "SpotPriceType"]);
+        Ok(page.last().unwrap()["SpotPrice"].as_f64().unwrap())
+    };
+    // Absent means one hour (the request models' default); no protection is cheaper.
+    let (absent, one, zero) = (price(None).unwrap(), price(Some("1")).unwrap(), price(Some("0")).unwrap());
+    assert_eq!(absent, one);
+    assert!(zero < one * 0.95 && zero > one * 0.8, "{zero} vs {one}");
+    assert_eq!(price(Some("2")), Err("InvalidSpotDuration".to_string()));
+    let stock = [
+        ("DestinationResource", "InstanceType"),
+        ("SpotStrategy", "SpotWithPriceLimit"),
+        ("SpotDuration", "3"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    assert_eq!(c.call("DescribeAvailableResource", &stock).unwrap_err().code(), Some("InvalidSpotDuration"));
+
+    // DescribeInstanceTypes pages with MaxResults/NextToken, up to 1600 a page.
+    let all = aliyun_spot_executor::ecs::InstanceTypeFilter::default();
+    let every = c.describe_instance_types(&all).unwrap();
+    let mut token = String::new();
+    let mut paged = Vec::new();
+    loop {
+        let mut params = vec![("MaxResults".to_string(), "7".to_string())];
+        if !token.is_empty() {
+            params.push(("NextToken".to_string(), token.clone()));
+        }
+        let v = c.call("DescribeInstanceTypes", &params).unwrap();
+        let page = items(&v, &["InstanceTypes", "InstanceType"]);
+        assert!(page.len() <= 7);
+        paged.extend(page.iter().map(|t| t["InstanceTypeId"].as_str().unwrap().to_string()));
+        token = v["NextToken"].as_str().unwrap_or_default().to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(paged, every.iter().map(|t| t.id.clone()).collect::<Vec<_>>());
+    let too_many = [("MaxResults".to_string(), "1601".to_string())];
+    assert_eq!(
+        c.call("DescribeInstanceTypes", &too_many).unwrap_err().code(),
+        Some("InvalidMaxResults.Malformed")
+    );
+    let last = w
+        .emulator
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.action.as_deref() == Some("DescribeInstanceTypes"));
+    assert_eq!(last.unwrap().params["MaxResults"], "1601");
+    let ours = w.emulator.requests();
+    let ours = ours.iter().find(|r| r.action.as_deref() == Some("DescribeInstanceTypes")).unwrap();
+    assert_eq!(ours.params["MaxResults"], "1600", "the client asks for the API's maximum page");
 }

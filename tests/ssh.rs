@@ -47,7 +47,7 @@ fn free_endpoint() -> (String, u16) {
 
 impl SshdSetup {
     fn new() -> SshdSetup {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::private_tempdir();
         let (ip, port) = free_endpoint();
         let host = keys::generate_ed25519("test-host").unwrap();
         let client = keys::generate_ed25519("test-client").unwrap();
@@ -518,4 +518,84 @@ fn cancel_works_while_output_floods() {
     assert_eq!(left, Vec::<u32>::new(), "remote processes survived the cancel");
     assert_eq!(r, RunOutcome { exit_status: Some(143), signal: None, cancelled: true });
     assert!(out.seen > 1 << 20);
+}
+
+/// `root` and its descendants whose command name starts with `sshd` (the listener and the
+/// per-connection processes, not the shells they started).
+fn sshd_tree(root: u32) -> Vec<u32> {
+    let children = parent_map();
+    let mut stack = vec![root];
+    let mut found = Vec::new();
+    while let Some(p) = stack.pop() {
+        let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        if comm.starts_with("sshd") {
+            found.push(p);
+        }
+        stack.extend(children.get(&p).into_iter().flatten().copied());
+    }
+    found
+}
+
+fn signal_all(pids: &[u32], sig: i32) {
+    for p in pids {
+        // SAFETY: plain syscall on sshd processes the emulator started for this test.
+        unsafe {
+            libc::kill(*p as libc::pid_t, sig);
+        }
+    }
+}
+
+#[test]
+fn a_stalled_sshd_is_a_lost_connection_once_keepalives_go_unanswered() {
+    use crate::executor::World;
+    use aliyun_spot_executor::emulator::Faults;
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("ssh", "keepalive_interval", toml::Value::String("1s".into())),
+            ("ssh", "keepalive_count_max", toml::Value::Integer(2)),
+            ("ssh", "connect_timeout", toml::Value::String("1s".into())),
+        ],
+    );
+    // Were the stall not noticed, the script would end by itself and the stage would pass.
+    let job = w.job("1006", "echo started; sleep 30; echo finished");
+    let mut a = w.attempt(&job);
+    assert!(a.config().unwrap().0.success(), "{}", a.log.text());
+    assert!(a.prepare().unwrap().success(), "{}", a.log.text());
+    let inst = w.emulator.instances().into_iter().find(|i| i.deleted.is_none()).unwrap();
+    let mut stopped = Vec::new();
+    for (stage, body) in &job.stages {
+        if stage != "build_script" {
+            assert!(a.run_stage(stage, body).unwrap().success(), "{stage}: {}", a.log.text());
+            continue;
+        }
+        let running = a.start_stage(stage, body).unwrap();
+        assert!(a.log.wait_for("started\n", Duration::from_secs(30)), "{}", a.log.text());
+        stopped = sshd_tree(inst.sshd_pid.expect("sshd runs"));
+        assert!(stopped.len() >= 2, "the listener and the job's session: {stopped:?}");
+        signal_all(&stopped, libc::SIGSTOP);
+        let exit = running.wait().unwrap();
+        signal_all(&stopped, libc::SIGCONT);
+        assert_eq!(
+            exit,
+            aliyun_spot_executor::demo::gitlab::Exit::Code(2),
+            "a system failure: {}",
+            a.log.text()
+        );
+        break;
+    }
+    assert!(!stopped.is_empty(), "the build stage ran");
+    let log = a.log.text();
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    let expected = format!(
+        "ERROR: lost the SSH connection to {} during stage `build_script`: SSH connection to {}:{} was lost: the \
+         server answered none of 2 keepalives in 3s (`ssh.keepalive_interval` = 1s, `ssh.keepalive_count_max` = 2); \
+         stopping the script's processes failed too (",
+        inst.id, inst.ip, inst.ssh_port
+    );
+    assert!(errors[0].starts_with(&expected), "{}\n{expected}", errors[0]);
+    assert!(!log.contains("finished"), "{log}");
+    assert!(a.cleanup().unwrap().success(), "{}", a.runner_log.text());
+    w.assert_nothing_left();
 }

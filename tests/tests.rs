@@ -2,6 +2,7 @@
 
 mod client_emulator;
 mod config;
+mod credentials_scope;
 mod demo;
 mod doctor;
 mod ecs_client;
@@ -9,7 +10,21 @@ mod emulator;
 mod executor;
 mod faults;
 mod github;
+mod helper;
+mod host_files;
+mod identity;
+mod isolation;
 mod options;
 mod safety;
 mod selection_live;
 mod ssh;
+
+/// A fresh private directory (0700) for one test under cargo's `target/tmp` of this checkout,
+/// never directly in the shared `/tmp`: the driver's state, cache and ledger belong in a
+/// directory no other user can plant files in, and the tests keep to the same rule.
+pub fn private_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("t")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("a private directory under target/tmp")
+}

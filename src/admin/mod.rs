@@ -3,6 +3,8 @@
 //! They need only a region and credentials, so they work from the environment alone; output
 //! is a table for people or JSON for scripts (`--json`).
 
+pub mod live;
+
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -81,13 +83,23 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
         shape.min_mem_gib,
         shape.max_mem_gib
     );
+    // Prices are in the account's currency (`Currency` of DescribeSpotPriceHistory: CNY on the
+    // China site, USD on the international one), named in each price column's heading.
+    let currency = offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::pricing::DEFAULT_CURRENCY);
     println!(
-        "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>11} {:>9}  VSWITCH",
-        "TYPE", "ZONE", "vCPU", "MEM GiB", "SPOT/h CNY", "PER CORE", "ON-DEMAND/h", "DISCOUNT"
+        "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>15} {:>9}  VSWITCH",
+        "TYPE",
+        "ZONE",
+        "vCPU",
+        "MEM GiB",
+        format!("SPOT/h {currency}"),
+        format!("PER CORE {currency}"),
+        format!("ON-DEMAND/h {currency}"),
+        "SAVING"
     );
     for o in offers {
         println!(
-            "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>11} {:>9}  {}",
+            "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>15} {:>9}  {}",
             o.instance_type,
             o.zone,
             o.cores,
@@ -95,7 +107,7 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
             o.spot_price,
             o.price_per_core,
             o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
-            o.discount.map(|d| format!("{:.0}%", d * 100.0)).unwrap_or_else(|| "-".into()),
+            o.discount.map(crate::pricing::percent_off).unwrap_or_else(|| "-".into()),
             o.vswitch_id.as_deref().unwrap_or("(none: not used)")
         );
     }
@@ -260,11 +272,11 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         "spot offers",
         offers.map(|o| match o.first() {
             Some(b) => format!(
-                "{} offers; cheapest {} in {} at {:.4} CNY/hour",
+                "{} offers; cheapest {} in {} at {}",
                 o.len(),
                 b.instance_type,
                 b.zone,
-                b.spot_price
+                crate::pricing::PerHour(b.spot_price, &b.currency)
             ),
             None => "none fit the default shape".to_string(),
         }),
@@ -285,12 +297,12 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                 config.spot.price_limit_factor,
                 None,
             ),
-            spot_duration: Some(0),
+            spot_duration: Some(config.spot.protection_hours),
             internet_max_bandwidth_out: config.network.internet_max_bandwidth_out,
             system_disk_category: Some(config.instance.system_disk_category.clone()),
             system_disk_size: Some(config.instance.system_disk_size_gib),
             key_pair_name: config.ssh.key_pair_name.clone(),
-            ram_role_name: config.instance.ram_role_name.clone(),
+            ram_role_name: config.self_destruct.instance_role(&config.instance),
             user_data: None,
             tags: vec![(config.safety.managed_tag_key.clone(), config.safety.managed_tag_value.clone())],
             auto_release_time: Some(OffsetDateTime::now_utc() + config.safety.max_lifetime),
@@ -302,6 +314,15 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             client.run_instances(&req).map(|_| "allowed".to_string()).map_err(Into::into),
         );
     }
+    if config.safety.watchdog && config.self_destruct.hands_over() {
+        // A real AssumeRole, with a session policy naming an instance that cannot exist.
+        check(
+            "watchdog role (STS AssumeRole)",
+            crate::sts::assume_role(&config, "i-doctor", "doctor")
+                .map(|c| format!("assumed ({})", crate::credentials::mask_key_id(&c.access_key_id))),
+        );
+    }
+    print!("{}", crate::ram_policy::render(&config));
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
     }

@@ -40,9 +40,15 @@ enum Command {
     /// Delete managed instances whose job is over.
     Sweep(sweep::SweepArgs),
     /// Check credentials, region, images, security group, vswitches and permissions (DryRun).
-    Doctor,
+    Doctor {
+        /// Also create the cheapest fitting spot instance as prepare would, log in over SSH, run
+        /// `uname -a`, look for `git` and `gitlab-runner`, and delete it (costs a few minutes of
+        /// that instance; the price is printed first).
+        #[arg(long)]
+        live: bool,
+    },
     /// Run the local ECS emulator.
-    Emulator(emulator::EmulatorArgs),
+    Emulator(Box<emulator::EmulatorArgs>),
     /// Run a sample CI job end to end against the emulator, as gitlab-runner would.
     Demo(demo::DemoArgs),
     /// Ephemeral GitHub Actions runners on spot instances (docs/github-actions.md).
@@ -69,8 +75,9 @@ fn main() {
         Command::Prices { shape, json, fresh } => admin::prices(config, &shape, json, fresh),
         Command::Instances { json } => admin::instances(config, json),
         Command::Sweep(args) => sweep::run(config, &args),
-        Command::Doctor => admin::doctor(config),
-        Command::Emulator(args) => emulator::run_cli(args),
+        Command::Doctor { live: false } => admin::doctor(config),
+        Command::Doctor { live: true } => admin::live::doctor_live(config),
+        Command::Emulator(args) => emulator::run_cli(*args),
         Command::Demo(args) => demo::run(&args),
         Command::Github(GithubCommand::Start(args)) => github::start_cli(config, &args),
         Command::Github(GithubCommand::Stop(args)) => github::stop_cli(config, &args),

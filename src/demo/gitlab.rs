@@ -1,19 +1,22 @@
 //! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
 //!
 //! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
-//! `run` and `cleanup` exactly as gitlab-runner 18.x does (CUSTOM_EXECUTOR.md §2–§6), not
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md), not
 //! through shortcuts: a per-attempt temporary directory as working directory, stdin from
 //! `/dev/null`, each executable leading its own process group, the fixed variables
 //! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,
-//! `JOB_RESPONSE_FILE`, `TMPDIR`), `job_env` from `config`'s JSON, every job variable as
+//! `JOB_RESPONSE_FILE`, `TMPDIR`), the job payload as `response.json` (0600, the schema of
+//! gitlab-runner's `common.JobResponse`), `job_env` from `config`'s JSON, every job variable as
 //! `CUSTOM_ENV_*`, one fresh `script<random>/script` (0700) per `run` with the stage name as the
-//! last argument, bash scripts shaped like gitlab-runner's, the stage order and failure
-//! branches, and cleanup output kept out of the job log. Output is collected as it arrives, so a
-//! caller can watch the job log while a stage is still running.
+//! last argument, bash scripts shaped like gitlab-runner's, the preparation retry (up to three
+//! attempts, each with its own temporary directory, `config` and `prepare`, with `cleanup`
+//! after each failed one), the stage order and failure branches, and cleanup output kept out of
+//! the job log. Output is collected as it arrives, so a caller can watch the job log while a
+//! stage is still running.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -104,10 +107,24 @@ impl Exit {
     }
 }
 
-/// A job as GitLab hands it to the runner: variables and the stage bodies to run.
+/// gitlab-runner's preparation attempts (`PreparationRetries` in `common/consts.go`, used by
+/// `Build.retryCreateExecutor` in `common/build.go`, gitlab-runner v18.3.0 and main).
+pub const PREPARATION_RETRIES: usize = 3;
+/// The pause between them (`PreparationRetryInterval`, same files).
+pub const PREPARATION_RETRY_INTERVAL: Duration = Duration::from_secs(3);
+
+/// A job as GitLab hands it to the runner: its ids and token (the payload), variables and the
+/// stage bodies to run.
 #[derive(Debug, Clone, Default)]
 pub struct Job {
-    /// Job variables; each reaches the driver as `CUSTOM_ENV_<key>`.
+    /// The job id (the payload's `id`).
+    pub id: u64,
+    /// The project id (the payload's `job_info.project_id`).
+    pub project_id: u64,
+    /// The job token (the payload's `token`, also `CI_JOB_TOKEN`).
+    pub token: String,
+    /// Job variables; each reaches the driver as `CUSTOM_ENV_<key>`. A job may override the
+    /// predefined ones (push a forged `CI_JOB_ID` after them): the payload keeps the truth.
     pub variables: Vec<(String, String)>,
     /// `(stage name, bash body)` in execution order, as gitlab-runner would generate them;
     /// see [`Job::standard_stages`].
@@ -117,6 +134,52 @@ pub struct Job {
 }
 
 impl Job {
+    /// Job `job_id` of project `project_id` running `script`, with the CI variables
+    /// gitlab-runner sets, the standard stages and a token unique to the job.
+    pub fn new(project_id: u64, job_id: u64, builds_dir: &str, script: &str) -> Job {
+        let token = format!("glcbt-64_job{job_id}tokenNEVERPRINTED");
+        let mut variables = Job::ci_variables("7", &project_id.to_string(), &job_id.to_string(), builds_dir);
+        for (k, v) in &mut variables {
+            if k == "CI_JOB_TOKEN" {
+                v.clone_from(&token);
+            }
+        }
+        Job {
+            id: job_id,
+            project_id,
+            token,
+            variables,
+            stages: Job::standard_stages(&format!("{builds_dir}/group/project"), script),
+            after_script: None,
+        }
+    }
+
+    /// The job payload gitlab-runner writes to `JOB_RESPONSE_FILE`: its `common.JobResponse`
+    /// (`common/network.go`, v18.3.0; `spec.Job` in `common/spec/spec.go` on main), JSON-encoded
+    /// by `createJobResponseFile` in `executors/custom/custom.go`. The fields a driver may read.
+    pub fn payload(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "token": self.token,
+            "allow_git_fetch": true,
+            "job_info": {
+                "name": self.variables.iter().find(|(n, _)| n == "CI_JOB_NAME").map(|(_, v)| v.clone()).unwrap_or_default(),
+                "stage": "test",
+                "project_id": self.project_id,
+                "project_name": "project",
+                "project_full_path": "group/project",
+                // `CI_PIPELINE_ID` as [`Job::ci_variables`] sets it.
+                "pipeline_id": format!("9{}", self.id).parse::<u64>().unwrap_or_default(),
+            },
+            "git_info": { "repo_url": "https://gitlab.example.com/group/project.git", "ref": "main" },
+            "runner_info": { "timeout": 3600 },
+            "variables": self.variables.iter().map(|(k, v)| serde_json::json!({
+                "key": k, "value": v, "public": k != "CI_JOB_TOKEN", "masked": k == "CI_JOB_TOKEN",
+                "file": false, "raw": false,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
     /// The CI variables gitlab-runner always sets, for a job with these ids.
     pub fn ci_variables(
         runner_id: &str,
@@ -183,6 +246,8 @@ pub struct JobOutcome {
     pub build_exit_code: Option<String>,
     /// The JSON config printed (parsed), when config succeeded.
     pub config_json: Option<serde_json::Value>,
+    /// How many preparation attempts (config + prepare) ran.
+    pub preparations: usize,
 }
 
 impl JobOutcome {
@@ -200,6 +265,7 @@ pub struct Attempt {
     exes: Executables,
     tmp: tempfile::TempDir,
     base_env: BTreeMap<String, String>,
+    configured: bool,
     job_env: BTreeMap<String, String>,
     custom_env: Vec<(String, String)>,
     /// The job log of this attempt.
@@ -216,18 +282,22 @@ impl Attempt {
             .prefix("custom-executor")
             .tempdir()
             .context("failed to create the job's temporary directory")?;
-        let response = serde_json::json!({
-            "id": job.variables.iter().find(|(k, _)| k == "CI_JOB_ID").map(|(_, v)| v.clone()).unwrap_or_default(),
-            "token": "glcbt-64_jobtokenNEVERPRINTED",
-            "variables": job.variables.iter().map(|(k, v)| serde_json::json!({"key": k, "value": v, "public": true})).collect::<Vec<_>>(),
-        });
+        let response = job.payload();
         let path = tmp.path().join("response.json");
-        std::fs::write(&path, format!("{response}\n")).context("failed to write `response.json`")?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        // Created 0600, as `os.OpenFile(…, 0o600)` does.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .context("failed to create `response.json`")?;
+        std::io::Write::write_all(&mut file, format!("{response}\n").as_bytes())
+            .context("failed to write `response.json`")?;
         Ok(Attempt {
             exes,
             tmp,
             base_env,
+            configured: false,
             job_env: BTreeMap::new(),
             custom_env: job.variables.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())).collect(),
             log: Log::default(),
@@ -288,6 +358,7 @@ impl Attempt {
 
     /// `config_exec`: stdout is parsed as JSON, stderr goes to the job log; `job_env` is kept.
     pub fn config(&mut self) -> Result<(Exit, Option<serde_json::Value>)> {
+        self.configured = true;
         let mut child = self.command(&self.exes.config, &[]).spawn().context("failed to start `config`")?;
         let mut stdout_pipe = child.stdout.take().expect("piped stdout");
         let err_reader = pump(child.stderr.take().expect("piped stderr"), self.log.clone());
@@ -314,8 +385,20 @@ impl Attempt {
         Ok((exit, Some(json)))
     }
 
-    /// `prepare_exec`, to completion.
-    pub fn prepare(&self) -> Result<Exit> {
+    /// gitlab-runner's `executor.Prepare` for this attempt: `config_exec` (unless this attempt
+    /// already ran it), then, when it passed, `prepare_exec`, to completion.
+    pub fn prepare(&mut self) -> Result<Exit> {
+        if !self.configured {
+            let (exit, _) = self.config()?;
+            if !exit.success() {
+                return Ok(exit);
+            }
+        }
+        self.prepare_exec()
+    }
+
+    /// `prepare_exec` alone, to completion (whatever `config` did).
+    pub fn prepare_exec(&self) -> Result<Exit> {
         self.spawn(&self.exes.prepare, &[], &self.log)?.wait()
     }
 
@@ -323,7 +406,18 @@ impl Attempt {
     pub fn start_stage(&self, stage: &str, body: &str) -> Result<Running> {
         let dir = tempfile::Builder::new().prefix("script").tempdir_in(self.tmp.path())?.keep();
         let script = dir.join("script");
-        std::fs::write(&script, bash_script(body))?;
+        // gitlab-runner's scripts export every job variable first (`shells/bash.go`, `Variable`),
+        // so the remote script sees them even though `run` forwards no environment.
+        let mut exports = String::new();
+        for (key, value) in &self.custom_env {
+            let name = key.strip_prefix("CUSTOM_ENV_").unwrap_or(key);
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if valid {
+                exports.push_str(&format!("export {name}={}\n", ansi_c_quote(value)));
+            }
+        }
+        std::fs::write(&script, bash_script(&format!("{exports}{body}")))?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
         self.spawn(&self.exes.run, &[script.display().to_string(), stage.to_string()], &self.log)
     }
@@ -338,13 +432,13 @@ impl Attempt {
         self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
     }
 
-    /// The stages after prepare, with gitlab-runner's branches (CUSTOM_EXECUTOR.md §2.3–§2.4):
+    /// The stages after prepare, with gitlab-runner's branches (docs/gitlab-runner.md, "Stages"):
     /// a failed `prepare_script` ends the job; a failed source, cache or artifact stage skips
     /// the user steps and `after_script`; a failed user step skips the remaining steps;
     /// `after_script` runs after the user steps whether they passed or not; cache and artifact
     /// stages switch to their `_on_failure` variants after a failure; `cleanup_file_variables`
     /// always runs last.
-    fn run_stages(&self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
+    fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
         let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
         let is_post = |s: &str| s.starts_with("archive_cache") || s.starts_with("upload_artifacts");
         let mut pre_failed = false;
@@ -354,6 +448,9 @@ impl Attempt {
             let mut stage = stage.clone();
             if (is_post(&stage) || stage == "cleanup_file_variables") && !after_done {
                 after_done = true;
+                // gitlab-runner rewrites CI_JOB_STATUS for after_script and keeps it for the
+                // stages after it (`common/build.go`, `executeAfterScript`).
+                self.set_job_variable("CI_JOB_STATUS", if failed { "failed" } else { "success" });
                 if !pre_failed {
                     let after = job.after_script.as_deref().unwrap_or_default();
                     let exit = self.run_stage("after_script", after)?;
@@ -389,30 +486,75 @@ impl Attempt {
         Ok(())
     }
 
-    /// Runs the whole job the way gitlab-runner's `Build.Run` does for one attempt.
-    pub fn run_job(mut self, job: &Job) -> Result<JobOutcome> {
-        let (config, config_json) = self.config()?;
+    /// Sets a job variable (`CUSTOM_ENV_<name>`) for the stages that follow.
+    fn set_job_variable(&mut self, name: &str, value: &str) {
+        let key = format!("CUSTOM_ENV_{name}");
+        self.custom_env.retain(|(k, _)| *k != key);
+        self.custom_env.push((key, value.to_string()));
+    }
+
+    /// Runs the whole job the way gitlab-runner's `Build.Run` does, starting with this
+    /// preparation attempt: `config` and `prepare`; when either fails with anything but a build
+    /// failure (exit 1), `cleanup` for this attempt, a pause, and a new attempt (a new temporary
+    /// directory, payload and `job_env`), up to [`PREPARATION_RETRIES`] in all
+    /// (`retryCreateExecutor` in `common/build.go`). Then the stages and the last `cleanup`.
+    pub fn run_job(self, job: &Job) -> Result<JobOutcome> {
+        let mut attempt = self;
+        let log = attempt.log.clone();
+        let runner_log = attempt.runner_log.clone();
         let mut outcome = JobOutcome {
-            config: config.clone(),
+            config: Exit::Code(-1),
             prepare: None,
             stages: Vec::new(),
             cleanup: None,
             job_log: String::new(),
             runner_log: String::new(),
             build_exit_code: None,
-            config_json,
+            config_json: None,
+            preparations: 0,
         };
-        if config.success() {
-            let prepare = self.prepare()?;
-            outcome.prepare = Some(prepare.clone());
-            if prepare.success() {
-                self.run_stages(job, &mut outcome)?;
+        loop {
+            outcome.preparations += 1;
+            let (config, config_json) = attempt.config()?;
+            outcome.config = config.clone();
+            outcome.config_json = config_json;
+            outcome.prepare = None;
+            if config.success() {
+                outcome.prepare = Some(attempt.prepare_exec()?);
             }
+            let failed = outcome.prepare.as_ref().unwrap_or(&config).clone();
+            if failed.success() {
+                attempt.run_stages(job, &mut outcome)?;
+                outcome.cleanup = Some(attempt.cleanup()?);
+                break;
+            }
+            outcome.cleanup = Some(attempt.cleanup()?);
+            // A build failure (exit 1 → `common.BuildError`) is not retried, nor the last attempt.
+            if failed == Exit::Code(1) || outcome.preparations == PREPARATION_RETRIES {
+                break;
+            }
+            // gitlab-runner's `SoftErrorln` and `Infoln` lines, without their colours and the
+            // `ERROR: ` prefix, so that tests count only the driver's error lines.
+            log.push(&format!("Preparation failed: {}\n", describe(&failed)));
+            log.push(&format!("Will be retried in {}s ...\n", PREPARATION_RETRY_INTERVAL.as_secs()));
+            thread::sleep(PREPARATION_RETRY_INTERVAL);
+            let mut next = Attempt::new(attempt.exes.clone(), attempt.base_env.clone(), job)?;
+            // One job log and one runner log across attempts, as in GitLab.
+            next.log = log.clone();
+            next.runner_log = runner_log.clone();
+            attempt = next;
         }
-        outcome.cleanup = Some(self.cleanup()?);
-        outcome.job_log = self.log.text();
-        outcome.runner_log = self.runner_log.text();
+        outcome.job_log = log.text();
+        outcome.runner_log = runner_log.text();
         Ok(outcome)
+    }
+}
+
+/// How gitlab-runner words a failed executable (`exec.ExitError`).
+fn describe(exit: &Exit) -> String {
+    match exit {
+        Exit::Code(c) => format!("exit status {c}"),
+        Exit::Signal(s) => format!("signal {s}"),
     }
 }
 
@@ -485,7 +627,8 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
     }
 }
 
-/// A stage script shaped like gitlab-runner 18.11.4's bash output (CUSTOM_EXECUTOR.md §7.1).
+/// A stage script shaped like gitlab-runner's bash output (`shells/bash.go`, `BashWriter.Finish`;
+/// docs/gitlab-runner.md, "Stage scripts").
 pub fn bash_script(body: &str) -> String {
     format!(
         "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",
@@ -525,6 +668,30 @@ mod tests {
         let out = Command::new("bash").arg(&p).output().unwrap();
         assert_eq!(out.status.code(), Some(1));
         assert!(out.stdout.is_empty());
+    }
+
+    #[test]
+    fn the_job_payload_is_gitlab_runners_schema_and_private() {
+        let mut job = Job::new(43, 3001, "/builds", "true");
+        job.variables.push(("CI_JOB_ID".into(), "2001".into()));
+        let exes = Executables::in_dir(Path::new("/nonexistent"));
+        let attempt = Attempt::new(exes, BTreeMap::new(), &job).unwrap();
+        let path = attempt.dir().join("response.json");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(v["id"], 3001, "an integer, the job's own id whatever its variables say");
+        assert_eq!(v["job_info"]["project_id"], 43);
+        assert_eq!(v["job_info"]["pipeline_id"], 93001);
+        assert_eq!(v["token"], job.token.as_str());
+        let token_var =
+            v["variables"].as_array().unwrap().iter().find(|x| x["key"] == "CI_JOB_TOKEN").unwrap();
+        assert_eq!(
+            (token_var["value"].as_str(), token_var["masked"].as_bool()),
+            (Some(job.token.as_str()), Some(true))
+        );
+        assert_eq!(attempt.env()["JOB_RESPONSE_FILE"], path.display().to_string());
+        assert_eq!(attempt.env()["CUSTOM_ENV_CI_JOB_ID"], "2001", "the job's override wins in its variables");
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub fn config_for(base: &str, endpoint: &str, dir: &Path) -> Result<String> {
     let d = |p: &str| dir.join(p).display().to_string();
     set("aliyun", "endpoint", endpoint.to_string());
     set("credentials", "metadata_endpoint", endpoint.to_string());
+    set("self_destruct", "sts_endpoint", endpoint.to_string());
     set("paths", "state_dir", d("state"));
     set("paths", "cache_dir", d("cache"));
     set("paths", "ledger", d("ledger.jsonl"));
@@ -87,14 +88,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("Configuration: {}", config.display());
 
     let builds = dir.path().join("builds").display().to_string();
-    let mut job = Job {
-        variables: Job::ci_variables("1", "100", "4242", &builds),
-        stages: Job::standard_stages(
-            &format!("{builds}/group/project"),
-            args.script.as_deref().unwrap_or(SAMPLE),
-        ),
-        after_script: Some("echo \"after_script: job status $CI_JOB_STATUS\"".to_string()),
-    };
+    let mut job = Job::new(100, 4242, &builds, args.script.as_deref().unwrap_or(SAMPLE));
+    job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".to_string());
     job.variables.push(("ALIYUN_SPOT_ARCH".to_string(), args.arch.clone()));
     let exes = Executables { args: vec!["--config".into(), config.display().to_string()], ..exes };
     let mut base_env = BTreeMap::new();

@@ -5,11 +5,13 @@
 //! guarantee that no secret ever reaches an error or a log line — easier to prove on a few
 //! hundred lines of our own.
 //!
-//! Each call is a `POST /` with an `application/x-www-form-urlencoded` body (what Aliyun's SDKs
-//! send), holding the action's parameters and the common ones (`Action`, `Version=2014-05-26`,
-//! `Format=JSON`, `AccessKeyId`, `SignatureMethod=HMAC-SHA1`, `SignatureVersion=1.0`,
-//! `SignatureNonce`, `Timestamp`, `RegionId`, `SecurityToken` with STS credentials), signed with
-//! [`super::sign`]. Every attempt is signed afresh, with a new nonce and timestamp.
+//! Each call is a `POST /?<common parameters>` with the action's parameters in an
+//! `application/x-www-form-urlencoded` body, as Aliyun's legacy SDK lays out an RPC POST: the
+//! common parameters (`Action`, `Version=2014-05-26`, `Format=JSON`, `AccessKeyId`,
+//! `SignatureMethod=HMAC-SHA1`, `SignatureVersion=1.0`, `SignatureNonce`, `Timestamp`,
+//! `RegionId`, `SecurityToken` with STS credentials) and the `Signature` in the query, one
+//! signature over query and body together ([`super::sign::sign_split`], which cites the SDK).
+//! Every attempt is signed afresh, with a new nonce and timestamp.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +25,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use super::error::{decode_error, EcsError, ErrorKind};
+use super::paging::{each_page, Paging};
 use super::retry::RetryPolicy;
 use super::sign;
 use super::transport::{HttpRequest, Transport, UreqTransport};
@@ -32,11 +35,13 @@ use crate::credentials::CredentialsProvider;
 /// The ECS API version.
 pub const API_VERSION: &str = "2014-05-26";
 
-/// `DescribeInstances` page size (the API's maximum).
+/// `DescribeInstances` page size and ids per request (the API's maximum: "Maximum value: 100",
+/// `MaxResults` in `_describe_instances_request.py`).
 const PAGE_SIZE: usize = 100;
 
-/// Safety bound on pages followed in one paginated call.
-const MAX_PAGES: usize = 1000;
+/// `DescribeInstanceTypes` page size: the API's maximum ("Maximum value: 1600. Default value:
+/// 1600", `MaxResults` in `_describe_instance_types_request.py`).
+const INSTANCE_TYPES_PAGE: usize = 1600;
 
 /// At most this many bytes of base64 user data (Aliyun's limit).
 const MAX_USER_DATA_BASE64: usize = 32 * 1024;
@@ -97,6 +102,8 @@ pub struct EcsClient {
     transport: Box<dyn Transport>,
     retry: RetryPolicy,
     stamp: Arc<dyn RequestStamp>,
+    /// The `RequestId` of the last successful answer per action (`doctor --live` prints them).
+    request_ids: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl fmt::Debug for EcsClient {
@@ -176,20 +183,21 @@ fn is_loopback_authority(authority: &str) -> bool {
     }
 }
 
-/// The full, signed parameter set of one attempt (common parameters over `params`), with the
-/// `Signature`. Pure: the time, nonce and credentials are arguments.
+/// The signed request of one attempt (common parameters over `params`), split into query and
+/// body. Pure: the time, nonce and credentials are arguments.
 pub fn signed_params(
+    version: &str,
     action: &str,
     params: &[(String, String)],
     region_id: &str,
     creds: &crate::credentials::Credentials,
     timestamp: OffsetDateTime,
     nonce: &str,
-) -> BTreeMap<String, String> {
+) -> sign::SignedRpc {
     let mut p: BTreeMap<String, String> = params.iter().cloned().collect();
     let common = [
         ("Action", action.to_string()),
-        ("Version", API_VERSION.to_string()),
+        ("Version", version.to_string()),
         ("Format", "JSON".to_string()),
         ("AccessKeyId", creds.access_key_id.clone()),
         ("SignatureMethod", "HMAC-SHA1".to_string()),
@@ -201,22 +209,11 @@ pub fn signed_params(
     for (k, v) in common {
         p.insert(k.to_string(), v);
     }
-    p.remove("Signature");
     p.remove("SecurityToken");
     if let Some(token) = &creds.security_token {
         p.insert("SecurityToken".to_string(), token.expose().clone());
     }
-    let signature = sign::sign("POST", &p, creds.access_key_secret.expose());
-    p.insert("Signature".to_string(), signature);
-    p
-}
-
-/// `k=v&...`, RFC 3986 percent-encoded (a valid `application/x-www-form-urlencoded` body).
-fn form_body(p: &BTreeMap<String, String>) -> String {
-    p.iter()
-        .map(|(k, v)| format!("{}={}", sign::percent_encode(k), sign::percent_encode(v)))
-        .collect::<Vec<_>>()
-        .join("&")
+    sign::sign_split("POST", &p, creds.access_key_secret.expose())
 }
 
 /// A parameter list under construction.
@@ -270,6 +267,7 @@ impl EcsClient {
             transport,
             retry: cfg.retry,
             stamp: Arc::new(SystemStamp),
+            request_ids: Default::default(),
         })
     }
 
@@ -297,16 +295,39 @@ impl EcsClient {
     /// Calls `action` with `params` (plus the common ones), signed, retried per the policy;
     /// returns the JSON answer.
     pub fn call(&self, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
-        self.retry.run(action, |_attempt| self.call_once(action, params))
+        self.call_api(API_VERSION, action, params)
+    }
+
+    /// [`EcsClient::call`] for another RPC product's API `version` at this client's endpoint
+    /// (STS `2015-04-01` signs and answers the same way: [`crate::sts`]).
+    pub fn call_api(
+        &self,
+        version: &str,
+        action: &str,
+        params: &[(String, String)],
+    ) -> Result<Value, EcsError> {
+        let answer = self.retry.run(action, |_attempt| self.call_once(version, action, params))?;
+        if let (Some(id), Ok(mut ids)) =
+            (answer.get("RequestId").and_then(Value::as_str), self.request_ids.lock())
+        {
+            ids.insert(action.to_string(), id.to_string());
+        }
+        Ok(answer)
+    }
+
+    /// The `RequestId` of the last successful `action` (failures carry theirs in the error).
+    pub fn last_request_id(&self, action: &str) -> Option<String> {
+        self.request_ids.lock().ok()?.get(action).cloned()
     }
 
     /// One signed attempt.
-    fn call_once(&self, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
+    fn call_once(&self, version: &str, action: &str, params: &[(String, String)]) -> Result<Value, EcsError> {
         let creds = self
             .creds
             .credentials()
             .map_err(|e| EcsError::Credentials { action: action.to_string(), message: format!("{e:#}") })?;
         let signed = signed_params(
+            version,
             action,
             params,
             &self.region_id,
@@ -314,10 +335,10 @@ impl EcsClient {
             self.stamp.timestamp(),
             &self.stamp.nonce(),
         );
-        let mut req = HttpRequest::new("POST", format!("{}/", self.endpoint))
+        let mut req = HttpRequest::new("POST", format!("{}/?{}", self.endpoint, signed.query_string()))
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("Accept", "application/json");
-        req.body = Some(form_body(&signed));
+        req.body = Some(signed.form_body());
         let secrets: Vec<&str> = std::iter::once(creds.access_key_secret.expose().as_str())
             .chain(creds.security_token.as_ref().map(|t| t.expose().as_str()))
             .collect();
@@ -355,24 +376,21 @@ impl EcsClient {
             .opt("MinimumCpuCoreCount", f.min_cores.map(|x| x.to_string()))
             .opt("MaximumCpuCoreCount", f.max_cores.map(|x| x.to_string()))
             .opt("MinimumMemorySize", f.min_memory_gib.map(format_number))
-            .opt("MaximumMemorySize", f.max_memory_gib.map(format_number))
-            // At most 100 since November 2023 (Aliyun's `DescribeInstanceTypes` usage notes).
-            .set("MaxResults", "100");
+            .opt("MaximumMemorySize", f.max_memory_gib.map(format_number));
         for (i, t) in f.instance_types.iter().enumerate() {
             base.set(&format!("InstanceTypes.{}", i + 1), t.clone());
         }
         let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        for _ in 0..MAX_PAGES {
-            let mut p = Params(base.0.clone());
-            p.opt("NextToken", token.clone());
-            let v = self.call("DescribeInstanceTypes", &p.0)?;
-            out.extend(list(&v, &["InstanceTypes", "InstanceType"]).iter().filter_map(parse_instance_type));
-            match opt_str(&v, "NextToken") {
-                Some(next) if Some(&next) != token.as_ref() => token = Some(next),
-                _ => return Ok(out),
-            }
-        }
+        each_page(
+            Paging::Token { max_results: INSTANCE_TYPES_PAGE },
+            &base.0,
+            |p| self.call("DescribeInstanceTypes", p),
+            |v| {
+                let items = list(v, &["InstanceTypes", "InstanceType"]);
+                out.extend(items.iter().filter_map(parse_instance_type));
+                Ok(items.len())
+            },
+        )?;
         Ok(out)
     }
 
@@ -391,16 +409,18 @@ impl EcsClient {
             .opt("ZoneId", r.zone_id.clone())
             .opt("InstanceType", r.instance_type.clone())
             .opt("Cores", r.cores.map(|c| c.to_string()))
-            .opt("Memory", r.memory_gib.map(format_number));
+            .opt("Memory", r.memory_gib.map(format_number))
+            .opt("SpotDuration", r.spot_duration.map(|d| d.to_string()));
         let v = self.call("DescribeAvailableResource", &p.0)?;
         Ok(flatten_available_resource(&v))
     }
 
-    /// `DescribeSpotPriceHistory` (VPC, I/O optimised, Linux), following `NextOffset`.
+    /// `DescribeSpotPriceHistory` (VPC, I/O optimised, Linux), following `NextOffset`, with the
+    /// answer's `Currency`.
     pub fn describe_spot_price_history(
         &self,
         r: &SpotPriceHistoryRequest,
-    ) -> Result<Vec<SpotPricePoint>, EcsError> {
+    ) -> Result<SpotPriceHistory, EcsError> {
         if r.instance_type.trim().is_empty() {
             return Err(EcsError::Config("`DescribeSpotPriceHistory` needs an instance type".to_string()));
         }
@@ -413,19 +433,18 @@ impl EcsClient {
             .opt("StartTime", r.start_time.map(format_utc))
             .opt("EndTime", r.end_time.map(format_utc))
             .opt("SpotDuration", r.spot_duration.map(|d| d.to_string()));
-        let mut out = Vec::new();
-        let mut offset: Option<u64> = None;
-        for _ in 0..MAX_PAGES {
-            let mut p = Params(base.0.clone());
-            p.opt("Offset", offset.map(|o| o.to_string()));
-            let v = self.call("DescribeSpotPriceHistory", &p.0)?;
-            let page = list(&v, &["SpotPrices", "SpotPriceType"]);
-            out.extend(page.iter().filter_map(parse_spot_price));
-            match opt_u64(&v, "NextOffset") {
-                Some(next) if !page.is_empty() && next > offset.unwrap_or(0) => offset = Some(next),
-                _ => return Ok(out),
-            }
-        }
+        let mut out = SpotPriceHistory { points: Vec::new(), currency: None };
+        each_page(
+            Paging::Offset,
+            &base.0,
+            |p| self.call("DescribeSpotPriceHistory", p),
+            |v| {
+                let page = list(v, &["SpotPrices", "SpotPriceType"]);
+                out.points.extend(page.iter().filter_map(parse_spot_price));
+                out.currency = out.currency.take().or_else(|| opt_str(v, "Currency"));
+                Ok(page.len())
+            },
+        )?;
         Ok(out)
     }
 
@@ -441,15 +460,14 @@ impl EcsClient {
         }
     }
 
-    /// `DescribeInstances`, every page (more than 100 `instance_ids` are split into several
-    /// requests). An empty `instance_ids` means no id filter.
     /// One instance by id; `None` when ECS no longer knows it.
     pub fn describe_instance(&self, id: &str) -> Result<Option<Instance>, EcsError> {
         let f = DescribeInstancesFilter { instance_ids: vec![id.to_string()], ..Default::default() };
         Ok(self.describe_instances(&f)?.into_iter().find(|i| i.id == id))
     }
 
-    /// `DescribeInstances`, every page.
+    /// `DescribeInstances`, every page, with `NextToken` (more than 100 `instance_ids` are split
+    /// into several requests; an empty `instance_ids` means no id filter).
     pub fn describe_instances(&self, f: &DescribeInstancesFilter) -> Result<Vec<Instance>, EcsError> {
         if f.tags.len() > 20 {
             return Err(EcsError::Config(format!(
@@ -469,29 +487,22 @@ impl EcsClient {
                 .tags(&f.tags)
                 .opt("Status", f.status.clone())
                 .opt("ZoneId", f.zone_id.clone())
-                .opt("VpcId", f.vpc_id.clone())
-                .set("PageSize", PAGE_SIZE.to_string());
-            let mut seen = 0usize;
-            for page in 1..=MAX_PAGES {
-                let mut p = Params(base.0.clone());
-                p.set("PageNumber", page.to_string());
-                let v = self.call("DescribeInstances", &p.0)?;
-                let items = list(&v, &["Instances", "Instance"]);
-                for item in items {
-                    out.push(parse_instance(item).ok_or_else(|| EcsError::Decode {
-                        action: "DescribeInstances".to_string(),
-                        message: "an instance without `InstanceId`".to_string(),
-                    })?);
-                }
-                seen += items.len();
-                let total = opt_u64(&v, "TotalCount").map(|t| t as usize);
-                if items.is_empty()
-                    || total.is_some_and(|t| seen >= t)
-                    || (total.is_none() && items.len() < PAGE_SIZE)
-                {
-                    break;
-                }
-            }
+                .opt("VpcId", f.vpc_id.clone());
+            each_page(
+                Paging::Token { max_results: PAGE_SIZE },
+                &base.0,
+                |p| self.call("DescribeInstances", p),
+                |v| {
+                    let items = list(v, &["Instances", "Instance"]);
+                    for item in items {
+                        out.push(parse_instance(item).ok_or_else(|| EcsError::Decode {
+                            action: "DescribeInstances".to_string(),
+                            message: "an instance without `InstanceId`".to_string(),
+                        })?);
+                    }
+                    Ok(items.len())
+                },
+            )?;
         }
         Ok(out)
     }
@@ -501,22 +512,20 @@ impl EcsClient {
         let chunks: Vec<&[String]> = if ids.is_empty() { vec![&[]] } else { ids.chunks(PAGE_SIZE).collect() };
         let mut out = Vec::new();
         for chunk in chunks {
-            let mut seen = 0usize;
-            for page in 1..=MAX_PAGES {
-                let mut p = Params::default();
-                for (i, id) in chunk.iter().enumerate() {
-                    p.set(&format!("InstanceId.{}", i + 1), id.clone());
-                }
-                p.set("PageSize", "50").set("PageNumber", page.to_string());
-                let v = self.call("DescribeInstanceStatus", &p.0)?;
-                let items = list(&v, &["InstanceStatuses", "InstanceStatus"]);
-                out.extend(items.iter().filter_map(parse_instance_status));
-                seen += items.len();
-                let total = opt_u64(&v, "TotalCount").map(|t| t as usize);
-                if items.is_empty() || total.is_none_or(|t| seen >= t) {
-                    break;
-                }
+            let mut base = Params::default();
+            for (i, id) in chunk.iter().enumerate() {
+                base.set(&format!("InstanceId.{}", i + 1), id.clone());
             }
+            each_page(
+                Paging::Number { page_size: 50 },
+                &base.0,
+                |p| self.call("DescribeInstanceStatus", p),
+                |v| {
+                    let items = list(v, &["InstanceStatuses", "InstanceStatus"]);
+                    out.extend(items.iter().filter_map(parse_instance_status));
+                    Ok(items.len())
+                },
+            )?;
         }
         Ok(out)
     }
@@ -581,23 +590,21 @@ impl EcsClient {
 
     /// `DescribeImages` of the given ids (comma-separated `ImageId`), every page.
     pub fn describe_images(&self, image_ids: &[String]) -> Result<Vec<ImageInfo>, EcsError> {
-        let mut out = Vec::new();
-        let mut seen = 0usize;
-        for page in 1..=MAX_PAGES {
-            let mut p = Params::default();
-            if !image_ids.is_empty() {
-                p.set("ImageId", image_ids.join(","));
-            }
-            p.set("PageSize", "100").set("PageNumber", page.to_string());
-            let v = self.call("DescribeImages", &p.0)?;
-            let items = list(&v, &["Images", "Image"]);
-            out.extend(items.iter().filter_map(parse_image));
-            seen += items.len();
-            let total = opt_u64(&v, "TotalCount").map(|t| t as usize);
-            if items.is_empty() || total.is_none_or(|t| seen >= t) {
-                break;
-            }
+        let mut base = Params::default();
+        if !image_ids.is_empty() {
+            base.set("ImageId", image_ids.join(","));
         }
+        let mut out = Vec::new();
+        each_page(
+            Paging::Number { page_size: 100 },
+            &base.0,
+            |p| self.call("DescribeImages", p),
+            |v| {
+                let items = list(v, &["Images", "Image"]);
+                out.extend(items.iter().filter_map(parse_image));
+                Ok(items.len())
+            },
+        )?;
         Ok(out)
     }
 
@@ -608,23 +615,22 @@ impl EcsClient {
         ids: &[String],
         vpc_id: Option<&str>,
     ) -> Result<Vec<SecurityGroupInfo>, EcsError> {
-        let mut out = Vec::new();
-        let mut seen = 0usize;
-        for page in 1..=MAX_PAGES {
-            let mut p = Params::default();
-            if !ids.is_empty() {
-                p.set("SecurityGroupIds", json_array(ids));
-            }
-            p.opt("VpcId", vpc_id).set("PageSize", "50").set("PageNumber", page.to_string());
-            let v = self.call("DescribeSecurityGroups", &p.0)?;
-            let items = list(&v, &["SecurityGroups", "SecurityGroup"]);
-            out.extend(items.iter().filter_map(parse_security_group));
-            seen += items.len();
-            let total = opt_u64(&v, "TotalCount").map(|t| t as usize);
-            if items.is_empty() || total.is_none_or(|t| seen >= t) {
-                break;
-            }
+        let mut base = Params::default();
+        if !ids.is_empty() {
+            base.set("SecurityGroupIds", json_array(ids));
         }
+        base.opt("VpcId", vpc_id);
+        let mut out = Vec::new();
+        each_page(
+            Paging::Number { page_size: 50 },
+            &base.0,
+            |p| self.call("DescribeSecurityGroups", p),
+            |v| {
+                let items = list(v, &["SecurityGroups", "SecurityGroup"]);
+                out.extend(items.iter().filter_map(parse_security_group));
+                Ok(items.len())
+            },
+        )?;
         Ok(out)
     }
 }
@@ -659,7 +665,14 @@ pub fn run_instances_params(r: &RunInstancesRequest) -> Result<Vec<(String, Stri
     if r.spot_strategy == SpotStrategy::SpotWithPriceLimit {
         match r.spot_price_limit {
             Some(limit) if limit.is_finite() && limit > 0.0 => {
-                p.set("SpotPriceLimit", format_price(limit));
+                let text = format_price(limit);
+                if !crate::pricing::has_at_most_limit_decimals(&text) {
+                    return Err(EcsError::Config(format!(
+                        "`RunInstances` `SpotPriceLimit` {text} has more than {} decimals, which Aliyun refuses",
+                        crate::pricing::LIMIT_DECIMALS
+                    )));
+                }
+                p.set("SpotPriceLimit", text);
             }
             other => {
                 return Err(EcsError::Config(format!(
@@ -701,663 +714,5 @@ pub fn run_instances_params(r: &RunInstancesRequest) -> Result<Vec<(String, Stri
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::credentials::{Credentials, StaticProvider};
-    use crate::ecs::retry::FakeClock;
-    use crate::ecs::transport::{HttpResponse, TransportError};
-    use crate::secret::Secret;
-    use serde_json::json;
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-    use time::macros::datetime;
-
-    const SECRET: &str = "testSecret/with+special=chars";
-    const TOKEN: &str = "CAIS.sts/token+value==";
-
-    /// Percent-decodes a form value.
-    pub(crate) fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%' && i + 2 < b.len() {
-                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-                i += 3;
-            } else if b[i] == b'+' {
-                out.push(b' ');
-                i += 1;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
-    }
-
-    pub(crate) fn parse_form(body: &str) -> BTreeMap<String, String> {
-        body.split('&')
-            .filter(|kv| !kv.is_empty())
-            .map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap();
-                (decode(k), decode(v))
-            })
-            .collect()
-    }
-
-    type Handler = Box<dyn Fn(&BTreeMap<String, String>) -> HttpResponse + Send + Sync>;
-
-    /// Answers from a script (or a function of the parameters), records every request.
-    #[derive(Default)]
-    struct Fake {
-        script: Mutex<VecDeque<Result<HttpResponse, TransportError>>>,
-        handler: Option<Handler>,
-        seen: Arc<Mutex<Vec<HttpRequest>>>,
-    }
-
-    impl Transport for Fake {
-        fn send(&self, req: &HttpRequest) -> Result<HttpResponse, TransportError> {
-            self.seen.lock().unwrap().push(req.clone());
-            if let Some(h) = &self.handler {
-                return Ok(h(&parse_form(req.body.as_deref().unwrap_or(""))));
-            }
-            self.script.lock().unwrap().pop_front().unwrap_or_else(|| Ok(ok(json!({"RequestId": "end"}))))
-        }
-    }
-
-    fn ok(v: Value) -> HttpResponse {
-        HttpResponse { status: 200, body: v.to_string() }
-    }
-
-    fn err(status: u16, code: &str, rid: &str) -> HttpResponse {
-        HttpResponse {
-            status,
-            body: json!({"RequestId": rid, "HostId": "ecs.test", "Code": code, "Message": format!("{code} happened."), "Recommend": "r"})
-                .to_string(),
-        }
-    }
-
-    fn creds(sts: bool) -> Arc<StaticProvider> {
-        Arc::new(StaticProvider::new(Credentials {
-            access_key_id: "LTAItestKeyId".into(),
-            access_key_secret: Secret::new(SECRET.into()),
-            security_token: sts.then(|| Secret::new(TOKEN.into())),
-            expiration: None,
-        }))
-    }
-
-    fn client_with(
-        script: Vec<Result<HttpResponse, TransportError>>,
-        attempts: u32,
-        sts: bool,
-    ) -> (EcsClient, Arc<Mutex<Vec<HttpRequest>>>) {
-        let fake = Fake { script: Mutex::new(script.into()), ..Default::default() };
-        let seen = fake.seen.clone();
-        let mut cfg = ClientConfig::new("cn-hangzhou");
-        cfg.endpoint = Some("http://127.0.0.1:9470/".into());
-        cfg.retry = RetryPolicy::fixed(attempts, Duration::from_millis(5), Arc::new(FakeClock::new()));
-        (EcsClient::with_transport(cfg, creds(sts), Box::new(fake)).unwrap(), seen)
-    }
-
-    fn handler_client(
-        h: impl Fn(&BTreeMap<String, String>) -> HttpResponse + Send + Sync + 'static,
-    ) -> (EcsClient, Arc<Mutex<Vec<HttpRequest>>>) {
-        let fake = Fake { handler: Some(Box::new(h)), ..Default::default() };
-        let seen = fake.seen.clone();
-        let mut cfg = ClientConfig::new("cn-hangzhou");
-        cfg.retry = RetryPolicy::none();
-        (EcsClient::with_transport(cfg, creds(false), Box::new(fake)).unwrap(), seen)
-    }
-
-    fn forms(seen: &Arc<Mutex<Vec<HttpRequest>>>) -> Vec<BTreeMap<String, String>> {
-        seen.lock().unwrap().iter().map(|r| parse_form(r.body.as_deref().unwrap_or(""))).collect()
-    }
-
-    struct FixedStamp;
-    impl RequestStamp for FixedStamp {
-        fn timestamp(&self) -> OffsetDateTime {
-            datetime!(2025-06-01 08:09:10 UTC)
-        }
-        fn nonce(&self) -> String {
-            "nonce-1".into()
-        }
-    }
-
-    #[test]
-    fn client_is_send_and_sync() {
-        fn check<T: Send + Sync>() {}
-        check::<EcsClient>();
-    }
-
-    #[test]
-    fn requests_are_signed_posts_with_the_common_parameters() {
-        let (c, seen) = client_with(
-            vec![Ok(ok(json!({"Regions": {"Region": [{"RegionId": "cn-hangzhou", "LocalName": "华东1"}]}})))],
-            1,
-            true,
-        );
-        let c = c.with_stamp(Arc::new(FixedStamp));
-        let regions = c.describe_regions().unwrap();
-        assert_eq!(regions[0].region_id, "cn-hangzhou");
-        let req = seen.lock().unwrap()[0].clone();
-        assert_eq!(req.method, "POST");
-        assert_eq!(req.url, "http://127.0.0.1:9470/");
-        assert_eq!(req.header_value("content-type"), Some("application/x-www-form-urlencoded"));
-        let p = parse_form(req.body.as_deref().unwrap());
-        let get = |k: &str| p.get(k).map(String::as_str);
-        assert_eq!(get("Action"), Some("DescribeRegions"));
-        assert_eq!(get("Version"), Some("2014-05-26"));
-        assert_eq!(get("Format"), Some("JSON"));
-        assert_eq!(get("AccessKeyId"), Some("LTAItestKeyId"));
-        assert_eq!(get("SignatureMethod"), Some("HMAC-SHA1"));
-        assert_eq!(get("SignatureVersion"), Some("1.0"));
-        assert_eq!(get("SignatureNonce"), Some("nonce-1"));
-        assert_eq!(get("Timestamp"), Some("2025-06-01T08:09:10Z"));
-        assert_eq!(get("RegionId"), Some("cn-hangzhou"));
-        assert_eq!(get("SecurityToken"), Some(TOKEN));
-        // The server's check: recompute over everything received.
-        let mut unsigned = p.clone();
-        let sig = unsigned.remove("Signature").unwrap();
-        assert_eq!(sig, sign::sign("POST", &unsigned, SECRET));
-    }
-
-    #[test]
-    fn throttling_then_success_retries_with_a_new_nonce_each_time() {
-        let (c, seen) = client_with(
-            vec![
-                Ok(err(400, "Throttling.User", "R1")),
-                Ok(err(503, "ServiceUnavailable", "R2")),
-                Err(TransportError { message: "POST `x`: connection reset".into(), retriable: true }),
-                Ok(ok(json!({"Zones": {"Zone": [{"ZoneId": "cn-hangzhou-b"}]}}))),
-            ],
-            5,
-            false,
-        );
-        let zones = c.describe_zones().unwrap();
-        assert_eq!(zones.len(), 1);
-        let f = forms(&seen);
-        assert_eq!(f.len(), 4);
-        let nonces: std::collections::BTreeSet<&String> = f.iter().map(|p| &p["SignatureNonce"]).collect();
-        assert_eq!(nonces.len(), 4, "every attempt is signed afresh");
-        for p in &f {
-            let mut u = p.clone();
-            let s = u.remove("Signature").unwrap();
-            assert_eq!(s, sign::sign("POST", &u, SECRET));
-        }
-    }
-
-    #[test]
-    fn server_error_burst_beyond_the_cap_fails_with_the_last_error() {
-        let script = (1..=6).map(|i| Ok(err(500, "InternalError", &format!("R{i}")))).collect();
-        let (c, seen) = client_with(script, 4, false);
-        let e = c.describe_regions().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "ECS `DescribeRegions` failed: InternalError: InternalError happened. (RequestId: R4)"
-        );
-        assert_eq!(seen.lock().unwrap().len(), 4);
-    }
-
-    #[test]
-    fn auth_error_is_tried_exactly_once() {
-        let (c, seen) = client_with(vec![Ok(err(404, "InvalidAccessKeyId.NotFound", "RA"))], 5, false);
-        let e = c.describe_regions().unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Auth);
-        assert_eq!(seen.lock().unwrap().len(), 1);
-    }
-
-    #[test]
-    fn endpoint_rules() {
-        let r = |e: Option<&str>| resolve_endpoint("cn-hangzhou", e).map_err(|e| e.to_string());
-        assert_eq!(r(None).unwrap(), "https://ecs.cn-hangzhou.aliyuncs.com");
-        assert_eq!(
-            r(Some("https://ecs-vpc.cn-hangzhou.aliyuncs.com/")).unwrap(),
-            "https://ecs-vpc.cn-hangzhou.aliyuncs.com"
-        );
-        for ok in [
-            "http://127.0.0.1:9470",
-            "http://127.3.4.5:1/",
-            "http://localhost:9470",
-            "http://[::1]:9470",
-            "http://LOCALHOST",
-        ] {
-            assert!(r(Some(ok)).is_ok(), "{ok}");
-        }
-        assert_eq!(
-            r(Some("http://ecs.cn-hangzhou.aliyuncs.com")).unwrap_err(),
-            "endpoint `http://ecs.cn-hangzhou.aliyuncs.com` uses plain http: use https://, plain http is only allowed for loopback addresses such as the emulator"
-        );
-        for bad in [
-            "http://10.0.0.1:9470",
-            "http://127.0.0.1.evil.com",
-            "http://localhost.evil.com",
-            "http://[::2]:1",
-        ] {
-            assert!(r(Some(bad)).unwrap_err().contains("uses plain http"), "{bad}");
-        }
-        assert_eq!(
-            r(Some("ecs.example.com")).unwrap_err(),
-            "endpoint `ecs.example.com` has no scheme: use e.g. `https://ecs.cn-hangzhou.aliyuncs.com`"
-        );
-        assert!(r(Some("ftp://x")).unwrap_err().contains("has scheme `ftp`"));
-        assert!(r(Some("https://user@host")).unwrap_err().contains("no valid host"));
-    }
-
-    #[test]
-    fn region_ids_are_checked() {
-        for ok in ["cn-hangzhou", "ap-southeast-1", "cn-shanghai-finance-1", "us-east-1"] {
-            validate_region_id(ok).unwrap();
-        }
-        for bad in ["", "hangzhou", "cn_hangzhou", "CN-hangzhou", "cn-", "cn-hangzhou/../x", "c-x"] {
-            let e = validate_region_id(bad).unwrap_err().to_string();
-            assert_eq!(e, format!("invalid region id `{bad}`: expected a region id such as `cn-hangzhou` or `ap-southeast-1`"));
-        }
-        let mut cfg = ClientConfig::new("cn hangzhou");
-        cfg.retry = RetryPolicy::none();
-        assert!(EcsClient::with_transport(cfg, creds(false), Box::new(Fake::default())).is_err());
-    }
-
-    fn run_req() -> RunInstancesRequest {
-        RunInstancesRequest {
-            zone_id: "cn-hangzhou-b".into(),
-            instance_type: "ecs.c7.2xlarge".into(),
-            image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
-            security_group_id: "sg-1".into(),
-            vswitch_id: "vsw-1".into(),
-            instance_name: "ci-runner-amd64-spot-1".into(),
-            host_name: None,
-            spot_strategy: SpotStrategy::SpotWithPriceLimit,
-            spot_price_limit: Some(0.1 * 1.2),
-            spot_duration: Some(0),
-            internet_max_bandwidth_out: 10,
-            system_disk_category: Some("cloud_essd".into()),
-            system_disk_size: Some(40),
-            key_pair_name: None,
-            ram_role_name: Some("self-destruct".into()),
-            user_data: Some(Secret::new("#cloud-config\nssh_authorized_keys: []\n".into())),
-            tags: vec![
-                ("aliyun-spot-executor:managed-by".into(), "aliyun-spot-executor".into()),
-                ("aliyun-spot-executor:job".into(), "42".into()),
-            ],
-            auto_release_time: Some(datetime!(2025-06-01 10:00:00.5 +08:00)),
-            client_token: "runner1-job42-attempt1".into(),
-            dry_run: false,
-        }
-    }
-
-    #[test]
-    fn run_instances_sends_every_field() {
-        let (c, seen) = client_with(
-            vec![Ok(ok(json!({"RequestId": "R", "InstanceIdSets": {"InstanceIdSet": ["i-bp1abc"]}})))],
-            1,
-            false,
-        );
-        assert_eq!(c.run_instances(&run_req()).unwrap(), vec!["i-bp1abc"]);
-        let p = &forms(&seen)[0];
-        let want = [
-            ("Action", "RunInstances"),
-            ("ZoneId", "cn-hangzhou-b"),
-            ("InstanceType", "ecs.c7.2xlarge"),
-            ("ImageId", "ubuntu_24_04_x64_20G_alibase_20250101.vhd"),
-            ("SecurityGroupId", "sg-1"),
-            ("VSwitchId", "vsw-1"),
-            ("InstanceName", "ci-runner-amd64-spot-1"),
-            ("InstanceChargeType", "PostPaid"),
-            ("SpotStrategy", "SpotWithPriceLimit"),
-            ("SpotPriceLimit", "0.12"),
-            ("SpotDuration", "0"),
-            ("SpotInterruptionBehavior", "Terminate"),
-            ("InternetMaxBandwidthOut", "10"),
-            ("InternetChargeType", "PayByTraffic"),
-            ("SystemDisk.Category", "cloud_essd"),
-            ("SystemDisk.Size", "40"),
-            ("RamRoleName", "self-destruct"),
-            ("UserData", "I2Nsb3VkLWNvbmZpZwpzc2hfYXV0aG9yaXplZF9rZXlzOiBbXQo="),
-            ("Tag.1.Key", "aliyun-spot-executor:managed-by"),
-            ("Tag.1.Value", "aliyun-spot-executor"),
-            ("Tag.2.Key", "aliyun-spot-executor:job"),
-            ("Tag.2.Value", "42"),
-            ("AutoReleaseTime", "2025-06-01T02:00:00Z"),
-            ("Amount", "1"),
-            ("ClientToken", "runner1-job42-attempt1"),
-        ];
-        for (k, v) in want {
-            assert_eq!(p.get(k).map(String::as_str), Some(v), "parameter `{k}`");
-        }
-        assert!(!p.contains_key("DryRun") && !p.contains_key("KeyPairName") && !p.contains_key("HostName"));
-    }
-
-    #[test]
-    fn run_instances_needs_a_client_token_and_checks_limits() {
-        let (c, seen) = client_with(vec![], 3, false);
-        let mut r = run_req();
-        r.client_token = " ".into();
-        assert_eq!(
-            c.run_instances(&r).unwrap_err().to_string(),
-            "`RunInstances` needs a `ClientToken`: without one a retried request could create a second instance"
-        );
-        r.client_token = "x".repeat(65);
-        assert!(c.run_instances(&r).unwrap_err().to_string().contains("at most 64 printable ASCII"));
-        r.client_token = "t".into();
-        r.tags = (0..21).map(|i| (format!("k{i}"), "v".into())).collect();
-        assert_eq!(
-            c.run_instances(&r).unwrap_err().to_string(),
-            "`RunInstances` takes at most 20 tags, got 21"
-        );
-        r.tags.clear();
-        r.spot_price_limit = None;
-        assert!(c.run_instances(&r).unwrap_err().to_string().contains("needs a positive `SpotPriceLimit`"));
-        r.spot_price_limit = Some(1.0);
-        r.user_data = Some(Secret::new("x".repeat(40_000)));
-        assert!(c.run_instances(&r).unwrap_err().to_string().contains("more than Aliyun's limit of 32768"));
-        assert_eq!(seen.lock().unwrap().len(), 0, "nothing was sent");
-    }
-
-    #[test]
-    fn run_instances_is_retried_with_the_same_client_token() {
-        let (c, seen) = client_with(
-            vec![
-                Err(TransportError { message: "POST `x`: timed out".into(), retriable: true }),
-                Ok(ok(json!({"InstanceIdSets": {"InstanceIdSet": ["i-1"]}}))),
-            ],
-            3,
-            false,
-        );
-        assert_eq!(c.run_instances(&run_req()).unwrap(), vec!["i-1"]);
-        let f = forms(&seen);
-        assert_eq!(f.len(), 2);
-        assert_eq!(f[0]["ClientToken"], f[1]["ClientToken"]);
-        assert_ne!(f[0]["SignatureNonce"], f[1]["SignatureNonce"]);
-    }
-
-    #[test]
-    fn dry_run_operation_is_success() {
-        let (c, seen) = client_with(
-            vec![Ok(err(400, "DryRunOperation", "RD")), Ok(err(400, "DryRunOperation", "RD2"))],
-            1,
-            false,
-        );
-        let mut r = run_req();
-        r.dry_run = true;
-        r.spot_strategy = SpotStrategy::SpotAsPriceGo;
-        r.internet_max_bandwidth_out = 0;
-        assert_eq!(c.run_instances(&r).unwrap(), Vec::<String>::new());
-        let p = &forms(&seen)[0];
-        assert_eq!(p["DryRun"], "true");
-        assert!(!p.contains_key("SpotPriceLimit") && !p.contains_key("InternetChargeType"));
-        // Without DryRun the same answer is an error of kind DryRunOk.
-        r.dry_run = false;
-        assert_eq!(c.run_instances(&r).unwrap_err().kind(), ErrorKind::DryRunOk);
-    }
-
-    #[test]
-    fn describe_instances_pages_through_everything() {
-        let (c, seen) = handler_client(|p| {
-            let page: usize = p["PageNumber"].parse().unwrap();
-            let total = 230;
-            let items: Vec<Value> = ((page - 1) * 100..(page * 100).min(total))
-                .map(|i| json!({"InstanceId": format!("i-{i}"), "Status": "Running", "Cpu": 8, "Memory": 8192}))
-                .collect();
-            ok(
-                json!({"Instances": {"Instance": items}, "TotalCount": total, "PageNumber": page, "PageSize": 100}),
-            )
-        });
-        let f = DescribeInstancesFilter {
-            tags: vec![("aliyun-spot-executor:managed-by".into(), "aliyun-spot-executor".into())],
-            status: Some("Running".into()),
-            ..Default::default()
-        };
-        let all = c.describe_instances(&f).unwrap();
-        assert_eq!(all.len(), 230);
-        assert_eq!(all[229].id, "i-229");
-        let fs = forms(&seen);
-        assert_eq!(fs.iter().map(|p| p["PageNumber"].as_str()).collect::<Vec<_>>(), vec!["1", "2", "3"]);
-        assert_eq!(fs[0]["PageSize"], "100");
-        assert_eq!(fs[0]["Tag.1.Key"], "aliyun-spot-executor:managed-by");
-        assert_eq!(fs[0]["Tag.1.Value"], "aliyun-spot-executor");
-        assert_eq!(fs[0]["Status"], "Running");
-        assert!(!fs[0].contains_key("InstanceIds"));
-    }
-
-    #[test]
-    fn describe_instances_sends_ids_as_a_json_array() {
-        let (c, seen) = handler_client(|p| {
-            let ids: Vec<String> = serde_json::from_str(&p["InstanceIds"]).unwrap();
-            let items: Vec<Value> = ids.iter().map(|i| json!({"InstanceId": i})).collect();
-            ok(json!({"Instances": {"Instance": items}, "TotalCount": ids.len()}))
-        });
-        let ids: Vec<String> = (0..150).map(|i| format!("i-{i}")).collect();
-        let got = c
-            .describe_instances(&DescribeInstancesFilter { instance_ids: ids.clone(), ..Default::default() })
-            .unwrap();
-        assert_eq!(got.iter().map(|i| i.id.clone()).collect::<Vec<_>>(), ids);
-        let fs = forms(&seen);
-        assert_eq!(fs.len(), 2);
-        assert_eq!(fs[1]["InstanceIds"], json_array(&ids[100..]));
-    }
-
-    #[test]
-    fn describe_instance_types_follows_next_token() {
-        let (c, seen) = handler_client(|p| {
-            let (items, next) = match p.get("NextToken").map(String::as_str) {
-                None => (
-                    vec![
-                        json!({"InstanceTypeId": "ecs.c8y.2xlarge", "CpuCoreCount": 8, "MemorySize": 16, "CpuArchitecture": "ARM"}),
-                    ],
-                    "t2",
-                ),
-                Some("t2") => (
-                    vec![
-                        json!({"InstanceTypeId": "ecs.c8y.4xlarge", "CpuCoreCount": 16, "MemorySize": 32, "CpuArchitecture": "ARM"}),
-                    ],
-                    "",
-                ),
-                Some(other) => panic!("unexpected token {other}"),
-            };
-            ok(json!({"InstanceTypes": {"InstanceType": items}, "NextToken": next}))
-        });
-        let f = InstanceTypeFilter {
-            arch: Some(crate::selection::Arch::Arm64),
-            min_cores: Some(8),
-            max_memory_gib: Some(64.0),
-            ..Default::default()
-        };
-        let types = c.describe_instance_types(&f).unwrap();
-        assert_eq!(
-            types.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
-            vec!["ecs.c8y.2xlarge", "ecs.c8y.4xlarge"]
-        );
-        let fs = forms(&seen);
-        assert_eq!(fs[0]["CpuArchitecture"], "ARM");
-        assert_eq!(fs[0]["MinimumCpuCoreCount"], "8");
-        assert_eq!(fs[0]["MaximumMemorySize"], "64");
-        assert_eq!(fs[0]["MaxResults"], "100");
-        assert_eq!(fs[1]["NextToken"], "t2");
-    }
-
-    #[test]
-    fn spot_price_history_follows_next_offset() {
-        let (c, seen) = handler_client(|p| {
-            let offset: u64 = p.get("Offset").map(|o| o.parse().unwrap()).unwrap_or(0);
-            let item = json!({"ZoneId": "cn-hangzhou-b", "InstanceType": "ecs.c7.large", "SpotPrice": 0.05 + offset as f64 / 100.0,
-                              "OriginPrice": 0.4, "Timestamp": "2025-01-01T00:00:00Z", "NetworkType": "vpc", "IoOptimized": "optimized"});
-            if offset < 2 {
-                ok(
-                    json!({"SpotPrices": {"SpotPriceType": [item]}, "NextOffset": offset + 1, "Currency": "CNY"}),
-                )
-            } else {
-                ok(json!({"SpotPrices": {"SpotPriceType": [item]}, "NextOffset": 0, "Currency": "CNY"}))
-            }
-        });
-        let r = SpotPriceHistoryRequest {
-            instance_type: "ecs.c7.large".into(),
-            zone_id: None,
-            start_time: Some(datetime!(2025-01-01 00:00 UTC)),
-            end_time: None,
-            spot_duration: None,
-        };
-        assert_eq!(c.describe_spot_price_history(&r).unwrap().len(), 3);
-        let fs = forms(&seen);
-        assert_eq!(fs.len(), 3);
-        assert_eq!(fs[0]["NetworkType"], "vpc");
-        assert_eq!(fs[0]["IoOptimized"], "optimized");
-        assert_eq!(fs[0]["OSType"], "linux");
-        assert_eq!(fs[0]["StartTime"], "2025-01-01T00:00:00Z");
-        assert_eq!(fs[2]["Offset"], "2");
-    }
-
-    #[test]
-    fn available_resource_request_parameters() {
-        let (c, seen) = handler_client(|_| ok(json!({"AvailableZones": {"AvailableZone": []}})));
-        let r = AvailableResourceRequest {
-            spot_strategy: SpotStrategy::SpotWithPriceLimit,
-            cores: Some(8),
-            ..Default::default()
-        };
-        assert!(c.describe_available_resource(&r).unwrap().is_empty());
-        let p = &forms(&seen)[0];
-        for (k, v) in [
-            ("DestinationResource", "InstanceType"),
-            ("InstanceChargeType", "PostPaid"),
-            ("SpotStrategy", "SpotWithPriceLimit"),
-            ("ResourceType", "instance"),
-            ("Cores", "8"),
-        ] {
-            assert_eq!(p[k], v, "{k}");
-        }
-    }
-
-    #[test]
-    fn delete_of_a_missing_instance_is_already_gone() {
-        let (c, seen) =
-            client_with(vec![Ok(err(404, "InvalidInstanceId.NotFound", "R")), Ok(ok(json!({})))], 3, false);
-        assert_eq!(c.delete_instance("i-gone", true).unwrap(), DeleteOutcome::AlreadyGone);
-        assert_eq!(c.delete_instance("i-here", false).unwrap(), DeleteOutcome::Deleted);
-        let fs = forms(&seen);
-        assert_eq!((fs[0]["InstanceId"].as_str(), fs[0]["Force"].as_str()), ("i-gone", "true"));
-        assert_eq!(fs[1]["Force"], "false");
-        let (c, _) = client_with(vec![Ok(err(403, "IncorrectInstanceStatus", "R"))], 3, false);
-        assert_eq!(c.delete_instance("i-x", true).unwrap_err().kind(), ErrorKind::IncorrectStatus);
-    }
-
-    #[test]
-    fn delete_instances_falls_back_to_one_by_one_when_some_are_gone() {
-        let (c, seen) = client_with(
-            vec![
-                Ok(err(404, "InvalidInstanceId.NotFound", "R")),
-                Ok(ok(json!({}))),
-                Ok(err(404, "InvalidInstanceId.NotFound", "R2")),
-            ],
-            1,
-            false,
-        );
-        c.delete_instances(&["i-a".to_string(), "i-b".to_string()], true).unwrap();
-        let fs = forms(&seen);
-        assert_eq!(
-            fs.iter().map(|p| p["Action"].as_str()).collect::<Vec<_>>(),
-            vec!["DeleteInstances", "DeleteInstance", "DeleteInstance"]
-        );
-        assert_eq!((fs[0]["InstanceId.1"].as_str(), fs[0]["InstanceId.2"].as_str()), ("i-a", "i-b"));
-    }
-
-    #[test]
-    fn key_pairs_images_and_security_groups() {
-        let (c, seen) = handler_client(|p| match p["Action"].as_str() {
-            "ImportKeyPair" => ok(json!({"KeyPairName": p["KeyPairName"], "KeyPairFingerPrint": "ab:cd"})),
-            "DeleteKeyPairs" => ok(json!({})),
-            "DescribeImages" => ok(
-                json!({"Images": {"Image": [{"ImageId": "m-1", "Architecture": "x86_64", "OSType": "linux", "Status": "Available"}]}, "TotalCount": 1}),
-            ),
-            "DescribeSecurityGroups" => ok(
-                json!({"SecurityGroups": {"SecurityGroup": [{"SecurityGroupId": "sg-1", "VpcId": "vpc-1"}]}, "TotalCount": 1}),
-            ),
-            other => panic!("{other}"),
-        });
-        assert_eq!(
-            c.import_key_pair("k1", "ssh-ed25519 AAAA c\n").unwrap().fingerprint.as_deref(),
-            Some("ab:cd")
-        );
-        c.delete_key_pairs(&["k1".into(), "k2".into()]).unwrap();
-        assert_eq!(c.describe_images(&["m-1".into()]).unwrap()[0].architecture.as_deref(), Some("x86_64"));
-        assert_eq!(
-            c.describe_security_groups(&["sg-1".into()], Some("vpc-1")).unwrap()[0].vpc_id.as_deref(),
-            Some("vpc-1")
-        );
-        let fs = forms(&seen);
-        assert_eq!(fs[0]["PublicKeyBody"], "ssh-ed25519 AAAA c");
-        assert_eq!(fs[1]["KeyPairNames"], r#"["k1","k2"]"#);
-        assert_eq!(fs[2]["ImageId"], "m-1");
-        assert_eq!(fs[3]["SecurityGroupIds"], r#"["sg-1"]"#);
-    }
-
-    #[test]
-    fn undecodable_answers_are_typed_errors() {
-        let (c, _) = client_with(vec![Ok(HttpResponse { status: 200, body: "<html>".into() })], 3, false);
-        let e = c.describe_regions().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "ECS `DescribeRegions` answer could not be decoded: not JSON (line 1, column 1)"
-        );
-        assert!(!e.is_retriable());
-    }
-
-    /// Captures every log record of the test binary.
-    struct CaptureLogger;
-    static CAPTURED: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    impl log::Log for CaptureLogger {
-        fn enabled(&self, _: &log::Metadata) -> bool {
-            true
-        }
-        fn log(&self, r: &log::Record) {
-            CAPTURED.lock().unwrap().push(format!("{} {}", r.level(), r.args()));
-        }
-        fn flush(&self) {}
-    }
-
-    #[test]
-    fn no_secret_in_logs_errors_or_debug_output() {
-        static LOGGER: CaptureLogger = CaptureLogger;
-        let _ = log::set_logger(&LOGGER);
-        log::set_max_level(log::LevelFilter::Trace);
-        let echo = |status: u16, code: &str| {
-            HttpResponse {
-            status,
-            // A hostile or buggy server that echoes secrets back.
-            body: json!({"RequestId": "RS", "Code": code, "Message": format!("echo {SECRET} {TOKEN} {} server string to sign is:POST&%2F&x", sign::percent_encode(TOKEN))}).to_string(),
-        }
-        };
-        let (c, _) = client_with(
-            vec![
-                Ok(echo(400, "Throttling")),
-                Err(TransportError { message: format!("POST `x`: timed out {SECRET}"), retriable: true }),
-                Ok(echo(500, "InternalError")),
-                Ok(echo(400, "SignatureDoesNotMatch")),
-            ],
-            5,
-            true,
-        );
-        let e = c.describe_regions().unwrap_err();
-        assert_eq!(e.code(), Some("SignatureDoesNotMatch"));
-        let mut texts = vec![e.to_string(), format!("{e:?}"), format!("{c:?}"), format!("{:?}", run_req())];
-        let lines = CAPTURED.lock().unwrap().clone();
-        let ours: Vec<&String> =
-            lines.iter().filter(|l| l.contains("ECS `DescribeRegions` attempt")).collect();
-        assert!(
-            ours.len() >= 3,
-            "three retries were logged (if nothing was captured, another test installed a different logger): {lines:?}"
-        );
-        assert!(
-            ours.iter().any(|l| l.starts_with(
-                "WARN ECS `DescribeRegions` attempt 1/5 failed (Throttling, HTTP 400, RequestId: RS)"
-            )),
-            "{ours:?}"
-        );
-        texts.extend(lines);
-        for t in &texts {
-            assert!(
-                !t.contains(SECRET) && !t.contains(TOKEN) && !t.contains(&sign::percent_encode(TOKEN)),
-                "leak in: {t}"
-            );
-        }
-    }
-}
+#[path = "client_tests.rs"]
+mod tests;

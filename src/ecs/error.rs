@@ -3,10 +3,10 @@
 //! Why: callers branch on what went wrong — a stock-out moves to the next spot offer, throttling
 //! and 5xx answers are retried, an authentication error stops at once with a clear line — so the
 //! client decodes Aliyun's JSON error shape (`RequestId`, `HostId`, `Code`, `Message`,
-//! `Recommend`) into [`EcsError::Api`] and sorts codes into [`ErrorKind`]s as listed in
-//! ALIYUN_ECS.md §2. Every error displays as one line that carries the `RequestId`, so support
-//! can trace it, and never the request itself (which holds the signature and perhaps an STS
-//! token).
+//! `Recommend`) into [`EcsError::Api`] and sorts codes into [`ErrorKind`]s following Aliyun's
+//! published error tables (see [`classify`] and [`create_action`]). Every error displays as one
+//! line that carries the `RequestId`, so support can trace it, and never the request itself
+//! (which holds the signature and perhaps an STS token).
 
 use std::fmt;
 
@@ -75,10 +75,11 @@ pub enum ErrorKind {
     ServerError,
     /// No answer (refused, reset, timed out, DNS, TLS).
     Transport,
-    /// No stock, zone not on sale, type not supported there, spot price limit too low: move to
-    /// the next offer.
+    /// A condition of the instance type or zone (no stock, not on sale, not supported there,
+    /// its vCPU quota, disk category, spot price limit below the price): move to the next offer.
     NoCapacity,
-    /// Quota exceeded, account in arrears, not enough balance: stop and say so.
+    /// The account: a quota, arrears, not enough balance, not verified, a zone not opened to
+    /// it: stop and say so.
     Quota,
     /// Bad AccessKey, signature, STS token or timestamp (or no credentials at all).
     Auth,
@@ -94,6 +95,9 @@ pub enum ErrorKind {
     IncorrectStatus,
     /// `DryRunOperation`: the dry run says the real request would succeed.
     DryRunOk,
+    /// `LastTokenProcessing`, `IdempotentProcessing`: a request with this `ClientToken` is still
+    /// being processed; the same request is sent again.
+    InProgress,
     /// Anything else (decoding errors, unknown codes).
     Other,
 }
@@ -104,11 +108,37 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+/// The error codes that mean "this instance type or zone, not you" when creating an instance:
+/// the next offer may well succeed. Taken from Aliyun's RunInstances error table (the rows of
+/// `tests/data/runinstances-errors.tsv` classed `next-offer`, provenance there).
+const TYPE_OR_ZONE_CONDITIONS: &[&str] = &[
+    "OperationDenied.NoStock",
+    "Zone.NotOnSale",
+    "InvalidResourceType.NotSupported",
+    "InvalidInstanceType.ValueNotSupported",
+    "InvalidInstanceType.ZoneNotSupported",
+    "InstanceType.Offline",
+    "QuotaExceed.ElasticQuota",
+    "QuotaExceed.DiskCapacity",
+    "InvalidSpotPriceLimit.LowerThanPublicPrice",
+    "OperationDenied.ZoneSystemCategoryNotMatch",
+    "OperationDenied.CloudSSDNotSupported",
+    "InvalidSystemDiskCategory.ValueNotSupported",
+    "OperationDenied.ZoneNotAllowed",
+    "InvalidVpcZone.NotSupported",
+    "ResourceNotAvailable",
+];
+
 /// Sorts an Aliyun error code (and the HTTP status it came with) into an [`ErrorKind`].
+///
+/// Sources: Aliyun's RunInstances and common error tables (copied, with provenance, into
+/// `tests/data/runinstances-errors.tsv`, which a unit test checks row by row), and
+/// terraform-provider-alicloud's `alicloud/errors.go` `NeedRetry`, which retries
+/// `ServiceUnavailable`, `Rejected.Throttling` and any code containing `Throttling`.
 pub fn classify(code: &str, http_status: u16) -> ErrorKind {
     let starts = |p: &str| code.starts_with(p);
     let is = |c: &str| code == c;
-    if starts("Throttling") {
+    if code.contains("Throttling") {
         ErrorKind::Throttled
     } else if is("ServiceUnavailable")
         || is("InternalError")
@@ -116,14 +146,12 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
         || starts("InternalError.")
     {
         ErrorKind::ServerError
-    } else if code.ends_with("NoStock")
-        || code.ends_with("NoSpotStock")
-        || code.ends_with("ZoneNotAvailable")
-        || code.ends_with("Zone.NotOnSale")
-        || is("Zone.NotOnSale")
-        || is("InvalidResourceType.NotSupported")
-        || is("InvalidInstanceType.ValueNotSupported")
-        || starts("InvalidSpotPriceLimit")
+    } else if is("LastTokenProcessing") || is("IdempotentProcessing") {
+        ErrorKind::InProgress
+    } else if TYPE_OR_ZONE_CONDITIONS.contains(&code)
+        || code.ends_with(".NoStock")
+        || code.ends_with(".NoSpotStock")
+        || code.ends_with(".ZoneNotAvailable")
     {
         ErrorKind::NoCapacity
     } else if starts("InvalidAccessKeyId")
@@ -136,7 +164,10 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
         ErrorKind::Auth
     } else if starts("Forbidden") || is("NoPermission") || starts("NoPermission.") {
         ErrorKind::Permission
-    } else if starts("QuotaExceed") || is("Account.Arrearage") || is("InvalidAccountStatus.NotEnoughBalance")
+    } else if starts("QuotaExceed")
+        || is("Account.Arrearage")
+        || starts("InvalidAccountStatus")
+        || is("Zone.NotOpen")
     {
         ErrorKind::Quota
     } else if is("InvalidInstanceId.NotFound") {
@@ -158,6 +189,79 @@ pub fn classify(code: &str, http_status: u16) -> ErrorKind {
     }
 }
 
+/// What creating an instance does after a failed `RunInstances`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateAction {
+    /// A condition of this instance type or zone: try the next offer.
+    NextOffer,
+    /// Transient (throttling, 5xx, a request with this `ClientToken` still in progress): send
+    /// the same request again, same `ClientToken`.
+    Retry,
+    /// The account or the request is wrong: fail at once, one line saying what to fix.
+    Stop,
+}
+
+impl CreateAction {
+    /// The class name used in `tests/data/runinstances-errors.tsv`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CreateAction::NextOffer => "next-offer",
+            CreateAction::Retry => "retry",
+            CreateAction::Stop => "stop",
+        }
+    }
+}
+
+/// The one classifier of `RunInstances` failures: what to do after `code` (with its HTTP
+/// status).
+pub fn create_action(code: &str, http_status: u16) -> CreateAction {
+    match classify(code, http_status) {
+        ErrorKind::NoCapacity => CreateAction::NextOffer,
+        ErrorKind::Throttled | ErrorKind::ServerError | ErrorKind::InProgress => CreateAction::Retry,
+        _ => CreateAction::Stop,
+    }
+}
+
+/// Aliyun's published RunInstances and common error table, as shipped in
+/// `tests/data/runinstances-errors.tsv` (provenance in its header). The emulator answers
+/// injected errors from it, and a unit test checks every row against [`create_action`].
+pub const RUN_INSTANCES_ERRORS_TSV: &str = include_str!("../../tests/data/runinstances-errors.tsv");
+
+/// One row of [`RUN_INSTANCES_ERRORS_TSV`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedError {
+    /// The error code.
+    pub code: &'static str,
+    /// The HTTP status Aliyun answers it with.
+    pub http_status: u16,
+    /// `next-offer`, `retry` or `stop`.
+    pub class: &'static str,
+    /// Aliyun's message.
+    pub message: &'static str,
+}
+
+/// Every row of the published table.
+pub fn published_errors() -> Vec<PublishedError> {
+    RUN_INSTANCES_ERRORS_TSV
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some(PublishedError {
+                code: f.next()?,
+                http_status: f.next()?.parse().ok()?,
+                class: f.next()?,
+                message: f.next()?,
+            })
+        })
+        .collect()
+}
+
+/// The published row of `code`, if the table has it.
+pub fn published_error(code: &str) -> Option<PublishedError> {
+    published_errors().into_iter().find(|e| e.code == code)
+}
+
 impl EcsError {
     /// Aliyun's error code, for [`EcsError::Api`].
     pub fn code(&self) -> Option<&str> {
@@ -175,6 +279,16 @@ impl EcsError {
         }
     }
 
+    /// What creating an instance does after this error ([`create_action`]); transport
+    /// failures that may pass are retried, anything else not understood stops.
+    pub fn create_action(&self) -> CreateAction {
+        match self {
+            EcsError::Api { code, http_status, .. } => create_action(code, *http_status),
+            other if other.is_retriable() => CreateAction::Retry,
+            _ => CreateAction::Stop,
+        }
+    }
+
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -186,12 +300,15 @@ impl EcsError {
         }
     }
 
-    /// Whether the retry policy tries again: throttling, 5xx, and transport failures that may
-    /// pass (refused, reset, timed out).
+    /// Whether the retry policy tries again: throttling, 5xx, a request with the same
+    /// `ClientToken` still in progress, and transport failures that may pass (refused, reset,
+    /// timed out).
     pub fn is_retriable(&self) -> bool {
         match self {
             EcsError::Transport { retriable, .. } => *retriable,
-            other => matches!(other.kind(), ErrorKind::Throttled | ErrorKind::ServerError),
+            other => {
+                matches!(other.kind(), ErrorKind::Throttled | ErrorKind::ServerError | ErrorKind::InProgress)
+            }
         }
     }
 }
@@ -354,7 +471,12 @@ mod tests {
             ("InvalidResourceType.NotSupported", 400, NoCapacity),
             ("InvalidInstanceType.ValueNotSupported", 400, NoCapacity),
             ("InvalidSpotPriceLimit.LowerThanPublicPrice", 400, NoCapacity),
-            ("InvalidSpotPriceLimit", 400, NoCapacity),
+            ("InvalidSpotPriceLimit", 400, Other),
+            ("InvalidSpotPriceLimit.Malformed", 400, Other),
+            ("Rejected.Throttling", 400, Throttled),
+            ("LastTokenProcessing", 403, InProgress),
+            ("Zone.NotOpen", 403, Quota),
+            ("QuotaExceed.ElasticQuota", 403, NoCapacity),
             ("InvalidAccessKeyId.NotFound", 404, Auth),
             ("InvalidAccessKeyId.Inactive", 400, Auth),
             ("SignatureDoesNotMatch", 400, Auth),
@@ -380,6 +502,30 @@ mod tests {
         for (code, status, want) in cases {
             assert_eq!(classify(code, status), want, "code `{code}` ({status})");
         }
+    }
+
+    #[test]
+    fn every_row_of_the_published_table_is_classified_as_it_says() {
+        let rows = published_errors();
+        assert!(rows.len() >= 40, "the table lost rows: {}", rows.len());
+        for class in ["next-offer", "retry", "stop"] {
+            assert!(rows.iter().any(|r| r.class == class), "no `{class}` row");
+        }
+        for r in &rows {
+            assert!(matches!(r.http_status, 400..=599), "{}: status {}", r.code, r.http_status);
+            assert!(!r.message.trim().is_empty(), "{}: no message", r.code);
+            assert_eq!(create_action(r.code, r.http_status).name(), r.class, "code `{}`", r.code);
+            let e = decode_error(
+                "RunInstances",
+                r.http_status,
+                &serde_json::json!({"RequestId": "R", "Code": r.code, "Message": r.message}).to_string(),
+                &[],
+            );
+            assert_eq!(e.create_action().name(), r.class, "decoded `{}`", r.code);
+            assert_eq!(e.is_retriable(), r.class == "retry", "retriable `{}`", r.code);
+        }
+        assert_eq!(published_error("Zone.NotOnSale").map(|e| e.http_status), Some(403));
+        assert_eq!(published_error("NoSuchCode"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod error;
+pub mod paging;
 pub mod retry;
 pub mod sign;
 pub mod transport;
@@ -18,11 +19,15 @@ pub use client::{
     resolve_endpoint, run_instances_params, signed_params, validate_region_id, ClientConfig, EcsClient,
     RequestStamp, SystemStamp, API_VERSION,
 };
-pub use error::{classify, EcsError, ErrorKind};
+pub use error::{
+    classify, create_action, published_error, published_errors, CreateAction, EcsError, ErrorKind,
+    PublishedError,
+};
 pub use retry::{Backoff, Clock, FakeClock, RetryPolicy, SystemClock};
 pub use transport::{HttpRequest, HttpResponse, Transport, TransportError, UreqTransport};
 pub use types::{
-    AvailableResourceRequest, DeleteOutcome, DescribeInstancesFilter, ImageInfo, Instance, InstanceStatus,
-    InstanceTypeFilter, InstanceTypeInfo, KeyPairInfo, RegionInfo, RunInstancesRequest, SecurityGroupInfo,
-    SpotPriceHistoryRequest, SpotPricePoint, SpotStrategy, ZoneInfo, ZoneResource,
+    format_price, AvailableResourceRequest, DeleteOutcome, DescribeInstancesFilter, ImageInfo, Instance,
+    InstanceStatus, InstanceTypeFilter, InstanceTypeInfo, KeyPairInfo, RegionInfo, RunInstancesRequest,
+    SecurityGroupInfo, SpotPriceHistory, SpotPriceHistoryRequest, SpotPricePoint, SpotStrategy, ZoneInfo,
+    ZoneResource,
 };

@@ -4,9 +4,12 @@
 //! 5xx, and a CI job should not fail for that; but retrying an authentication or parameter
 //! error only delays the one clear error line the administrator needs. So:
 //!
-//! - **Retried**: throttling (`Throttling*`, HTTP 429), server errors (`ServiceUnavailable`,
-//!   `InternalError`, `UnknownError`, any 5xx), and failures to get an answer that may pass
-//!   (connection refused or reset, timeouts). See [`super::EcsError::is_retriable`].
+//! - **Retried**: throttling (any code containing `Throttling`, e.g. `Rejected.Throttling`, and
+//!   HTTP 429), server errors (`ServiceUnavailable`, `InternalError`, `UnknownError`, any 5xx),
+//!   a request with the same `ClientToken` still being processed (`LastTokenProcessing`,
+//!   `IdempotentProcessing`), and failures to get an answer that may pass (connection refused
+//!   or reset, timeouts). The codes come from Aliyun's error tables, checked row by row against
+//!   `tests/data/runinstances-errors.tsv`. See [`super::EcsError::is_retriable`].
 //! - **Fatal at once**: everything else — authentication, permission, quota, parameters,
 //!   capacity (the caller moves to the next offer instead), not found, DNS and TLS failures.
 //! - **How often**: at most [`RetryPolicy::max_attempts`] attempts in all, and no new attempt

@@ -8,7 +8,8 @@
 //! The contract is deliberately narrow: a non-2xx answer is *not* a transport error — it comes
 //! back as an [`HttpResponse`] with its status and body, so the caller can decode Aliyun's JSON
 //! error shape. Only a failure to get an answer at all (refused, reset, timed out, DNS, TLS) is a
-//! [`TransportError`], and it says whether trying again may help.
+//! [`TransportError`], and it says whether trying again may help. Its message names the URL
+//! without its query: the RPC query carries the `SecurityToken` of STS credentials.
 
 use std::io;
 use std::time::Duration;
@@ -108,17 +109,28 @@ impl Transport for UreqTransport {
         let response = match result {
             Ok(resp) => resp,
             Err(ureq::Error::Status(_, resp)) => resp,
-            Err(ureq::Error::Transport(t)) => return Err(map_transport_error(&req.method, &req.url, &t)),
+            Err(ureq::Error::Transport(t)) => {
+                return Err(map_transport_error(&req.method, without_query(&req.url), &t))
+            }
         };
         let status = response.status();
         match response.into_string() {
             Ok(body) => Ok(HttpResponse { status, body }),
             Err(e) => Err(TransportError {
-                message: format!("{} `{}`: reading the answer failed: {e}", req.method, req.url),
+                message: format!(
+                    "{} `{}`: reading the answer failed: {e}",
+                    req.method,
+                    without_query(&req.url)
+                ),
                 retriable: is_retriable_io(e.kind()),
             }),
         }
     }
+}
+
+/// `url` up to its query: what error messages may show.
+fn without_query(url: &str) -> &str {
+    url.split_once('?').map_or(url, |(base, _)| base)
 }
 
 /// Connection refused/reset and timeouts may pass; bad URLs, DNS failures (usually a wrong
@@ -149,4 +161,21 @@ fn is_retriable_io(kind: io::ErrorKind) -> bool {
         kind,
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData | io::ErrorKind::PermissionDenied
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused connection names the endpoint, never the query with its token and signature.
+    #[test]
+    fn errors_name_the_url_without_its_query() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let t = UreqTransport::new(Duration::from_secs(2), Duration::from_secs(2));
+        let url = format!("http://127.0.0.1:{port}/?SecurityToken=CAIS-secret-token&Signature=abc");
+        let e = t.send(&HttpRequest::new("POST", url)).unwrap_err();
+        assert_eq!(e.message, format!("POST `http://127.0.0.1:{port}/`: connection refused"));
+        assert!(e.retriable);
+        assert_eq!(without_query("http://h/"), "http://h/");
+    }
 }

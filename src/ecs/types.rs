@@ -3,7 +3,8 @@
 //! Why typed: the rest of the program should not spell `Tag.3.Key` or dig through
 //! `AvailableZones.AvailableZone[].AvailableResources...`; those details live here, next to
 //! the parameter names copied from Aliyun's SDK request classes
-//! (`aliyunsdkecs/request/v20140526/*.py`) and the answer shapes in ALIYUN_ECS.md §3.
+//! (`aliyunsdkecs/request/v20140526/*.py`) and the answer shapes of the current SDK's response
+//! models (`alibabacloud_ecs20140526/models/_<action>_response_body.py`); docs/aliyun.md.
 //!
 //! Answers are parsed leniently — a missing optional field is `None` or empty, numbers may come
 //! as JSON numbers or strings — but a missing identifier (an instance without `InstanceId`) is
@@ -120,8 +121,14 @@ pub struct InstanceTypeInfo {
     pub memory_gib: f64,
     /// `X86` or `ARM`, as the API spells `CpuArchitecture`.
     pub arch: String,
-    /// GPUs.
+    /// `GPUAmount`.
     pub gpu_amount: u32,
+    /// `GPUSpec` (empty for types without a GPU).
+    pub gpu_spec: String,
+    /// `InstanceFamilyLevel`: `EntryLevel` (shared), `EnterpriseLevel` or `CreditEntryLevel`
+    /// (burstable), per the `DescribeInstanceTypes` request model of the current SDK
+    /// (`_describe_instance_types_request.py`, `instance_family_level`); empty when not given.
+    pub family_level: String,
 }
 
 /// `DescribeAvailableResource` with `DestinationResource=InstanceType`,
@@ -138,6 +145,8 @@ pub struct AvailableResourceRequest {
     pub cores: Option<u32>,
     /// `Memory` (GiB).
     pub memory_gib: Option<f64>,
+    /// `SpotDuration` (protection hours; ECS's default is 1).
+    pub spot_duration: Option<u32>,
 }
 
 impl Default for AvailableResourceRequest {
@@ -148,6 +157,7 @@ impl Default for AvailableResourceRequest {
             instance_type: None,
             cores: None,
             memory_gib: None,
+            spot_duration: None,
         }
     }
 }
@@ -162,15 +172,11 @@ pub struct ZoneResource {
     /// The type's `Status` in that zone: `Available` or `SoldOut`.
     pub status: String,
     /// The type's `StatusCategory`: `WithStock`, `ClosedWithStock`, `WithoutStock`, ...
-    pub status_category: String,
-}
-
-impl ZoneResource {
-    /// Whether the type can be bought in that zone now: `Available` and not without stock.
-    /// (A zone-level `WithStock` says nothing about a single type.)
-    pub fn is_available(&self) -> bool {
-        self.status == "Available" && !self.status_category.ends_with("WithoutStock")
-    }
+    /// `None` when the answer leaves it out: the current SDK's response model
+    /// (`_describe_available_resource_response_body.py`, `SupportedResource.status_category`)
+    /// declares it an optional string, so its absence says nothing and `Status` decides (see
+    /// [`crate::selection::ZoneStock::from_ecs`]).
+    pub status_category: Option<String>,
 }
 
 /// `DescribeSpotPriceHistory` (`NetworkType=vpc`, `IoOptimized=optimized`, `OSType=linux`).
@@ -195,13 +201,22 @@ pub struct SpotPricePoint {
     pub zone_id: String,
     /// Instance type.
     pub instance_type: String,
-    /// CNY per hour.
+    /// Per hour, in the answer's currency.
     pub spot_price: f64,
-    /// The on-demand price, CNY per hour, when given.
+    /// The on-demand price per hour, when given.
     pub origin_price: Option<f64>,
     /// When this price took effect.
     #[serde(with = "time::serde::rfc3339")]
     pub timestamp: OffsetDateTime,
+}
+
+/// A `DescribeSpotPriceHistory` answer, every page.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpotPriceHistory {
+    /// The observations.
+    pub points: Vec<SpotPricePoint>,
+    /// `Currency` (`CNY` on the China site, `USD` on the international one), when given.
+    pub currency: Option<String>,
 }
 
 /// `RunInstances` (one pay-as-you-go instance, `Amount=1`).
@@ -223,7 +238,8 @@ pub struct RunInstancesRequest {
     pub host_name: Option<String>,
     /// `SpotStrategy`.
     pub spot_strategy: SpotStrategy,
-    /// `SpotPriceLimit` (CNY/hour), for `SpotWithPriceLimit`.
+    /// `SpotPriceLimit` (per hour, in the account's currency, at most three decimals), for
+    /// `SpotWithPriceLimit`.
     pub spot_price_limit: Option<f64>,
     /// `SpotDuration` (0 = no protection period, 1 = one hour).
     pub spot_duration: Option<u32>,
@@ -509,6 +525,8 @@ pub(crate) fn parse_instance_type(v: &Value) -> Option<InstanceTypeInfo> {
         memory_gib: opt_f64(v, "MemorySize").unwrap_or(0.0),
         arch: str_or_empty(v, "CpuArchitecture"),
         gpu_amount: opt_u64(v, "GPUAmount").unwrap_or(0) as u32,
+        gpu_spec: str_or_empty(v, "GPUSpec"),
+        family_level: str_or_empty(v, "InstanceFamilyLevel"),
         id,
     })
 }
@@ -531,7 +549,7 @@ pub(crate) fn flatten_available_resource(v: &Value) -> Vec<ZoneResource> {
                     zone_id: zone_id.clone(),
                     instance_type,
                     status: str_or_empty(sup, "Status"),
-                    status_category: str_or_empty(sup, "StatusCategory"),
+                    status_category: opt_str(sup, "StatusCategory"),
                 });
             }
         }
@@ -685,7 +703,15 @@ mod tests {
         assert_eq!(r.len(), 3);
         assert_eq!(
             r.iter()
-                .map(|z| (z.zone_id.as_str(), z.instance_type.as_str(), z.is_available()))
+                .map(|z| {
+                    let stock = crate::selection::ZoneStock::from_ecs(
+                        &z.instance_type,
+                        &z.zone_id,
+                        &z.status,
+                        z.status_category.as_deref(),
+                    );
+                    (z.zone_id.as_str(), z.instance_type.as_str(), stock.available)
+                })
                 .collect::<Vec<_>>(),
             vec![
                 ("cn-hangzhou-b", "ecs.c7.large", true),
@@ -694,7 +720,18 @@ mod tests {
             ]
         );
         assert_eq!(r[1].status, "SoldOut");
-        assert_eq!(r[1].status_category, "WithoutStock");
+        assert_eq!(r[1].status_category.as_deref(), Some("WithoutStock"));
+        // Without `StatusCategory` (optional in the SDK's model) the `Status` decides.
+        let v = json!({"AvailableZones": {"AvailableZone": [{"ZoneId": "z", "AvailableResources": {"AvailableResource": [
+            {"Type": "InstanceType", "SupportedResources": {"SupportedResource": [
+                {"Value": "a", "Status": "Available"}, {"Value": "b", "Status": "SoldOut"}]}}]}}]}});
+        let r = flatten_available_resource(&v);
+        assert_eq!(r[0].status_category, None);
+        let avail: Vec<bool> = r
+            .iter()
+            .map(|z| crate::selection::ZoneStock::from_ecs(&z.instance_type, "z", &z.status, None).available)
+            .collect();
+        assert_eq!(avail, vec![true, false]);
     }
 
     #[test]

@@ -11,17 +11,13 @@
 //! remote process survives.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -83,6 +79,8 @@ pub struct InstanceRecord {
     pub tags: BTreeMap<String, String>,
     /// `InstanceName`.
     pub name: String,
+    /// `HostName`: the OS hostname the instance's processes see.
+    pub host_name: String,
     /// `SpotStrategy`.
     pub spot_strategy: String,
     /// `SpotPriceLimit`.
@@ -148,6 +146,8 @@ pub(crate) struct Instance {
     pub boot_delay: Duration,
     pub ssh_delay: Duration,
     pub never_boot: bool,
+    /// DeleteInstance is refused this long after creation (`initializing` fault).
+    pub initializing: Duration,
     pub termination_time: Option<OffsetDateTime>,
     pub authorized_keys: Vec<String>,
     pub host_key: Option<Secret<String>>,
@@ -176,6 +176,7 @@ impl Instance {
             ssh_port: self.ssh_port,
             tags: self.tags.iter().cloned().collect(),
             name: self.name.clone(),
+            host_name: self.host_name.clone(),
             spot_strategy: self.spot_strategy.clone(),
             spot_price_limit: self.spot_price_limit,
             image_id: self.image_id.clone(),
@@ -212,6 +213,8 @@ pub(crate) struct StsRecord {
     pub token: Secret<String>,
     pub issued: OffsetDateTime,
     pub expiration: OffsetDateTime,
+    /// The session policy of `AssumeRole` credentials ([`super::ram`]); `None`: the role's.
+    pub policy: Option<super::ram::Policy>,
 }
 
 /// Everything behind the state lock.
@@ -429,6 +432,7 @@ impl Core {
             token: Secret::new(format!("CAIS{}", random_alnum(160))),
             issued: t,
             expiration: t + ttl,
+            policy: None,
         };
         let out = StsCredentials {
             access_key_id: rec.access_key_id.clone(),
@@ -481,97 +485,11 @@ impl Core {
         self.work_dir.join(id)
     }
 
-    /// Writes the instance's sshd files and starts sshd (called by the supervisor only).
+    /// Writes the instance's sshd files and starts sshd in its own namespaces when root
+    /// (called by the supervisor only; see [`super::sshd`]).
     fn spawn_sshd(&self, inst: &Instance) -> anyhow::Result<Child> {
-        let dir = self.instance_dir(&inst.id);
-        std::fs::create_dir_all(&dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
-        let host_key_path = dir.join("ssh_host_ed25519_key");
-        let host_key = match &inst.host_key {
-            Some(k) => k.clone(),
-            None => generate_host_key()?,
-        };
-        let mut key_text = host_key.expose().clone();
-        if !key_text.ends_with('\n') {
-            key_text.push('\n');
-        }
-        write_private(&host_key_path, key_text.as_bytes())?;
-        let auth_path = dir.join("authorized_keys");
-        let mut auth = inst.authorized_keys.join("\n");
-        auth.push('\n');
-        write_private(&auth_path, auth.as_bytes())?;
-        let cfg_path = dir.join("sshd_config");
-        let cfg = format!(
-            "# sshd of emulated instance {id}\n\
-             ListenAddress {ip}:{port}\n\
-             HostKey {hk}\n\
-             AuthorizedKeysFile {ak}\n\
-             PidFile none\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\n\
-             PrintMotd no\n\
-             LogLevel ERROR\n\
-             Subsystem sftp internal-sftp\n",
-            id = inst.id,
-            ip = inst.ip,
-            port = inst.ssh_port,
-            hk = host_key_path.display(),
-            ak = auth_path.display(),
-        );
-        write_private(&cfg_path, cfg.as_bytes())?;
-        if self.is_root {
-            let run = Path::new("/run/sshd");
-            if !run.exists() {
-                std::fs::create_dir_all(run).context("failed to create `/run/sshd`")?;
-                let _ = std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755));
-            }
-        }
-        let log_path = dir.join("sshd.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("failed to open `{}`", log_path.display()))?;
-        let log2 = log.try_clone().context("failed to duplicate the sshd log handle")?;
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
-        let mut cmd = Command::new("/usr/sbin/sshd");
-        cmd.arg("-D").arg("-e").arg("-f").arg(&cfg_path);
-        cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
-        // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid, _exit) run between
-        // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-                // Orphans of the instance's sessions (a job's `setsid` process group whose SSH
-                // connection died) are re-parented to this sshd instead of init, so deleting the
-                // instance still finds and kills them, as deleting a VM would.
-                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn().context("failed to start `/usr/sbin/sshd`")
+        super::sshd::spawn(inst, &self.instance_dir(&inst.id), self.is_root)
     }
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("failed to write `{}`", path.display()))?;
-    f.write_all(data).with_context(|| format!("failed to write `{}`", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("failed to set the mode of `{}`", path.display()))
 }
 
 /// A fresh ed25519 host key in OpenSSH format.

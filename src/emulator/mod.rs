@@ -11,15 +11,21 @@
 //!
 //! Layout: [`catalogue`](self) (the shipped world), `auth` (signature, timestamp, nonce, STS),
 //! `rpc` (the actions), `instances` (state, lifecycle, the sshd supervisor), `server` (HTTP
-//! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset).
+//! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset),
+//! `sts` (STS `AssumeRole`, routed by `Version`) and `ram` (session policies enforced on ECS calls).
 
 mod auth;
+mod auth_v3;
 mod catalogue;
 mod cloudconfig;
+mod faults;
 mod github;
 mod instances;
+mod ram;
 mod rpc;
 mod server;
+mod sshd;
+mod sts;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,9 +53,11 @@ pub const DEFAULT_REGION: &str = "cn-hangzhou";
 /// How long a reclaimed instance stays `Stopped` with a `Recycling` lock before it disappears.
 pub const RECLAIM_LINGER: Duration = Duration::from_secs(5);
 
+pub use faults::DEFAULT_INITIALIZING;
+
 /// Faults injected into the API and the instances; the JSON names (`no-stock`, …) are the CLI
 /// flag names, as accepted by `POST /_emulator/faults`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct Faults {
     /// `TYPE@ZONE` patterns (`*` wildcards; a zone may be its letter) that are out of stock.
@@ -67,6 +75,37 @@ pub struct Faults {
     pub never_boot: Vec<String>,
     /// Seed of the fault dice (error rate).
     pub seed: u64,
+    /// The metadata token request (`PUT /latest/api/token`, hardened mode) answers 404, so
+    /// clients must fall back to plain requests.
+    pub metadata_token_error: bool,
+    /// The account's currency (`Currency` of `DescribeSpotPriceHistory`): `CNY` (the China
+    /// site, the default) or `USD` (the international site).
+    pub currency: Option<String>,
+    /// `TYPE@ZONE=CODE` (`*` wildcards): RunInstances of TYPE in ZONE answers CODE with the
+    /// HTTP status and message of Aliyun's published error table.
+    pub run_error: Vec<String>,
+    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this
+    /// long ([`DEFAULT_INITIALIZING`] unless set; 0 turns it off).
+    #[serde(with = "secs")]
+    pub initializing: Duration,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            no_stock: Vec::new(),
+            throttle_every: None,
+            error_rate: 0.0,
+            latency_ms: 0,
+            reclaim_after: None,
+            never_boot: Vec::new(),
+            seed: 0,
+            metadata_token_error: false,
+            currency: None,
+            run_error: Vec::new(),
+            initializing: DEFAULT_INITIALIZING,
+        }
+    }
 }
 
 impl Faults {
@@ -79,6 +118,16 @@ impl Faults {
 
     pub(crate) fn no_stock(&self, instance_type: &str, zone: &str) -> bool {
         self.no_stock.iter().any(|p| Self::pattern_matches(p, instance_type, zone))
+    }
+
+    /// The currency prices are answered in.
+    pub(crate) fn currency(&self) -> &str {
+        self.currency.as_deref().unwrap_or(crate::pricing::DEFAULT_CURRENCY)
+    }
+
+    /// Checks the entries that must name something real (`run-error` codes).
+    pub fn validate(&self) -> Result<(), String> {
+        faults::validate(self)
     }
 
     pub(crate) fn never_boots(&self, instance_type: &str, zone: &str) -> bool {
@@ -96,6 +145,20 @@ fn glob(pattern: &str, s: &str) -> bool {
         }
     }
     rec(pattern.as_bytes(), s.as_bytes())
+}
+
+mod secs {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Duration::try_from_secs_f64(f64::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
 }
 
 mod opt_secs {
@@ -187,6 +250,15 @@ impl Emulator {
     pub fn start(opts: EmulatorOptions) -> anyhow::Result<Emulator> {
         if opts.access_keys.is_empty() {
             anyhow::bail!("the emulator needs at least one AccessKey");
+        }
+        if !opts.listen.ip().is_loopback() {
+            // Anyone who reaches it can read every instance's RAM role credentials and user
+            // data (the per-job host key) from its metadata service: loopback only.
+            anyhow::bail!(
+                "refusing to listen on `{}`: the emulator serves every instance's credentials and user data to \
+                 whoever can connect; use a loopback address such as `{DEFAULT_LISTEN}`",
+                opts.listen
+            );
         }
         let catalogue = catalogue::Catalogue::builtin()?;
         let (tmp, work_dir) = match &opts.work_dir {
@@ -389,6 +461,10 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(x).map_err(|_| format!("`{s}` is not a valid number of seconds"))
 }
 
+fn check_run_error(s: &str) -> Result<String, String> {
+    faults::parse_run_error(s).map(|_| s.to_string())
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
@@ -435,9 +511,23 @@ pub struct EmulatorArgs {
     /// Instances of TYPE in ZONE never reach Running (`*` wildcards; repeatable).
     #[arg(long = "never-boot", value_name = "TYPE@ZONE")]
     pub never_boot: Vec<String>,
+    /// The metadata service gives no hardened-mode token (`PUT /latest/api/token` answers 404).
+    #[arg(long)]
+    pub metadata_token_error: bool,
+    /// RunInstances of TYPE in ZONE answers CODE with the HTTP status and message of Aliyun's
+    /// published error table (`*` wildcards; repeatable).
+    #[arg(long = "run-error", value_name = "TYPE@ZONE=CODE", value_parser = check_run_error)]
+    pub run_error: Vec<String>,
+    /// New instances refuse DeleteInstance with `IncorrectInstanceStatus.Initializing` this long
+    /// (default 2; 0 turns it off).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub initializing: Option<Duration>,
     /// Directory for instance files (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// The account's currency: CNY (China site, the default) or USD (international site).
+    #[arg(long, value_name = "CODE", value_parser = ["CNY", "USD"])]
+    pub currency: Option<String>,
 }
 
 impl EmulatorArgs {
@@ -453,6 +543,10 @@ impl EmulatorArgs {
                 reclaim_after: self.reclaim_after,
                 never_boot: self.never_boot.clone(),
                 seed: self.seed,
+                metadata_token_error: self.metadata_token_error,
+                currency: self.currency.clone(),
+                run_error: self.run_error.clone(),
+                initializing: self.initializing.unwrap_or(DEFAULT_INITIALIZING),
             },
             boot_delay: self.boot_delay,
             ssh_delay: self.ssh_delay,
@@ -519,5 +613,14 @@ mod tests {
         assert_eq!(f.throttle_every, Some(3));
         assert_eq!(f.reclaim_after, Some(Duration::from_millis(1500)));
         assert!(serde_json::from_str::<Faults>(r#"{"no_stock":[]}"#).is_err());
+        let f: Faults = serde_json::from_str(r#"{"currency":"USD"}"#).unwrap();
+        assert_eq!(f.currency(), "USD");
+        assert_eq!(Faults::default().currency(), "CNY");
+        let f: Faults =
+            serde_json::from_str(r#"{"run-error":["*@b=Zone.NotOnSale"],"initializing":0}"#).unwrap();
+        assert_eq!(f.run_error, ["*@b=Zone.NotOnSale"]);
+        assert_eq!(f.initializing, Duration::ZERO);
+        let f: Faults = serde_json::from_str("{}").unwrap();
+        assert_eq!(f.initializing, DEFAULT_INITIALIZING);
     }
 }

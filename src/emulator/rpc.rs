@@ -1,5 +1,5 @@
 //! The ECS actions: parameter validation as Aliyun does it, the answers in Aliyun's exact JSON
-//! shapes (ALIYUN_ECS.md §3), DryRun, ClientToken idempotency and the stock-out faults.
+//! shapes (docs/aliyun.md), DryRun, ClientToken idempotency and the stock-out faults.
 //!
 //! Why so strict: the executor's fallbacks (next offer on stock-out, retry on throttling, stop
 //! on parameter errors) are only tested if the emulator answers each case with the code and
@@ -206,7 +206,10 @@ fn round4(x: f64) -> f64 {
 
 /// Dispatches an authenticated request.
 pub(crate) fn dispatch(core: &Core, action: &str, p: &Params, who: &Principal) -> ApiResult {
-    let _ = who;
+    if p.get("Version").map(String::as_str) == Some(super::sts::VERSION) {
+        return super::sts::dispatch(core, action, p, who);
+    }
+    super::ram::authorize(&core.catalogue.region, action, p, who)?;
     match action {
         "DescribeRegions" => describe_regions(core, p),
         "DescribeZones" => describe_zones(core, p),
@@ -278,7 +281,15 @@ fn describe_zones(core: &Core, p: &Params) -> ApiResult {
 }
 
 fn type_json(t: &InstanceType) -> Value {
-    let category = if t.family.starts_with("ecs.g") { "General-purpose" } else { "Compute-optimized" };
+    let category = if t.gpu_amount > 0 {
+        "GPU-accelerated"
+    } else if t.family_level != "EnterpriseLevel" {
+        "Shared"
+    } else if t.family.starts_with("ecs.g") {
+        "General-purpose"
+    } else {
+        "Compute-optimized"
+    };
     json!({
         "InstanceTypeId": t.id,
         "InstanceTypeFamily": t.family,
@@ -286,10 +297,10 @@ fn type_json(t: &InstanceType) -> Value {
         "CpuCoreCount": t.cores,
         "MemorySize": t.memory_gib,
         "CpuArchitecture": t.arch,
-        "GPUAmount": 0,
-        "GPUSpec": "",
-        "GPUMemorySize": 0.0,
-        "InstanceFamilyLevel": "EnterpriseLevel",
+        "GPUAmount": t.gpu_amount,
+        "GPUSpec": t.gpu_spec,
+        "GPUMemorySize": if t.gpu_amount > 0 { 16.0 * f64::from(t.gpu_amount) } else { 0.0 },
+        "InstanceFamilyLevel": t.family_level,
         "LocalStorageCategory": "",
         "EniQuantity": (t.cores / 2).clamp(2, 8),
         "EniPrivateIpAddressQuantity": 10,
@@ -349,6 +360,8 @@ fn describe_available_resource(core: &Core, p: &Params) -> ApiResult {
     if let Some(s) = get(p, "SpotStrategy") {
         validate_spot_strategy(s)?;
     }
+    // Validated like the other two actions; stock does not depend on it here.
+    spot_duration(p)?;
     let zone_filter = get(p, "ZoneId");
     let type_filter = get(p, "InstanceType");
     let cores = num_param::<u32>(p, "Cores")?;
@@ -463,6 +476,7 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
         ));
     }
     let offset = num_param::<usize>(p, "Offset")?.unwrap_or(0);
+    let protection = spot_duration(p)?;
     let zone_filter = get(p, "ZoneId");
     let latest_hour = t_now.unix_timestamp() / 3600 * 3600;
     let mut points = Vec::new();
@@ -487,11 +501,12 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
             }
             hours.reverse();
             for h in hours {
+                let current = offer.spot_for(protection);
                 let price = if h == latest_hour {
-                    offer.spot
+                    current
                 } else {
                     let wiggle = (fnv(&[itype, &z.id, &h.to_string()]) % 17) as f64 - 8.0;
-                    round4(offer.spot * (1.0 + wiggle / 100.0))
+                    round4(current * (1.0 + wiggle / 100.0))
                 };
                 let ts = OffsetDateTime::from_unix_timestamp(h).unwrap_or(t_now);
                 points.push(json!({
@@ -509,7 +524,21 @@ fn describe_spot_price_history(core: &Core, p: &Params) -> ApiResult {
     let total = points.len();
     let page: Vec<Value> = points.into_iter().skip(offset).take(SPOT_PAGE).collect();
     let next = if offset + SPOT_PAGE < total { offset + SPOT_PAGE } else { 0 };
-    Ok(json!({ "Currency": "CNY", "NextOffset": next, "SpotPrices": { "SpotPriceType": page } }))
+    Ok(
+        json!({ "Currency": core.faults().currency(), "NextOffset": next, "SpotPrices": { "SpotPriceType": page } }),
+    )
+}
+
+/// `SpotDuration`, the protection period in hours, of `RunInstances`,
+/// `DescribeSpotPriceHistory` and `DescribeAvailableResource`: "Default value: 1", and
+/// `RunInstances` "can only be set to 0 or 1" (the current SDK's request models; see
+/// `crate::pricing`).
+fn spot_duration(p: &Params) -> Result<u32, ApiError> {
+    let hours = num_param::<u32>(p, "SpotDuration")?.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS);
+    if !crate::pricing::PROTECTION_HOURS.contains(&hours) {
+        return Err(ApiError::invalid("InvalidSpotDuration", "The specified SpotDuration is not valid."));
+    }
+    Ok(hours)
 }
 
 fn validate_spot_strategy(s: &str) -> Result<(), ApiError> {
@@ -648,6 +677,16 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| {
         ApiError::invalid("InvalidSpotPriceLimit.Malformed", "The specified SpotPriceLimit is not valid.")
     })?;
+    // At most three decimals (`RunInstances` request model, see `crate::pricing`). Aliyun's
+    // RunInstances error table names no code of its own for this, so the emulator answers the
+    // common `InvalidParameter` (HTTP 400) naming the parameter.
+    if get(p, "SpotPriceLimit").is_some_and(|v| !crate::pricing::has_at_most_limit_decimals(v)) {
+        return Err(ApiError::invalid(
+            "InvalidParameter",
+            "The specified parameter SpotPriceLimit is not valid: it can have up to three decimal places.",
+        ));
+    }
+    let spot_duration = if spot_strategy == "NoSpot" { None } else { Some(spot_duration(p)?) };
     if spot_strategy == "SpotWithPriceLimit" {
         let Some(limit) = spot_limit else {
             return Err(ApiError::invalid(
@@ -655,16 +694,13 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
                 "SpotPriceLimit is mandatory when SpotStrategy is SpotWithPriceLimit.",
             ));
         };
-        if limit < offer.spot {
+        let price = offer.spot_for(spot_duration.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS));
+        if limit < price {
             return Err(ApiError::invalid(
                 "InvalidSpotPriceLimit.LowerThanPublicPrice",
-                &format!("The specified SpotPriceLimit {limit} is lower than the current spot price {} of \"{itype_id}\" in \"{zone}\".", offer.spot),
+                &format!("The specified SpotPriceLimit {limit} is lower than the current spot price {price} of \"{itype_id}\" in \"{zone}\"."),
             ));
         }
-    }
-    let spot_duration = num_param::<u32>(p, "SpotDuration")?;
-    if spot_duration.is_some_and(|d| d > 6) {
-        return Err(ApiError::invalid("InvalidSpotDuration", "The specified SpotDuration is not valid."));
     }
     let amount = num_param::<i64>(p, "Amount")?.unwrap_or(1);
     if !(1..=100).contains(&amount) {
@@ -728,7 +764,12 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
     let auto_release = match get(p, "AutoReleaseTime") {
         None => None,
         Some(v) => {
+            // RunInstances documents `AutoReleaseTime` as UTC `yyyy-MM-ddTHH:mm:ssZ` (or without
+            // seconds), at least 30 minutes and at most 3 years ahead, and rounds a time with
+            // seconds down to the minute (API reference, RunInstances, `AutoReleaseTime`): the
+            // rounded time is the one checked and kept.
             let t = parse_auto_release(v)?;
+            let t = t.replace_second(0).and_then(|x| x.replace_nanosecond(0)).unwrap_or(t);
             let ahead = t - now();
             if ahead < time::Duration::minutes(30) || ahead > time::Duration::days(3 * 365) {
                 return Err(ApiError::invalid(
@@ -762,6 +803,9 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
         }
     }
     let faults = core.faults();
+    if let Some(e) = super::faults::run_error(&faults, itype_id, &zone) {
+        return Err(e);
+    }
     if faults.no_stock(itype_id, &zone) {
         return Err(ApiError::new(
             403,
@@ -828,6 +872,7 @@ fn run_instances(core: &Core, p: &Params) -> ApiResult {
             boot_delay,
             ssh_delay,
             never_boot: faults.never_boots(itype_id, &zone),
+            initializing: faults.initializing,
             termination_time: None,
             authorized_keys: authorized.clone(),
             host_key: host_key.clone(),
@@ -868,7 +913,11 @@ fn run_answer(core: &Core, st: &State, ids: &[String]) -> Value {
         .filter_map(|id| st.instances.get(id))
         .filter_map(|i| {
             let o = core.catalogue.offer(&i.instance_type, &i.zone)?;
-            Some(if i.spot_strategy == "NoSpot" { o.on_demand } else { o.spot })
+            Some(if i.spot_strategy == "NoSpot" {
+                o.on_demand
+            } else {
+                o.spot_for(i.spot_duration.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS))
+            })
         })
         .sum();
     json!({
@@ -987,13 +1036,10 @@ fn describe_instances(core: &Core, p: &Params) -> ApiResult {
     };
     let total = matching.len();
     if get(p, "NextToken").is_some() || get(p, "MaxResults").is_some() {
-        let max = num_param::<usize>(p, "MaxResults")?.unwrap_or(10);
-        if max == 0 || max > 100 {
-            return Err(ApiError::invalid(
-                "InvalidMaxResults.Malformed",
-                "The specified parameter MaxResults is not valid.",
-            ));
-        }
+        // "If you do not set this parameter or set it to a value less than 10, the default value
+        // is 10. If you set this parameter to a value greater than 100, the default value is 100."
+        // (`MaxResults`, `_describe_instances_request.py` of the current SDK.)
+        let max = num_param::<usize>(p, "MaxResults")?.unwrap_or(10).clamp(10, 100);
         let offset = parse_next_token(p)?;
         let page: Vec<Value> =
             matching.iter().skip(offset).take(max).map(|i| instance_json(core, i)).collect();
@@ -1046,6 +1092,7 @@ fn check_deletable(st: &State, id: &str, force: bool) -> Result<(), ApiError> {
             &format!("The specified InstanceId \"{id}\" does not exist."),
         ));
     };
+    super::faults::check_initialized(i)?;
     if !force && i.status != Status::Stopped {
         return Err(ApiError::new(
             403,

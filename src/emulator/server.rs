@@ -2,7 +2,7 @@
 //! metadata service (`/latest/...`, `/instances/<id>/latest/...`), the GitHub fake under
 //! `/github/` ([`super::github`]), and the inspection and control endpoints under `/_emulator/`.
 //!
-//! Why one listener: clients need a single endpoint to point at (CONTRACTS.md), and tests read
+//! Why one listener: clients need a single endpoint to point at (docs/emulator.md), and tests read
 //! what happened (request log, instance lifecycles) from the same place the driver talks to.
 
 use std::collections::BTreeMap;
@@ -91,18 +91,20 @@ fn handle(core: &Core, github: &GithubFake, mut req: tiny_http::Request) {
     let url = req.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
     let source = req.remote_addr().copied();
-    let headers: BTreeMap<String, String> = req
+    // In arrival order, names in lower case: V3 signatures cover repeated headers too.
+    let header_list: Vec<(String, String)> = req
         .headers()
         .iter()
         .map(|h| (h.field.as_str().as_str().to_ascii_lowercase(), h.value.as_str().to_string()))
         .collect();
+    let headers: BTreeMap<String, String> = header_list.iter().cloned().collect();
     let mut body = Vec::new();
     let too_big =
         req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body).is_ok() && body.len() as u64 > MAX_BODY;
     let reply = if too_big {
         Reply::text(413, "request body too large")
     } else if path == "/" {
-        rpc_request(core, &method, query, &body, &headers, source)
+        rpc_request(core, &method, path, query, &body, &header_list, source)
     } else if let Some(rest) = path.strip_prefix("/github/") {
         let (status, v) =
             github.api(&method, rest, query, headers.get("authorization").map(String::as_str), &body);
@@ -145,35 +147,9 @@ fn handle(core: &Core, github: &GithubFake, mut req: tiny_http::Request) {
     let _ = req.respond(resp);
 }
 
-/// `application/x-www-form-urlencoded` decoding (`+` is a space).
-fn form_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
+/// Adds the pairs of an `application/x-www-form-urlencoded` string (`+` is a space) to `into`.
 fn parse_form(s: &str, into: &mut Params) {
-    for pair in s.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        into.insert(form_decode(k), form_decode(v));
-    }
+    into.extend(form_urlencoded::parse(s.as_bytes()).into_owned());
 }
 
 fn redact(params: &Params) -> BTreeMap<String, String> {
@@ -195,23 +171,28 @@ fn request_id() -> String {
 fn rpc_request(
     core: &Core,
     method: &str,
-    query: &str,
+    path: &str,
+    query_string: &str,
     body: &[u8],
-    headers: &BTreeMap<String, String>,
+    headers: &[(String, String)],
     source: Option<SocketAddr>,
 ) -> Reply {
     let latency = core.faults().latency_ms;
     if latency > 0 {
         std::thread::sleep(Duration::from_millis(latency));
     }
-    let mut params = Params::new();
-    parse_form(query, &mut params);
+    let mut query = Params::new();
+    parse_form(query_string, &mut query);
+    let mut params = query.clone();
     let is_form = headers
-        .get("content-type")
-        .is_none_or(|c| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .is_none_or(|(_, c)| c.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded"));
     if method == "POST" && is_form {
+        // Form fields over query fields, as the legacy SDK's signer merges them.
         parse_form(&String::from_utf8_lossy(body), &mut params);
     }
+    let incoming = auth::Incoming { method, path, query: &query, params: &params, headers, body };
     let rid = request_id();
     let mut principal = None;
     let outcome: Result<Value, ApiError> = (|| {
@@ -222,14 +203,14 @@ fn rpc_request(
                 &format!("Specified HTTP method \"{method}\" is not supported."),
             ));
         }
-        let action = params.get("Action").filter(|a| !a.is_empty()).ok_or_else(|| {
+        let action = incoming.action().ok_or_else(|| {
             ApiError::new(400, "MissingParameter", "The input parameter \"Action\" that is mandatory for processing this request is not supplied.")
         })?;
-        let who = auth::authenticate(core, method, &params)?;
+        let who = auth::authenticate(core, &incoming)?;
         principal = Some(who.clone());
         {
             let mut st = lock(&core.state);
-            *st.action_counts.entry(action.clone()).or_default() += 1;
+            *st.action_counts.entry(action.to_string()).or_default() += 1;
         }
         {
             let mut fs = lock(&core.fault_state);
@@ -279,8 +260,8 @@ fn rpc_request(
     let record = RequestRecord {
         time: rfc3339(now()),
         method: method.to_string(),
-        action: params.get("Action").cloned(),
-        access_key_id: params.get("AccessKeyId").cloned(),
+        action: incoming.action().map(str::to_string),
+        access_key_id: incoming.access_key_id(),
         role: principal.and_then(|p| p.role),
         params: redact(&params),
         status,
@@ -327,6 +308,9 @@ fn metadata(
     if sub == "api/token" {
         if method != "PUT" {
             return Reply::text(405, "method not allowed");
+        }
+        if core.faults().metadata_token_error {
+            return Reply::text(404, "Not Found");
         }
         let ttl = headers.get(TTL_HEADER).and_then(|v| v.trim().parse::<i64>().ok());
         let Some(ttl) = ttl.filter(|t| (1..=21600).contains(t)) else {
@@ -500,6 +484,7 @@ fn apply_faults(core: &Core, body: &[u8]) -> Result<(), String> {
     if !(0.0..=1.0).contains(&faults.error_rate) {
         return Err("`error-rate` must be between 0 and 1".into());
     }
+    faults.validate()?;
     core.set_faults(faults);
     core.set_delays(boot, ssh);
     Ok(())
@@ -511,11 +496,12 @@ mod tests {
 
     #[test]
     fn form_decoding() {
-        assert_eq!(form_decode("a+b%20c%2B%3D"), "a b c+=");
-        assert_eq!(form_decode("%"), "%");
-        assert_eq!(form_decode("%4"), "%4");
-        assert_eq!(form_decode("%zz"), "%zz");
-        assert_eq!(form_decode("%E6%9E%84"), "构");
+        let mut p = Params::new();
+        parse_form("a=a+b%20c%2B%3D&b=%&c=%E6%9E%84&d", &mut p);
+        assert_eq!(p["a"], "a b c+=");
+        assert_eq!(p["b"], "%");
+        assert_eq!(p["c"], "构");
+        assert_eq!(p["d"], "");
     }
 
     #[test]

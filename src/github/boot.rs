@@ -262,7 +262,9 @@ mod tests {
                 region_id: "cn-hangzhou".into(),
                 endpoint: "https://ecs-vpc.cn-hangzhou.aliyuncs.com".into(),
                 metadata: "http://100.100.100.200".into(),
-                ram_role: "ci-spot-self-destruct".into(),
+                credentials: crate::watchdog::WatchdogCredentials::InstanceRole(
+                    "ci-spot-self-destruct".into(),
+                ),
                 idle_timeout: Duration::from_secs(300),
                 created_at: time::OffsetDateTime::UNIX_EPOCH,
                 max_lifetime: Duration::from_secs(3 * 3600),

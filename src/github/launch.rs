@@ -62,6 +62,12 @@ pub fn create(l: &Launch) -> Result<(Offer, String)> {
     let (offers, _cold) = crate::cooldown::demote(offers, &cooldown.active(&region));
     let auto_release = OffsetDateTime::now_utc() + config.safety.max_lifetime;
     let strategy: SpotStrategy = config.spot.strategy.into();
+    let token_key = crate::state::JobKey {
+        runner_id: "github".into(),
+        project_id: l.token_seed.clone(),
+        job_id: "start".into(),
+        binding: String::new(),
+    };
     let walk = selection::walk_offers(
         &offers,
         |offer: &Offer| -> Attempt<String, anyhow::Error> {
@@ -79,6 +85,7 @@ pub fn create(l: &Launch) -> Result<(Offer, String)> {
                     None => {
                         return Attempt::NextOffer(selection::above_cap_reason(
                             config.spot.max_price_per_hour.unwrap_or_default(),
+                            &offer.currency,
                         ))
                     }
                 },
@@ -102,7 +109,7 @@ pub fn create(l: &Launch) -> Result<(Offer, String)> {
                 user_data: Some(l.user_data.clone()),
                 tags: l.tags.clone(),
                 auto_release_time: Some(auto_release),
-                client_token: client_token("github", &l.token_seed, "start", offer),
+                client_token: client_token(&token_key, "start", offer),
                 dry_run: false,
             };
             p.line(format!(

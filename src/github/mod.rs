@@ -272,9 +272,12 @@ pub fn start(
     };
     let watchdog = ram_role.clone().map(|role| crate::watchdog::WatchdogSpec {
         region_id: region.clone(),
-        endpoint: client.endpoint().to_string(),
+        endpoint: config
+            .self_destruct
+            .watchdog_endpoint(config)
+            .unwrap_or_else(|_| client.endpoint().to_string()),
         metadata: config.credentials.metadata_endpoint.clone(),
-        ram_role: role,
+        credentials: crate::watchdog::WatchdogCredentials::InstanceRole(role),
         idle_timeout: config.safety.idle_timeout,
         created_at,
         max_lifetime: config.safety.max_lifetime,
@@ -338,7 +341,7 @@ pub fn start(
     };
     if let Err(e) = finish() {
         p.line(format!("Releasing instance {id} because start failed"));
-        if let Err(del) = crate::stages::release_instance(client, &id) {
+        if let Err(del) = crate::stages::release_instance(client, &id, Some(created_at)) {
             p.line(format!("WARNING: could not release {id}: {del}; `aliyun-spot github sweep` will"));
         }
         undo_runner("start failed");
@@ -387,7 +390,7 @@ fn release_by_runner_name(config: &Config, client: &EcsClient, name: &str) {
     match managed_with(config, client, vec![tag]) {
         Ok(found) => {
             for i in found {
-                if let Err(e) = crate::stages::release_instance(client, &i.id) {
+                if let Err(e) = crate::stages::release_instance(client, &i.id, None) {
                     Progress.line(format!("WARNING: could not release {}: {e}", i.id));
                 }
             }
@@ -452,7 +455,7 @@ pub fn stop(config: &Config, client: &EcsClient, gh: &GithubClient, args: &StopA
     }
     let mut failed = Vec::new();
     for i in &instances {
-        match crate::stages::release_instance(client, &i.id) {
+        match crate::stages::release_instance(client, &i.id, None) {
             Ok(()) => p.line(format!("Deleted instance {}", i.id)),
             Err(e) => failed.push(format!("{}: {e}", i.id)),
         }
@@ -532,7 +535,7 @@ pub fn sweep(config: &Config, client: &EcsClient, gh: &GithubClient, args: &Swee
             println!("would delete {} (runner {name}): {reason}", i.id);
             continue;
         }
-        match crate::stages::release_instance(client, &i.id) {
+        match crate::stages::release_instance(client, &i.id, None) {
             Ok(()) => {
                 deleted += 1;
                 println!("deleted {} (runner {name}): {reason}", i.id);

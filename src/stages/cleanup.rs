@@ -1,11 +1,13 @@
 //! `cleanup_exec`: release the job's instance, whatever happened before.
 //!
 //! gitlab-runner calls cleanup after every failed preparation attempt, after the job, possibly
-//! while a `run` is still dying, and never if the runner itself dies (CUSTOM_EXECUTOR.md §2.5,
-//! §9 P6/P7). So cleanup trusts nothing it does not check: it deletes the instance named in the
-//! job state *and* every instance tagged with this runner and job (the state may be missing or
-//! written before the id was known), treats "already gone" as success, records the cost once,
-//! and removes the job's state and keys last.
+//! while a `run` is still dying, and never if the runner itself dies (docs/gitlab-runner.md,
+//! "Lifecycle" and "Timeouts and signals"). So cleanup trusts nothing it does not check: it deletes the instance named in the
+//! job state *and* every instance tagged with this runner, project, job and preparation
+//! attempt's binding (the state may be missing or written before the id was known), treats
+//! "already gone" as success, records the cost once, and removes the job's state and keys last.
+//! It acts only with the attempt's secret ([`crate::identity`]), so it can reach no instance
+//! of another job or attempt, whatever the job's variables say.
 
 use std::time::Duration;
 
@@ -51,7 +53,11 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     let mut failures = Vec::new();
     for id in &ids {
-        match delete_instance(ctx, id) {
+        let created = state
+            .as_ref()
+            .filter(|s| s.instance_id.as_deref() == Some(id.as_str()))
+            .and_then(|s| s.instance_created_at);
+        match delete_instance(ctx, id, created) {
             Ok(()) => p.line(format!("Released instance {id}")),
             Err(e) => failures.push(e),
         }

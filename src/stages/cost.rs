@@ -33,12 +33,20 @@ pub struct LedgerEntry {
     pub instance_type: String,
     /// Zone.
     pub zone: String,
-    /// Spot price in CNY per hour at creation.
+    /// Spot price per hour at creation, in `currency`.
     pub price_per_hour: f64,
+    /// The currency of `price_per_hour` and `cost` (`CNY` on Aliyun's China site, `USD` on the
+    /// international one); older lines without it are CNY.
+    #[serde(default = "default_currency")]
+    pub currency: String,
     /// Seconds from creation to release.
     pub seconds: u64,
-    /// price × hours, CNY.
+    /// price × hours, in `currency`.
     pub cost: f64,
+}
+
+fn default_currency() -> String {
+    crate::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 /// The ledger entry for a state whose instance was created.
@@ -56,6 +64,7 @@ pub fn ledger_entry(s: &JobState, job: &JobInfo, now: OffsetDateTime) -> Option<
         instance_type: s.instance_type.clone(),
         zone: s.zone.clone(),
         price_per_hour: price,
+        currency: s.currency.clone(),
         seconds,
         cost: price * seconds as f64 / 3600.0,
     })
@@ -67,37 +76,46 @@ pub fn job_cost_line(s: &JobState, now: OffsetDateTime) -> Option<String> {
     let price = s.spot_price?;
     let seconds = (now - created).whole_seconds().max(0) as u64;
     Some(format!(
-        "Spot instance {} ({} in {}) at {:.4} CNY/hour for {}: about {:.4} CNY so far",
+        "Spot instance {} ({} in {}) at {} for {}: about {:.4} {} so far",
         s.instance_id.as_deref().unwrap_or("?"),
         s.instance_type,
         s.zone,
-        price,
+        crate::pricing::PerHour(price, &s.currency),
         format_duration(seconds),
-        price * seconds as f64 / 3600.0
+        price * seconds as f64 / 3600.0,
+        s.currency
     ))
 }
 
 /// The line cleanup prints (to the runner log).
 pub fn summary(e: &LedgerEntry) -> String {
     format!(
-        "Job {} used {} ({} in {}) for {} at {:.4} CNY/hour: {:.4} CNY",
+        "Job {} used {} ({} in {}) for {} at {}: {:.4} {}",
         e.job,
         e.instance_id,
         e.instance_type,
         e.zone,
         format_duration(e.seconds),
-        e.price_per_hour,
-        e.cost
+        crate::pricing::PerHour(e.price_per_hour, &e.currency),
+        e.cost,
+        e.currency
     )
 }
 
-/// Appends one JSON line; the file is created 0600.
+/// Appends one JSON line; the file is created 0600, missing directories 0700. A symbolic link in
+/// place of the ledger is refused, never followed (`O_NOFOLLOW`): root must not append to a
+/// file another user chose.
 pub fn append_ledger(path: &Path, e: &LedgerEntry) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("failed to create `{}`", dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Missing directories are created 0700; an existing one (maybe `/var/log`) keeps its mode.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("failed to create `{}`", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    let mut f = crate::fsutil::open_append_nofollow(path, 0o600)?;
     // One write of one line: concurrent cleanups on O_APPEND never interleave within a line.
     let mut line = serde_json::to_vec(e)?;
     line.push(b'\n');

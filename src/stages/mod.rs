@@ -24,6 +24,7 @@ use crate::ecs::{DeleteOutcome, DescribeInstancesFilter, EcsClient, ErrorKind, I
 use crate::env::{Env, JobInfo};
 use crate::exit::StageError;
 use crate::fsutil::FileLock;
+use crate::identity::{JobIdentity, JobSecret};
 use crate::secret::Secret;
 use crate::selection::{Offer, Shape};
 use crate::state::{JobKey, StateStore};
@@ -32,12 +33,15 @@ use crate::{keys, offers, userdata, watchdog};
 /// Names of the tags every managed instance carries, besides the managed-by marker; the key
 /// is `{safety.tag_prefix}:{name}` ([`crate::config::Safety::tag_key`]).
 pub mod tags {
-    /// The runner id (`CI_RUNNER_ID`).
+    /// The runner id (`runner.id`, else the runner host's name).
     pub const RUNNER: &str = "runner";
-    /// The project id.
+    /// The project id (from the job payload).
     pub const PROJECT: &str = "project";
-    /// The job id.
+    /// The job id (from the job payload).
     pub const JOB: &str = "job";
+    /// The hash of the preparation attempt's secret ([`crate::identity::JobSecret::binding`]):
+    /// only stages holding the secret act on an instance with this tag.
+    pub const BINDING: &str = "binding";
     /// The pipeline id.
     pub const PIPELINE: &str = "pipeline";
     /// The runner host's name.
@@ -49,9 +53,9 @@ pub mod tags {
 pub struct Progress;
 
 impl Progress {
-    /// Prints one line.
+    /// Prints one line; a closed stderr is ignored ([`crate::logging::stderr_line`]).
     pub fn line(&self, s: impl AsRef<str>) {
-        eprintln!("{}", s.as_ref());
+        crate::logging::stderr_line(s.as_ref());
     }
 }
 
@@ -63,9 +67,14 @@ pub struct Context {
     pub config: Config,
     /// What this job asked for (shape within the administrator's bounds).
     pub spec: JobSpec,
-    /// The job's identity from `CUSTOM_ENV_CI_*`.
+    /// What the job's variables say (checked; never identity). Its project path is the
+    /// payload's when gitlab-runner sends one.
     pub job: JobInfo,
-    /// The job-state key.
+    /// The job's trusted identity (payload and administrator).
+    pub identity: JobIdentity,
+    /// The preparation attempt's secret, from `config`'s `job_env`.
+    pub secret: JobSecret,
+    /// The job-state key: trusted ids and the attempt's binding.
     pub key: JobKey,
     /// Where job states live.
     pub store: StateStore,
@@ -110,13 +119,53 @@ impl Context {
             }
             Err(e) => return Err(e.into()),
         };
-        let job = env.job();
-        let ids = job.ids()?;
-        let key = JobKey { runner_id: ids.runner_id, project_id: ids.project_id, job_id: ids.job_id };
+        // Identity before anything else: without the attempt's secret and the job payload a
+        // stage touches nothing.
+        let secret = JobSecret::from_env(&env)?;
+        let payload = crate::identity::read_payload(&env)?;
+        let runner_id = crate::identity::runner_id(config.runner.id.as_deref(), &env);
+        let identity = JobIdentity::new(payload, runner_id, &env);
+        Context::assemble(env, config, spec, identity, secret, terminated)
+    }
+
+    /// A context from parts, for a caller that is not a gitlab-runner stage (`aliyun-spot
+    /// doctor --live`): the job's identity and secret are the caller's, the rest as in
+    /// [`Context::load`].
+    pub fn from_parts(
+        env: Env,
+        config: Config,
+        spec: JobSpec,
+        identity: JobIdentity,
+        secret: JobSecret,
+    ) -> Result<Context, StageError> {
+        let terminated = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, terminated.clone())
+                .context("failed to install signal handlers")?;
+        }
+        Context::assemble(env, config, spec, identity, secret, terminated)
+    }
+
+    /// The state key, store and client of a job with this identity and secret.
+    fn assemble(
+        env: Env,
+        config: Config,
+        spec: JobSpec,
+        identity: JobIdentity,
+        secret: JobSecret,
+        terminated: Arc<AtomicBool>,
+    ) -> Result<Context, StageError> {
+        let job = JobInfo { project_path: identity.project_path.clone(), ..env.job() };
+        let key = JobKey {
+            runner_id: identity.runner_id.clone(),
+            project_id: identity.project_id.clone(),
+            job_id: identity.job_id.clone(),
+            binding: secret.binding(),
+        };
         let region = config.region()?.to_string();
         let store = StateStore::new(config.paths.state_dir.clone());
         let client = offers::client(&config)?;
-        Ok(Context { env, config, spec, job, key, store, client, region, terminated })
+        Ok(Context { env, config, spec, job, identity, secret, key, store, client, region, terminated })
     }
 
     /// The tag key for one of the [`tags`] names.
@@ -207,21 +256,39 @@ impl Context {
         cc
     }
 
-    /// What the in-instance watchdog needs; `None` when it is off (no instance RAM role).
+    /// What the in-instance watchdog needs; `None` when it is off or could never get
+    /// credentials (see [`crate::sts`]).
     pub fn watchdog_spec(&self, created_at: OffsetDateTime) -> Option<watchdog::WatchdogSpec> {
         if !self.config.safety.watchdog {
             return None;
         }
-        let role = self.config.instance.ram_role_name.clone()?;
+        let sd = &self.config.self_destruct;
+        let credentials = match sd.credentials {
+            crate::sts::CredentialMode::Sts if sd.hands_over() => {
+                watchdog::WatchdogCredentials::HandedOver(watchdog::CREDENTIALS_DIR.to_string())
+            }
+            crate::sts::CredentialMode::Sts => return None,
+            crate::sts::CredentialMode::InstanceRole => {
+                watchdog::WatchdogCredentials::InstanceRole(self.config.instance.ram_role_name.clone()?)
+            }
+        };
         Some(watchdog::WatchdogSpec {
             region_id: self.region.clone(),
-            endpoint: self.client.endpoint().to_string(),
+            endpoint: sd
+                .watchdog_endpoint(&self.config)
+                .unwrap_or_else(|_| self.client.endpoint().to_string()),
             metadata: self.config.credentials.metadata_endpoint.clone(),
-            ram_role: role,
+            credentials,
             idle_timeout: self.config.safety.idle_timeout,
             created_at,
             max_lifetime: self.config.safety.max_lifetime,
         })
+    }
+
+    /// The file in the job's private state directory that records when the instance's
+    /// handed-over credentials expire.
+    pub fn credentials_stamp(&self) -> std::path::PathBuf {
+        self.store.job_dir(&self.key).join("instance-credentials-expiry")
     }
 
     /// `ci-runner-{arch}-spot-{timestamp}` (prefix configurable).
@@ -232,16 +299,11 @@ impl Context {
         format!("{}-{}-spot-{}", self.config.instance.name_prefix, self.spec.shape.arch, ts)
     }
 
-    /// Tags for a new instance: the managed marker, runner, project, job, pipeline, host, and
-    /// the administrator's extra tags.
+    /// Tags for a new instance: the managed marker, runner, project, job, attempt binding,
+    /// pipeline, host, and the administrator's extra tags.
     pub fn tags(&self) -> Vec<(String, String)> {
-        let mut t = vec![
-            (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
-            (self.tag_key(tags::RUNNER), self.key.runner_id.clone()),
-            (self.tag_key(tags::PROJECT), self.key.project_id.clone()),
-            (self.tag_key(tags::JOB), self.key.job_id.clone()),
-        ];
-        if let Some(p) = self.job.pipeline_id.as_ref().filter(|p| !p.is_empty()) {
+        let mut t = self.job_tags(&self.key);
+        if let Some(p) = self.identity.pipeline_id.as_ref().filter(|p| !p.is_empty()) {
             t.push((self.tag_key(tags::PIPELINE), p.clone()));
         }
         t.push((self.tag_key(tags::HOST), self.env.hostname()));
@@ -260,22 +322,39 @@ impl Context {
         }
     }
 
-    /// Instances of this job found by tag (the truth when local state is missing). A busy API
-    /// (throttling, 5xx) gets [`PERSIST_ROUNDS`] rounds of the client's retries.
+    /// The tags naming one preparation attempt of a job: the managed marker, runner, project,
+    /// job and binding. Every instance is created with them and only searched for by all of
+    /// them, so no search finds an instance of another job or attempt.
+    fn job_tags(&self, key: &JobKey) -> Vec<(String, String)> {
+        vec![
+            (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
+            (self.tag_key(tags::RUNNER), key.runner_id.clone()),
+            (self.tag_key(tags::PROJECT), key.project_id.clone()),
+            (self.tag_key(tags::JOB), key.job_id.clone()),
+            (self.tag_key(tags::BINDING), key.binding.clone()),
+        ]
+    }
+
+    /// Instances of this attempt found by tag (the truth when local state is missing).
     pub fn find_job_instances(&self) -> Result<Vec<Instance>, StageError> {
-        let filter = DescribeInstancesFilter {
-            tags: vec![
-                (self.config.safety.managed_tag_key.clone(), self.config.safety.managed_tag_value.clone()),
-                (self.tag_key(tags::RUNNER), self.key.runner_id.clone()),
-                (self.tag_key(tags::JOB), self.key.job_id.clone()),
-            ],
-            ..Default::default()
-        };
+        self.find_instances_of(&self.key)
+    }
+
+    /// Instances of the attempt `key` found by its tags, their ids checked
+    /// ([`crate::identity::checked_instance_id`]). A busy API (throttling, 5xx) gets
+    /// [`PERSIST_ROUNDS`] rounds of the client's retries.
+    pub fn find_instances_of(&self, key: &JobKey) -> Result<Vec<Instance>, StageError> {
+        let filter = DescribeInstancesFilter { tags: self.job_tags(key), ..Default::default() };
         let mut rounds = 0;
         loop {
             rounds += 1;
             match self.client.describe_instances(&filter) {
-                Ok(found) => return Ok(found),
+                Ok(found) => {
+                    for i in &found {
+                        crate::identity::checked_instance_id(&i.id)?;
+                    }
+                    return Ok(found);
+                }
                 Err(e) if e.is_retriable() && rounds < PERSIST_ROUNDS => std::thread::sleep(PERSIST_PAUSE),
                 Err(e) => return Err(StageError::System(e.into())),
             }
@@ -290,33 +369,69 @@ pub const PERSIST_ROUNDS: u32 = 10;
 /// The pause between those rounds.
 pub const PERSIST_PAUSE: Duration = Duration::from_secs(2);
 
-/// Deletes an instance, treating "already gone" as success and retrying transient errors
-/// ([`PERSIST_ROUNDS`] rounds of the client's retry policy) plus `IncorrectInstanceStatus`
-/// (the instance is mid-transition).
-pub fn delete_instance(ctx: &Context, id: &str) -> Result<(), StageError> {
-    release_instance(&ctx.client, id)
+/// How long releasing one instance keeps trying while ECS refuses for a transient reason (an
+/// instance still `Initializing`, throttling, 5xx). gitlab-runner gives the cleanup stage an
+/// hour by default (`defaultCleanupExecTimeout` in gitlab-runner's
+/// `executors/custom/consts.go`), and a booting instance refuses DeleteInstance for a while, so
+/// minutes, not seconds: giving up leaves a paid instance running.
+pub const RELEASE_DEADLINE: Duration = Duration::from_secs(5 * 60);
+/// Right after `RunInstances`, ECS may not know the new instance yet (its API is eventually
+/// consistent): an `InvalidInstanceId.NotFound` this soon after creation means "not visible
+/// yet", not "gone".
+pub const VISIBILITY_GRACE: Duration = Duration::from_secs(30);
+
+/// Deletes an instance created at `created_at` (when known), retrying until it is deleted or
+/// [`RELEASE_DEADLINE`] has passed:
+/// - `IncorrectInstanceStatus*` (e.g. `IncorrectInstanceStatus.Initializing`: ECS refuses to
+///   delete a booting instance; terraform-provider-alicloud retries the same codes in
+///   `alicloud/resource_alicloud_instance.go`, delete) and retriable errors (throttling, 5xx,
+///   `LastTokenProcessing`) are tried again;
+/// - `InvalidInstanceId.NotFound` is success ("already gone"), except within
+///   [`VISIBILITY_GRACE`] of `created_at`, when it is tried again.
+///
+/// Signals do not cut it short: a stage that was asked to stop must still release.
+pub fn release_instance(
+    client: &EcsClient,
+    id: &str,
+    created_at: Option<OffsetDateTime>,
+) -> Result<(), crate::ecs::EcsError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(500);
+    loop {
+        let transient = match client.delete_instance(id, true) {
+            Ok(DeleteOutcome::Deleted) => return Ok(()),
+            Ok(DeleteOutcome::AlreadyGone) if !just_created(created_at) => return Ok(()),
+            Ok(DeleteOutcome::AlreadyGone) => None,
+            Err(e) if e.kind() == ErrorKind::IncorrectStatus || e.is_retriable() => Some(e),
+            Err(e) => return Err(e),
+        };
+        if started.elapsed() + pause > RELEASE_DEADLINE {
+            return transient.map_or(Ok(()), Err);
+        }
+        match &transient {
+            Some(e) => log::info!("instance {id} cannot be deleted yet ({e}); trying again"),
+            None => log::info!("instance {id} is not visible yet; trying to delete it again"),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
 }
 
-/// [`delete_instance`] for callers without a stage [`Context`] (the GitHub front end).
-pub fn release_instance(client: &EcsClient, id: &str) -> Result<(), StageError> {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match client.delete_instance(id, true) {
-            Ok(DeleteOutcome::Deleted) | Ok(DeleteOutcome::AlreadyGone) => return Ok(()),
-            Err(e)
-                if (e.kind() == ErrorKind::IncorrectStatus || e.is_retriable())
-                    && attempts < PERSIST_ROUNDS =>
-            {
-                std::thread::sleep(PERSIST_PAUSE);
-            }
-            Err(e) => {
-                return Err(StageError::System(
-                    anyhow::Error::new(e).context(format!("failed to release instance {id}")),
-                ))
-            }
-        }
-    }
+/// Whether an instance created at `created_at` may still be invisible to the API
+/// ([`VISIBILITY_GRACE`]).
+pub fn just_created(created_at: Option<OffsetDateTime>) -> bool {
+    created_at.is_some_and(|t| (OffsetDateTime::now_utc() - t).unsigned_abs() < VISIBILITY_GRACE)
+}
+
+/// [`release_instance`] for a stage, its failure as a [`StageError`].
+pub fn delete_instance(
+    ctx: &Context,
+    id: &str,
+    created_at: Option<OffsetDateTime>,
+) -> Result<(), StageError> {
+    release_instance(&ctx.client, id, created_at).map_err(|e| {
+        StageError::System(anyhow::Error::new(e).context(format!("failed to release instance {id}")))
+    })
 }
 
 /// True when Aliyun is taking the spot instance back (`Recycling` operation lock).
@@ -340,7 +455,8 @@ pub fn main(
     let result = Context::load(config_path, lenient_job).and_then(|ctx| {
         let r = stage(&ctx);
         if r.is_ok() && ctx.terminated() {
-            // A stage that was asked to stop must not look successful (CUSTOM_EXECUTOR.md §5.2).
+            // A stage that was asked to stop must not look successful (docs/gitlab-runner.md,
+            // "Timeouts and signals").
             return Err(StageError::system("terminated by a signal"));
         }
         r

@@ -46,16 +46,19 @@ pub fn run(ctx: &Context, script_path: &Path, stage: &str) -> Result<(), StageEr
         host_key: state.host_public_key.clone(),
         connect_timeout: ctx.config.ssh.connect_timeout,
     };
+    crate::sts::renew_at_run(ctx, &target, &id);
     let cancel = ctx.cancel_flag();
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let (before, after) = crate::watchdog::stage_markers(&id);
-    let hooks = ssh::StageHooks { before, after };
-    let outcome = ssh::run_script_with_hooks(
+    // The id goes into the shell commands that mark the stage for the watchdog.
+    let (before, after) = crate::watchdog::stage_markers(crate::identity::checked_instance_id(&id)?);
+    let options =
+        ssh::RunOptions { hooks: ssh::StageHooks { before, after }, keepalive: ctx.config.ssh.keepalive };
+    let outcome = ssh::run_script_with(
         &target,
         &script,
         &ctx.config.runner.shell,
-        &hooks,
+        &options,
         &mut stdout,
         &mut stderr,
         &cancel,

@@ -1,0 +1,217 @@
+//! Starting one emulated instance's `sshd`, and making that instance a machine of its own.
+//!
+//! A real ECS instance shares nothing with the runner host: its `/tmp`, `/root`, build and
+//! cache directories and `/usr/local/bin` are its own, and so is its hostname. A driver that
+//! ran a runner-side path remotely, wrote `BUILD_EXIT_CODE_FILE` on the instance or relied on a
+//! binary of the runner host would pass against an sshd that shares the runner's filesystem,
+//! so (when the emulator runs as root) each instance's sshd — and so everything started
+//! through it — runs in its own mount and UTS namespaces (`unshare(2)`,
+//! `mount_namespaces(7)`, `uts_namespaces(7)`):
+//! - every mount is made private first, so nothing done inside leaks to the host;
+//! - [`PRIVATE_DIRS`] are bind-mounted from per-instance directories under the emulator's work
+//!   directory (empty at boot, as on a fresh image);
+//! - the instance's sshd files stay at the same path inside as outside (so the sshd command
+//!   line names the work directory, and tests find every sshd by it): when the work directory
+//!   lies under a private directory (usually `/tmp`), the files are bind-mounted into the
+//!   instance's own copy of that directory at the same relative path;
+//! - the hostname is the instance's `HostName` (what ECS sets as the OS hostname);
+//! - the rest of the host's root stays visible, so the "image" has bash, git and coreutils.
+//!
+//! The process tree is unchanged (same PID namespace), so deleting an instance still finds and
+//! kills everything it started ([`super::instances`]). Without root there are no namespaces;
+//! the instance then shares the host's filesystem (docs/emulator.md says so).
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+
+use super::instances::{generate_host_key, Instance};
+
+/// The directories each instance has to itself: (path on the instance, name of the backing
+/// directory under the instance's work directory).
+pub(crate) const PRIVATE_DIRS: &[(&str, &str)] = &[
+    ("/tmp", "tmp"),
+    ("/root", "root"),
+    ("/builds", "builds"),
+    ("/cache", "cache"),
+    ("/usr/local/bin", "usr-local-bin"),
+];
+
+/// Writes the instance's sshd files under `dir` and starts sshd; `isolate` puts it into its
+/// own namespaces (needs root). Called by the supervisor thread only (see
+/// [`super::instances`] for why).
+pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool) -> anyhow::Result<Child> {
+    let etc = dir.join("etc-ssh");
+    std::fs::create_dir_all(&etc).with_context(|| format!("failed to create `{}`", etc.display()))?;
+    // The same paths inside the namespace as outside (see `Mounts::prepare`).
+    let seen = etc.clone();
+    let host_key = match &inst.host_key {
+        Some(k) => k.clone(),
+        None => generate_host_key()?,
+    };
+    let mut key_text = host_key.expose().clone();
+    if !key_text.ends_with('\n') {
+        key_text.push('\n');
+    }
+    write_private(&etc.join("ssh_host_ed25519_key"), key_text.as_bytes())?;
+    let mut auth = inst.authorized_keys.join("\n");
+    auth.push('\n');
+    write_private(&etc.join("authorized_keys"), auth.as_bytes())?;
+    let cfg_path = etc.join("sshd_config");
+    let cfg = format!(
+        "# sshd of emulated instance {id}\n\
+         ListenAddress {ip}:{port}\n\
+         HostKey {hk}\n\
+         AuthorizedKeysFile {ak}\n\
+         PidFile none\n\
+         UsePAM no\n\
+         StrictModes no\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PermitRootLogin prohibit-password\n\
+         PrintMotd no\n\
+         LogLevel ERROR\n\
+         Subsystem sftp internal-sftp\n",
+        id = inst.id,
+        ip = inst.ip,
+        port = inst.ssh_port,
+        hk = seen.join("ssh_host_ed25519_key").display(),
+        ak = seen.join("authorized_keys").display(),
+    );
+    write_private(&cfg_path, cfg.as_bytes())?;
+    let cfg_seen = seen.join("sshd_config");
+
+    let mounts = if isolate { Some(Mounts::prepare(inst, dir, &etc)?) } else { None };
+    if isolate {
+        let run = Path::new("/run/sshd");
+        if !run.exists() {
+            std::fs::create_dir_all(run).context("failed to create `/run/sshd`")?;
+            let _ = std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+
+    let log_path = dir.join("sshd.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open `{}`", log_path.display()))?;
+    let log2 = log.try_clone().context("failed to duplicate the sshd log handle")?;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    let mut cmd = Command::new("/usr/sbin/sshd");
+    cmd.arg("-D").arg("-e").arg("-f").arg(&cfg_seen);
+    cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+    // SAFETY: only async-signal-safe calls (setpgid, prctl, getppid, unshare, mount,
+    // sethostname, _exit) run between fork and exec; every string was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            // Orphans of the instance's sessions (a job's `setsid` process group whose SSH
+            // connection died) are re-parented to this sshd instead of init, so deleting the
+            // instance still finds and kills them, as deleting a VM would.
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            if let Some(m) = &mounts {
+                m.enter()?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().context("failed to start `/usr/sbin/sshd`")
+}
+
+/// Everything the child needs to become its own machine, as C strings made before the fork.
+struct Mounts {
+    /// (source, target) bind mounts, in the order to apply them.
+    binds: Vec<(CString, CString)>,
+    hostname: Vec<u8>,
+}
+
+impl Mounts {
+    fn prepare(inst: &Instance, dir: &Path, etc: &Path) -> anyhow::Result<Mounts> {
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+        let mut binds = Vec::new();
+        // A target that contains the work directory hides every later source: apply it last,
+        // recursively, carrying the sshd files mounted into it at their own path.
+        let mut last = Vec::new();
+        for (target, name) in PRIVATE_DIRS {
+            let target = Path::new(target);
+            let source = dir.join("fs").join(name);
+            std::fs::create_dir_all(&source)
+                .with_context(|| format!("failed to create `{}`", source.display()))?;
+            let mode = if *name == "tmp" { 0o1777 } else { 0o755 };
+            std::fs::set_permissions(&source, std::fs::Permissions::from_mode(mode))?;
+            if !target.exists() {
+                // The mount point on the host: an empty directory, so that a job writing there
+                // writes into the instance's own directory and never into the host's root.
+                std::fs::create_dir_all(target)
+                    .with_context(|| format!("failed to create the mount point `{}`", target.display()))?;
+            }
+            let pair = (c(&source)?, c(target)?);
+            if let Ok(rel) = etc.strip_prefix(target) {
+                let inside = source.join(rel);
+                std::fs::create_dir_all(&inside)
+                    .with_context(|| format!("failed to create `{}`", inside.display()))?;
+                binds.insert(0, (c(etc)?, c(&inside)?));
+                last.push(pair);
+            } else {
+                binds.push(pair);
+            }
+        }
+        binds.extend(last);
+        // HOST_NAME_MAX is 64.
+        let hostname = inst.host_name.as_bytes().iter().copied().take(64).collect();
+        Ok(Mounts { binds, hostname })
+    }
+
+    /// Runs in the child between fork and exec: async-signal-safe system calls only.
+    fn enter(&self) -> std::io::Result<()> {
+        let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+        // SAFETY: plain system calls on C strings that outlive the call.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for (source, target) in &self.binds {
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+            }
+            check(libc::sethostname(self.hostname.as_ptr().cast(), self.hostname.len()))?;
+        }
+        Ok(())
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("failed to write `{}`", path.display()))?;
+    f.write_all(data).with_context(|| format!("failed to write `{}`", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to set the mode of `{}`", path.display()))
+}
