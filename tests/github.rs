@@ -264,15 +264,36 @@ fn stock_out_falls_back_to_the_next_offer_as_prepare_does() {
         .collect();
     assert_eq!(runs.len(), 2, "{runs:?}");
     assert!(runs[0].as_deref().is_some_and(|c| c.contains("NoStock")), "{runs:?}");
-    // The 1.2x price limit of prepare.
-    let limit = inst.spot_price_limit.unwrap();
+    // Prepare's price limit (the factor, rounded up at the third decimal) and AutoReleaseTime
+    // (whole minutes, at least the lifetime ahead): the walk is the same.
     let chosen =
         offers.iter().find(|o| o.instance_type == inst.instance_type && o.zone == inst.zone).unwrap();
-    assert!(
-        (limit - chosen.spot_price * w.config.spot.price_limit_factor).abs() < 1e-3,
-        "{limit} vs {}",
-        chosen.spot_price
+    assert_eq!(
+        inst.spot_price_limit,
+        aliyun_spot_executor::pricing::price_limit(
+            chosen.spot_price,
+            w.config.spot.price_limit_factor,
+            w.config.spot.max_price_per_hour
+        )
     );
+    let release = inst.auto_release_time.clone().expect("AutoReleaseTime is set");
+    let release =
+        time::OffsetDateTime::parse(&release, &time::format_description::well_known::Rfc3339).unwrap();
+    assert_eq!(release.second(), 0, "{release}");
+    assert!(
+        release >= time::OffsetDateTime::now_utc() + w.config.safety.max_lifetime - Duration::from_secs(60)
+    );
+    // Its ClientTokens differ per offer, in prepare's format.
+    let tokens: Vec<String> = w
+        .emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.action.as_deref() == Some("RunInstances"))
+        .map(|r| r.params.get("ClientToken").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(tokens.len(), 2);
+    assert_ne!(tokens[0], tokens[1]);
+    assert!(tokens.iter().all(|t| t.starts_with("ase-") && t.len() <= 64), "{tokens:?}");
     github::stop(
         &w.config,
         &w.client,

@@ -304,14 +304,17 @@ pub fn start(
         config,
         client,
         shape: &shape,
-        name: runner_name.clone(),
-        tags: tags_for(config, &scope, &runner),
-        ram_role,
-        user_data,
-        token_seed: runner_name.clone(),
+        template: crate::launch::Template {
+            instance_name: runner_name.clone(),
+            ram_role_name: ram_role,
+            user_data,
+            tags: tags_for(config, &scope, &runner),
+        },
+        scope: scope.path(),
+        runner_name: runner_name.clone(),
         cancel,
     };
-    let (offer, id) = match launch::create(&launch) {
+    let created = match launch::create(&launch) {
         Ok(v) => v,
         Err(e) => {
             // A RunInstances whose answer was lost may still have created one: look by tag.
@@ -320,9 +323,13 @@ pub fn start(
             return Err(e);
         }
     };
+    let (offer, id) = (&created.offer, created.instance_id.clone());
     p.line(format!(
-        "Created spot instance {id} ({} in {}, {:.4} CNY/hour) for runner {runner_name}",
-        offer.instance_type, offer.zone, offer.spot_price
+        "Created spot instance {id} ({} in {}, {}, auto-release at {}) for runner {runner_name}",
+        offer.instance_type,
+        offer.zone,
+        crate::pricing::PerHour(offer.spot_price, &offer.currency),
+        crate::stages::cost::format_time(created.auto_release)
     ));
     let started =
         Started { label: runner_name.clone(), instance_id: id.clone(), runner_name, runner_id: runner.id };
