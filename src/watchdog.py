@@ -70,8 +70,14 @@ def call_ecs(conf, creds, action, params):
     to_sign = "POST&%2F&" + encode(canonical)
     key = (creds["AccessKeySecret"] + "&").encode()
     p["Signature"] = base64.b64encode(hmac.new(key, to_sign.encode(), hashlib.sha1).digest()).decode()
-    body = urllib.parse.urlencode(p, quote_via=urllib.parse.quote).encode()
-    req = urllib.request.Request(conf["endpoint"].rstrip("/") + "/", data=body, method="POST")
+    # Common parameters and the signature in the query, the action's own in the form body, one
+    # signature over both: the layout of the runner's client (`src/ecs/sign.rs`, `sign_split`,
+    # after aliyun-python-sdk-core's `rpc_signature_composer.get_signed_url`).
+    query = dict((k, v) for k, v in p.items() if k not in params)
+    form = dict((k, v) for k, v in p.items() if k in params)
+    url = conf["endpoint"].rstrip("/") + "/?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+    body = urllib.parse.urlencode(form, quote_via=urllib.parse.quote).encode()
+    req = urllib.request.Request(url, data=body, method="POST")
     req.add_header("Content-Type", "application/x-www-form-urlencoded")
     try:
         with urllib.request.urlopen(req, timeout=20) as r:
@@ -88,7 +94,33 @@ def call_ecs(conf, creds, action, params):
         code = answer.get("Code") or "HTTP %d" % e.code
         if code == "InvalidInstanceId.NotFound":
             return answer
-        raise RuntimeError("%s failed: %s (RequestId: %s)" % (action, code, answer.get("RequestId", "?")))
+        raise ApiError(action, code, answer.get("RequestId", "?"), e.code)
+
+
+class ApiError(RuntimeError):
+    def __init__(self, action, code, request_id, status):
+        RuntimeError.__init__(self, "%s failed: %s (RequestId: %s)" % (action, code, request_id))
+        self.code = code
+        self.status = status
+
+    def transient(self):
+        # ECS refuses to delete an instance in a passing status (`IncorrectInstanceStatus.*`,
+        # e.g. `.Initializing` while it boots) and throttles or fails with 5xx for a while; the
+        # runner's own release retries the same (`src/stages/mod.rs`, `release_instance`, after
+        # terraform-provider-alicloud's `resource_alicloud_instance.go` delete).
+        return (self.code.startswith("IncorrectInstanceStatus") or "Throttling" in self.code
+                or self.code == "ServiceUnavailable" or self.status >= 500)
+
+
+def delete_instance(conf, creds, instance_id):
+    give_up = time.time() + conf.get("delete_retry_seconds", 300)
+    while True:
+        try:
+            return call_ecs(conf, creds, "DeleteInstance", {"InstanceId": instance_id, "Force": "true"})
+        except ApiError as e:
+            if not e.transient() or time.time() >= give_up:
+                raise
+            time.sleep(2)
 
 
 def state_dir(conf, instance_id):
@@ -163,7 +195,7 @@ def check(conf, started):
         return False
     creds = credentials(conf, token, instance_id)
     log("deleting instance %s: %s" % (instance_id, reason))
-    call_ecs(conf, creds, "DeleteInstance", {"InstanceId": instance_id, "Force": "true"})
+    delete_instance(conf, creds, instance_id)
     return True
 
 

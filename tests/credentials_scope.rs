@@ -116,7 +116,8 @@ fn a_job_reading_its_instance_credentials_can_delete_only_its_own_instance() {
     assert!(exit.success() && attempt_a.log.text().contains("STILL-HERE"), "{}", attempt_a.log.text());
 
     // Its own instance it can delete (what the watchdog does with them).
-    client.delete_instance(&b, true).unwrap();
+    // (ECS refuses to delete an instance still initializing: the release waits that out.)
+    aliyun_spot_executor::stages::release_instance(&client, &b, None).unwrap();
     assert!(!is_live(&w.emulator, &b));
 
     assert!(attempt_a.cleanup().unwrap().success(), "{}", attempt_a.runner_log.text());
@@ -155,7 +156,7 @@ fn credentials_assumed_for_one_instance_cannot_delete_another_and_run_stages_ren
     let client = client_with(&w, for_a);
     assert_forbidden(&client.delete_instance(&b, true).unwrap_err());
     assert!(is_live(&w.emulator, &b), "instance B is alive");
-    client.delete_instance(&a, true).unwrap();
+    aliyun_spot_executor::stages::release_instance(&client, &a, None).unwrap();
     assert!(!is_live(&w.emulator, &a), "instance A deleted with its own credentials");
 
     // STS refuses what AssumeRole documents as invalid.

@@ -180,7 +180,16 @@ fn download_mode_fetches_the_runners_version_and_verifies_release_sha256() {
         ],
     );
     let out = attempt.run_job(&job).unwrap();
-    assert!(out.passed(), "{}", out.job_log);
+    assert!(
+        out.passed(),
+        "{:?} {:?} {:?} {:?}\n{}\n{}",
+        out.config,
+        out.prepare,
+        out.stages,
+        out.cleanup,
+        out.job_log,
+        out.runner_log
+    );
     assert_eq!(
         *server.seen.lock().unwrap(),
         vec![
@@ -218,8 +227,13 @@ fn download_mode_with_a_wrong_checksum_fails_prepare_and_releases_the_instance()
         hex(&Sha256::digest(&binary))
     );
     assert!(out.job_log.lines().any(|l| l == line), "{}", out.job_log);
-    // The configured checksum is used: release.sha256 is not even fetched.
-    assert_eq!(*server.seen.lock().unwrap(), vec!["/v18.3.0/binaries/gitlab-runner-linux-amd64".to_string()]);
+    // A system failure: gitlab-runner tries the preparation three times, and each attempt uses
+    // the configured checksum (release.sha256 is not even fetched).
+    assert_eq!(out.preparations, 3, "{}", out.job_log);
+    assert_eq!(
+        *server.seen.lock().unwrap(),
+        vec!["/v18.3.0/binaries/gitlab-runner-linux-amd64".to_string(); 3]
+    );
     w.assert_nothing_left();
 }
 

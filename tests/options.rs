@@ -274,6 +274,8 @@ fn upload_mode_without_a_binary_for_the_jobs_arch_fails_before_anything_is_creat
     let want =
         "ERROR: the configuration is incomplete for creating instances: missing gitlab-runner's linux-amd64 \
                 binary (`helper.upload_amd64`)";
-    assert_eq!(error_lines(&log), vec![want, want], "{log}");
+    // prepare, run without config's secret (as gitlab-runner never would), refuses first.
+    let refused = format!("ERROR: {}", aliyun_spot_executor::identity::missing_secret_line());
+    assert_eq!(error_lines(&log), vec![want, refused.as_str()], "{log}");
     assert!(w.emulator.instances().is_empty());
 }

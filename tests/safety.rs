@@ -203,8 +203,12 @@ fn watchdog_from_user_data_spares_a_busy_instance_and_deletes_an_idle_one_with_h
     assert!(!is_live(&w.emulator, &id), "the idle instance deleted itself");
     let requests = w.emulator.requests();
     let deletes = deletes_of(&requests, &id);
-    assert_eq!(deletes.len(), 1, "{deletes:#?}");
-    let d = deletes[0];
+    // ECS refuses to delete an instance still initializing; the watchdog waits that out.
+    let (d, refused) = deletes.split_last().expect("the watchdog asked to delete");
+    assert!(
+        refused.iter().all(|r| r.code.as_deref() == Some("IncorrectInstanceStatus.Initializing")),
+        "{deletes:#?}"
+    );
     assert_eq!(d.status, 200, "{d:#?}");
     assert_eq!(d.code, None, "{d:#?}");
     assert!(d.access_key_id.as_deref().is_some_and(|k| k.starts_with("STS.")), "STS credentials: {d:#?}");
@@ -310,9 +314,14 @@ fn watchdog_deletes_a_busy_instance_past_its_maximum_lifetime() {
     assert!(!is_live(&w.emulator, &id));
     let requests = w.emulator.requests();
     let deletes = deletes_of(&requests, &id);
-    assert_eq!(deletes.len(), 1, "{deletes:#?}");
-    assert_eq!(deletes[0].status, 200, "{:#?}", deletes[0]);
-    assert_eq!(deletes[0].role.as_deref(), Some(ROLE), "{:#?}", deletes[0]);
+    // ECS refuses to delete an instance still initializing; the watchdog waits that out.
+    let (d, refused) = deletes.split_last().expect("the watchdog asked to delete");
+    assert!(
+        refused.iter().all(|r| r.code.as_deref() == Some("IncorrectInstanceStatus.Initializing")),
+        "{deletes:#?}"
+    );
+    assert_eq!(d.status, 200, "{d:#?}");
+    assert_eq!(d.role.as_deref(), Some(ROLE), "{d:#?}");
 
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     w.assert_nothing_left();
