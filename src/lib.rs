@@ -21,10 +21,12 @@
 //! - [`keys`], [`ssh`], [`state`], [`fsutil`]: per-job keys, the SSH session, the job-state file.
 //! - [`userdata`] and [`watchdog`]: the cloud-config given to each instance (keys, the
 //!   self-destruct watchdog).
-//! - [`offers`]: live offers from ECS through the price cache; [`logging`]: debug logs.
+//! - [`offers`]: live offers from ECS through the price cache; [`launch`]: the walk over them
+//!   that creates one instance (both front ends); [`logging`]: debug logs.
 //! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes;
 //!   [`helper`]: gitlab-runner's own binary on the instance.
-//! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands.
+//! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands; [`github`]:
+//!   ephemeral GitHub Actions runners on the same rules (`aliyun-spot github`).
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
 
 pub mod admin;
@@ -39,9 +41,11 @@ pub mod env;
 pub mod exit;
 pub mod families;
 pub mod fsutil;
+pub mod github;
 pub mod helper;
 pub mod identity;
 pub mod keys;
+pub mod launch;
 pub mod logging;
 pub mod offers;
 pub mod price_cache;

@@ -9,6 +9,7 @@ mod ecs_client;
 mod emulator;
 mod executor;
 mod faults;
+mod github;
 mod helper;
 mod host_files;
 mod identity;

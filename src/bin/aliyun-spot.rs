@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use aliyun_spot_executor::{admin, demo, emulator, exit, sweep};
+use aliyun_spot_executor::{admin, demo, emulator, exit, github, sweep};
 
 /// Administer aliyun-spot-executor: spot prices, managed instances, leak sweeping, checks, and
 /// the local ECS emulator.
@@ -51,6 +51,20 @@ enum Command {
     Emulator(Box<emulator::EmulatorArgs>),
     /// Run a sample CI job end to end against the emulator, as gitlab-runner would.
     Demo(demo::DemoArgs),
+    /// Ephemeral GitHub Actions runners on spot instances (docs/github-actions.md).
+    #[command(subcommand)]
+    Github(GithubCommand),
+}
+
+#[derive(Subcommand)]
+enum GithubCommand {
+    /// Register a just-in-time runner and create its spot instance; prints label=, instance-id=
+    /// and runner-name= (also appended to $GITHUB_OUTPUT).
+    Start(github::StartArgs),
+    /// Delete the runner's instance and deregister the runner (already gone is success).
+    Stop(github::StopArgs),
+    /// Delete runner instances whose runner is gone, idle too long, or past the lifetime.
+    Sweep(github::SweepArgs),
 }
 
 fn main() {
@@ -65,6 +79,9 @@ fn main() {
         Command::Doctor { live: true } => admin::live::doctor_live(config),
         Command::Emulator(args) => emulator::run_cli(*args),
         Command::Demo(args) => demo::run(&args),
+        Command::Github(GithubCommand::Start(args)) => github::start_cli(config, &args),
+        Command::Github(GithubCommand::Stop(args)) => github::stop_cli(config, &args),
+        Command::Github(GithubCommand::Sweep(args)) => github::sweep_cli(config, &args),
     };
     if let Err(e) = result {
         eprintln!("aliyun-spot: {}", exit::one_line(&e));

@@ -19,6 +19,7 @@ mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod faults;
+mod github;
 mod instances;
 mod ram;
 mod rpc;
@@ -233,6 +234,7 @@ pub struct StsCredentials {
 /// A running emulator: HTTP workers, the instance supervisor and the instance files.
 pub struct Emulator {
     core: Arc<instances::Core>,
+    github: Arc<github::GithubFake>,
     addr: SocketAddr,
     server: Arc<tiny_http::Server>,
     workers: Vec<JoinHandle<()>>,
@@ -288,18 +290,20 @@ impl Emulator {
                 .spawn(move || instances::supervise(core))
                 .context("failed to start the emulator's supervisor thread")?
         };
+        let github = Arc::new(github::GithubFake::default());
         let mut workers = Vec::new();
         for i in 0..WORKERS {
             let core = core.clone();
+            let github = github.clone();
             let server = server.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("emulator-http-{i}"))
-                    .spawn(move || server::serve(core, server))
+                    .spawn(move || server::serve(core, github, server))
                     .context("failed to start an emulator HTTP thread")?,
             );
         }
-        Ok(Emulator { core, addr, server, workers, supervisor: Some(supervisor), _tmp: tmp })
+        Ok(Emulator { core, github, addr, server, workers, supervisor: Some(supervisor), _tmp: tmp })
     }
 
     /// The bound address.
@@ -363,6 +367,17 @@ impl Emulator {
     /// (tests of expiry).
     pub fn issue_sts_credentials(&self, role: &str, ttl: Duration) -> StsCredentials {
         self.core.issue_sts("runner-host", role, ttl, false)
+    }
+
+    /// The GitHub fake's runners and request log, as `GET /_emulator/github` returns them.
+    pub fn github(&self) -> serde_json::Value {
+        self.github.snapshot()
+    }
+
+    /// Plays a GitHub runner's side (`{"status", "busy", "deleted"}`), as
+    /// `POST /_emulator/github/runners/{name}`; false when no runner has that name.
+    pub fn github_set_runner(&self, name: &str, patch: &serde_json::Value) -> bool {
+        self.github.set_runner(name, patch)
     }
 
     /// Deletes every instance, stops every sshd and the HTTP server.

@@ -1,6 +1,6 @@
 //! The emulator's HTTP front: the RPC API at `/` (GET query or POST form, merged), the
-//! metadata service (`/latest/...`, `/instances/<id>/latest/...`), and the inspection and
-//! control endpoints under `/_emulator/`.
+//! metadata service (`/latest/...`, `/instances/<id>/latest/...`), the GitHub fake under
+//! `/github/` ([`super::github`]), and the inspection and control endpoints under `/_emulator/`.
 //!
 //! Why one listener: clients need a single endpoint to point at (docs/emulator.md), and tests read
 //! what happened (request log, instance lifecycles) from the same place the driver talks to.
@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::auth;
+use super::github::GithubFake;
 use super::instances::{lock, now, random_alnum, rfc3339, Core};
 use super::rpc::{self, ApiError, Params};
 use super::Faults;
@@ -51,10 +52,10 @@ pub struct RequestRecord {
 const MAX_BODY: u64 = 1024 * 1024;
 
 /// A worker loop: serves requests until the emulator shuts down.
-pub(crate) fn serve(core: Arc<Core>, server: Arc<tiny_http::Server>) {
+pub(crate) fn serve(core: Arc<Core>, github: Arc<GithubFake>, server: Arc<tiny_http::Server>) {
     while !core.shutdown.load(Ordering::SeqCst) {
         match server.recv() {
-            Ok(req) => handle(&core, req),
+            Ok(req) => handle(&core, &github, req),
             Err(_) => break,
         }
     }
@@ -85,7 +86,7 @@ fn header(name: &str, value: &str) -> Option<tiny_http::Header> {
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
 }
 
-fn handle(core: &Core, mut req: tiny_http::Request) {
+fn handle(core: &Core, github: &GithubFake, mut req: tiny_http::Request) {
     let method = req.method().as_str().to_ascii_uppercase();
     let url = req.url().to_string();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
@@ -104,6 +105,17 @@ fn handle(core: &Core, mut req: tiny_http::Request) {
         Reply::text(413, "request body too large")
     } else if path == "/" {
         rpc_request(core, &method, path, query, &body, &header_list, source)
+    } else if let Some(rest) = path.strip_prefix("/github/") {
+        let (status, v) =
+            github.api(&method, rest, query, headers.get("authorization").map(String::as_str), &body);
+        if v.is_null() {
+            Reply::text(status, "")
+        } else {
+            Reply::json(status, &v)
+        }
+    } else if let Some(rest) = path.strip_prefix("/_emulator/github") {
+        let (status, v) = github.control(&method, rest, &body);
+        Reply::json(status, &v)
     } else if let Some(rest) = path.strip_prefix("/_emulator/") {
         control(core, &method, rest, query, &body)
     } else if let Some(rest) = path.strip_prefix("/latest/") {

@@ -18,11 +18,11 @@ use anyhow::{anyhow, Context as _, Result};
 use time::OffsetDateTime;
 
 use super::{cost, Context, Progress};
-use crate::cooldown::Cooldown;
-use crate::ecs::{CreateAction, EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
+use crate::ecs::Instance;
 use crate::exit::StageError;
+use crate::launch::{fmt_num, Created, Hooks, Sending, Template};
 use crate::pricing::PerHour;
-use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
+use crate::selection::Offer;
 use crate::ssh::{self, SshError, SshTarget};
 use crate::state::{JobKey, JobState, Phase, STATE_VERSION};
 
@@ -110,151 +110,21 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
         PerHour(best.spot_price, &best.currency)
     ));
 
-    // Offers that just ran out of stock for an earlier job on this host go last.
-    let cooldown = Cooldown::new(&ctx.config.paths.cache_dir, ctx.config.spot.stock_cooldown);
-    let (offers, cold) = crate::cooldown::demote(offers, &cooldown.active(&ctx.region));
-    if !cold.is_empty() {
-        p.line(format!(
-            "Trying last what ran out of stock on this host in the last {}: {}",
-            crate::config::format_duration(ctx.config.spot.stock_cooldown),
-            cold.iter().map(|o| format!("{} in {}", o.instance_type, o.zone)).collect::<Vec<_>>().join(", ")
-        ));
-    }
-
-    // 3. Create, walking the offers.
+    // 3. Create, walking the offers (the walk both front ends share).
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
-    // When every offer fails, ECS is asked afresh once: the cached catalogue may be stale.
-    let walk = crate::offers::walk_with_fresh_look(
-        &offers,
-        || crate::offers::ranked_afresh(&ctx.client, &ctx.config, shape),
-        |offer: &Offer| -> WalkAttempt<(String, OffsetDateTime), StageError> {
-            if ctx.terminated() {
-                return WalkAttempt::Fatal(StageError::system(
-                    "prepare was terminated (SIGTERM) before an instance was created",
-                ));
-            }
-            if Instant::now() >= deadline {
-                return WalkAttempt::Fatal(StageError::system(format!(
-                    "prepare timed out after {}s while creating an instance; raise `timeouts.prepare`",
-                    started.elapsed().as_secs()
-                )));
-            }
-            let strategy: SpotStrategy = ctx.config.spot.strategy.into();
-            let limit = match strategy {
-                SpotStrategy::SpotAsPriceGo => None,
-                _ => match selection::price_limit(
-                    offer.spot_price,
-                    ctx.config.spot.price_limit_factor,
-                    ctx.config.spot.max_price_per_hour,
-                ) {
-                    Some(l) => Some(l),
-                    None => {
-                        return WalkAttempt::NextOffer(selection::above_cap_reason(
-                            ctx.config.spot.max_price_per_hour.unwrap_or_default(),
-                            &offer.currency,
-                        ))
-                    }
-                },
-            };
-            let token = client_token(&ctx.key, &state.attempt_id, offer);
-            let req = RunInstancesRequest {
-                zone_id: offer.zone.clone(),
-                instance_type: offer.instance_type.clone(),
-                image_id: ctx.config.images.get(&shape.arch).cloned().unwrap_or_default(),
-                security_group_id: ctx.config.network.security_group_id.clone().unwrap_or_default(),
-                vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
-                instance_name: ctx.instance_name(created_at),
-                host_name: None,
-                spot_strategy: strategy,
-                spot_price_limit: limit,
-                spot_duration: Some(ctx.config.spot.protection_hours),
-                internet_max_bandwidth_out: ctx.config.network.internet_max_bandwidth_out,
-                system_disk_category: Some(ctx.config.instance.system_disk_category.clone()),
-                system_disk_size: Some(ctx.config.instance.system_disk_size_gib),
-                key_pair_name: ctx.config.ssh.key_pair_name.clone(),
-                ram_role_name: ctx.config.self_destruct.instance_role(&ctx.config.instance),
-                user_data: Some(user_data.clone()),
-                tags: ctx.tags(),
-                // Computed for each offer: a slow walk must not bring it under the minimum.
-                auto_release_time: Some(auto_release_time(
-                    OffsetDateTime::now_utc(),
-                    ctx.config.safety.max_lifetime,
-                )),
-                client_token: token.clone(),
-                dry_run: false,
-            };
-            p.line(format!(
-                "Trying {} in {}: {} vCPU, {} GiB, {}{}",
-                offer.instance_type,
-                offer.zone,
-                offer.cores,
-                fmt_num(offer.memory_gib),
-                PerHour(offer.spot_price, &offer.currency),
-                limit.map(|l| format!(" (limit {l:.3})")).unwrap_or_default()
-            ));
-            state.client_token = token;
-            state.instance_type = offer.instance_type.clone();
-            state.zone = offer.zone.clone();
-            state.spot_price = Some(offer.spot_price);
-            state.currency = offer.currency.clone();
-            state.price_limit = limit;
-            if let Err(e) = ctx.store.save(&ctx.key, &state) {
-                return WalkAttempt::Fatal(StageError::System(e));
-            }
-            // A busy API (throttling, 5xx) gets more rounds of the client's retries while the
-            // prepare deadline allows: the same ClientToken makes every repeat safe.
-            let mut answer = ctx.client.run_instances(&req);
-            while matches!(&answer, Err(e) if e.is_retriable())
-                && Instant::now() + super::PERSIST_PAUSE < deadline
-                && !ctx.terminated()
-            {
-                ctx.sleep(super::PERSIST_PAUSE);
-                answer = ctx.client.run_instances(&req);
-            }
-            let auto_release = req.auto_release_time.unwrap_or(created_at);
-            match answer {
-                Ok(ids) => match ids.into_iter().next() {
-                    // The id reaches shell commands (the watchdog's markers) and paths.
-                    Some(id) => match crate::identity::checked_instance_id(&id) {
-                        Ok(_) => WalkAttempt::Created((id, auto_release)),
-                        Err(e) => WalkAttempt::Fatal(StageError::System(e)),
-                    },
-                    None => {
-                        WalkAttempt::Fatal(StageError::system("RunInstances answered without an instance id"))
-                    }
-                },
-                Err(e) => match e.create_action() {
-                    CreateAction::NextOffer => {
-                        if !e.code().unwrap_or_default().contains("PriceLimit") {
-                            if let Err(err) = cooldown.record(&ctx.region, &offer.instance_type, &offer.zone) {
-                                log::warn!("could not remember the stock-out: {err:#}");
-                            }
-                        }
-                        WalkAttempt::NextOffer(describe_capacity_error(&e))
-                    }
-                    // Still busy when the deadline (or a signal) ended the retries.
-                    CreateAction::Retry => WalkAttempt::Fatal(StageError::system(format!(
-                        "creating the instance failed: {e}; ECS stayed busy until prepare had to stop, retry the job later"
-                    ))),
-                    CreateAction::Stop => WalkAttempt::Fatal(StageError::system(fatal_create_error(&e))),
-                },
-            }
-        },
-        |line: &str| p.line(line),
-    );
-
-    let (created, (id, auto_release)) = match walk {
-        WalkResult::Created { offer, value, .. } => (offer, value),
-        // The state stays: a RunInstances whose answer was lost may still have created an
-        // instance, and cleanup looks for it by tag.
-        WalkResult::Fatal { error, .. } => return Err(error),
-        WalkResult::Exhausted { summary, .. } => {
-            return Err(StageError::system(format!(
-                "no spot capacity: {summary}; retry later, widen the shape, or add zones"
-            )));
-        }
+    let template = Template {
+        instance_name: ctx.instance_name(created_at),
+        ram_role_name: ctx.config.self_destruct.instance_role(&ctx.config.instance),
+        user_data,
+        tags: ctx.tags(),
     };
+    let mut hooks = PrepareHooks { ctx, state: &mut state, started, deadline };
+    // (Offers that just ran out of stock for an earlier job on this host go last.)
+    let Created { offer: created, instance_id: id, auto_release } =
+        crate::launch::create_on_offers(&ctx.client, &ctx.config, shape, offers, &template, &mut hooks)?;
+    // A Fatal or Exhausted walk returned above and left the state: a RunInstances whose answer
+    // was lost may still have created an instance, and cleanup looks for it by tag.
     state.instance_id = Some(id.clone());
     state.phase = Phase::Created;
     state.instance_created_at = Some(OffsetDateTime::now_utc());
@@ -297,6 +167,65 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             }
             Err(e)
         }
+    }
+}
+
+/// Prepare's side of the shared walk: its signal and deadline, the job's `ClientToken`s, and
+/// the job state written before every `RunInstances`.
+struct PrepareHooks<'a> {
+    ctx: &'a Context,
+    state: &'a mut JobState,
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Hooks for PrepareHooks<'_> {
+    type Error = StageError;
+
+    fn stop(&mut self) -> Option<StageError> {
+        if self.ctx.terminated() {
+            return Some(StageError::system(
+                "prepare was terminated (SIGTERM) before an instance was created",
+            ));
+        }
+        if Instant::now() >= self.deadline {
+            return Some(StageError::system(format!(
+                "prepare timed out after {}s while creating an instance; raise `timeouts.prepare`",
+                self.started.elapsed().as_secs()
+            )));
+        }
+        None
+    }
+
+    fn may_retry(&self) -> bool {
+        Instant::now() + super::PERSIST_PAUSE < self.deadline && !self.ctx.terminated()
+    }
+
+    fn pause(&self, d: Duration) {
+        self.ctx.sleep(d);
+    }
+
+    fn client_token(&self, offer: &Offer) -> String {
+        client_token(&self.ctx.key, &self.state.attempt_id, offer)
+    }
+
+    fn sending(&mut self, s: &Sending) -> Result<(), StageError> {
+        let state = &mut *self.state;
+        state.client_token = s.client_token.to_string();
+        state.instance_type = s.offer.instance_type.clone();
+        state.zone = s.offer.zone.clone();
+        state.spot_price = Some(s.offer.spot_price);
+        state.currency = s.offer.currency.clone();
+        state.price_limit = s.price_limit;
+        self.ctx.store.save(&self.ctx.key, state).map_err(StageError::System)
+    }
+
+    fn fail(&self, error: anyhow::Error) -> StageError {
+        StageError::System(error)
+    }
+
+    fn busy_hint(&self) -> String {
+        "prepare had to stop, retry the job later".into()
     }
 }
 
@@ -496,62 +425,6 @@ pub fn auto_release_time(now: OffsetDateTime, max_lifetime: Duration) -> OffsetD
         t
     } else {
         floor + time::Duration::minutes(1)
-    }
-}
-
-fn describe_capacity_error(e: &EcsError) -> String {
-    let code = e.code().unwrap_or("capacity");
-    let what = if code.contains("Stock") {
-        "out of stock"
-    } else if code.contains("PriceLimit") {
-        "price limit rejected"
-    } else if code.starts_with("QuotaExceed") {
-        "quota of this type or zone reached"
-    } else if code.contains("Disk") || code.contains("SSD") {
-        "system disk category not offered"
-    } else if code.contains("InstanceType") || code.contains("ResourceType") {
-        "type not offered in this zone"
-    } else if code.contains("Zone") {
-        "zone not on sale"
-    } else {
-        "not available"
-    };
-    format!("{what} ({code})")
-}
-
-/// The one line a job log gets when creating stops at once, with what to fix.
-fn fatal_create_error(e: &EcsError) -> String {
-    let code = e.code().unwrap_or_default();
-    let hint = if code == "Zone.NotOpen" {
-        "the zone is not opened to this account: remove its vswitch from `network.vswitches` or ask Aliyun to open it"
-    } else if code.contains("Balance") || code.contains("Arrearage") {
-        "top up the Aliyun account (it has too little balance or an outstanding payment)"
-    } else if code.contains("RiskControl") {
-        "Aliyun's risk control refused the purchase; contact Aliyun support"
-    } else if code == "IdempotentParameterMismatch" {
-        "a request with this ClientToken had other parameters; retry the job"
-    } else {
-        match e.kind() {
-            ErrorKind::Auth => "check the AccessKey pair or STS token",
-            ErrorKind::Permission => "grant the RAM permissions listed in the README",
-            ErrorKind::Quota => "raise the quota or complete the account's verification in the Aliyun console",
-            ErrorKind::Parameter if code.contains("SpotPriceLimit") || e.to_string().contains("SpotPriceLimit") => {
-                "ECS refused the `SpotPriceLimit` the driver computed (at most three decimals are accepted); report this, and set `spot.strategy = \"SpotAsPriceGo\"` meanwhile"
-            }
-            ErrorKind::Parameter | ErrorKind::NotFound => {
-                "check the image, security group and vswitch settings (`aliyun-spot doctor`)"
-            }
-            _ => "check the settings named by the error code in Aliyun's RunInstances documentation (`aliyun-spot doctor`)",
-        }
-    };
-    format!("creating the instance failed: {e}; {hint}")
-}
-
-fn fmt_num(v: f64) -> String {
-    if v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v}")
     }
 }
 
