@@ -22,6 +22,7 @@ use crate::cooldown::Cooldown;
 use crate::ecs::{CreateAction, EcsError, ErrorKind, Instance, RunInstancesRequest, SpotStrategy};
 use crate::exit::StageError;
 use crate::pricing::PerHour;
+use crate::retry::Backoff;
 use crate::selection::{self, Attempt as WalkAttempt, Offer, WalkResult};
 use crate::ssh::{self, SshError, SshTarget};
 use crate::state::{JobKey, JobState, Phase, STATE_VERSION};
@@ -204,14 +205,10 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             }
             // A busy API (throttling, 5xx) gets more rounds of the client's retries while the
             // prepare deadline allows: the same ClientToken makes every repeat safe.
-            let mut answer = ctx.client.run_instances(&req);
-            while matches!(&answer, Err(e) if e.is_retriable())
-                && Instant::now() + super::PERSIST_PAUSE < deadline
-                && !ctx.terminated()
-            {
-                ctx.sleep(super::PERSIST_PAUSE);
-                answer = ctx.client.run_instances(&req);
-            }
+            let answer = ctx.persist_until(deadline).retry(
+                |_| ctx.client.run_instances(&req),
+                |r| matches!(r, Err(e) if e.is_retriable()) && !ctx.terminated(),
+            );
             let auto_release = req.auto_release_time.unwrap_or(created_at);
             match answer {
                 Ok(ids) => match ids.into_iter().next() {
@@ -360,7 +357,12 @@ fn wait_until_ready(
 ) -> Result<SshTarget, StageError> {
     let p = Progress;
     let boot_deadline = deadline.min(Instant::now() + ctx.config.ssh.boot_timeout);
-    let mut delay = Duration::from_millis(500);
+    // Jittered (±25 %), so many jobs starting together do not poll ECS in lockstep.
+    let polls = Backoff {
+        jitter: (0.75, 1.25),
+        ..Backoff::exponential(Duration::from_millis(500), 2, Duration::from_secs(5))
+    };
+    let mut round = 0;
     let mut last_report = Instant::now();
     let instance: Instance = loop {
         if ctx.terminated() {
@@ -395,9 +397,8 @@ fn wait_until_ready(
             p.line(format!("Waiting for instance {id} to boot ({}s)", started.elapsed().as_secs()));
             last_report = Instant::now();
         }
-        // Jittered, so many jobs starting together do not poll ECS in lockstep.
-        ctx.sleep(delay.mul_f64(0.75 + rand::random::<f64>() * 0.5));
-        delay = (delay * 2).min(Duration::from_secs(5));
+        round += 1;
+        ctx.sleep(polls.delay(round));
     };
     let ip = ctx.address_of(&instance).ok_or_else(|| {
         StageError::system(format!("instance {id} is Running but has no usable IP address"))
