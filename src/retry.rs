@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 /// Time as the retry loop sees it; injectable so tests neither sleep nor depend on timing.
-pub trait Clock: Send + Sync {
+pub trait Clock: Send + Sync + fmt::Debug {
     /// Now.
     fn now(&self) -> Instant;
     /// Waits `d`.
@@ -162,7 +162,7 @@ impl Backoff {
 }
 
 /// How often an operation is tried and how long apart (see the module documentation).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (1 = never retry).
     pub max_attempts: u32,
@@ -175,17 +175,6 @@ pub struct RetryPolicy {
     pub finish_at_cap: bool,
     /// The clock that measures elapsed time and sleeps.
     pub clock: Arc<dyn Clock>,
-}
-
-impl fmt::Debug for RetryPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryPolicy")
-            .field("max_attempts", &self.max_attempts)
-            .field("max_elapsed", &self.max_elapsed)
-            .field("backoff", &self.backoff)
-            .field("finish_at_cap", &self.finish_at_cap)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Default for RetryPolicy {
@@ -343,6 +332,13 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
+    /// Unlimited attempts within 10 s, `pause_secs` apart, on a fake clock.
+    fn capped_at_ten_seconds(pause_secs: u64) -> (Arc<FakeClock>, RetryPolicy) {
+        let clock = Arc::new(FakeClock::new());
+        let pause = Backoff::fixed(Duration::from_secs(pause_secs));
+        (clock.clone(), RetryPolicy::within(Duration::from_secs(10), pause, clock))
+    }
+
     fn retriable(r: &Result<u32, &'static str>) -> bool {
         matches!(r, Err("busy"))
     }
@@ -416,12 +412,7 @@ mod tests {
 
     #[test]
     fn gives_up_before_a_sleep_that_would_end_past_the_time_cap() {
-        let clock = Arc::new(FakeClock::new());
-        let p = RetryPolicy::within(
-            Duration::from_secs(10),
-            Backoff::fixed(Duration::from_secs(3)),
-            clock.clone(),
-        );
+        let (clock, p) = capped_at_ten_seconds(3);
         let r = p.retry(Err, |r: &Result<(), u32>| r.is_err());
         // Sleeps 0→3, 3→6, 6→9; a fourth (9→12) would pass the 10 s cap.
         assert_eq!(r, Err(4));
@@ -430,12 +421,7 @@ mod tests {
 
     #[test]
     fn time_spent_in_attempts_counts_against_the_cap() {
-        let clock = Arc::new(FakeClock::new());
-        let p = RetryPolicy::within(
-            Duration::from_secs(10),
-            Backoff::fixed(Duration::from_secs(1)),
-            clock.clone(),
-        );
+        let (clock, p) = capped_at_ten_seconds(1);
         let r = p.retry(
             |n| {
                 clock.advance(Duration::from_secs(4));
@@ -450,15 +436,8 @@ mod tests {
 
     #[test]
     fn finish_at_cap_shortens_the_last_sleep_and_tries_once_more() {
-        let clock = Arc::new(FakeClock::new());
-        let p = RetryPolicy {
-            finish_at_cap: true,
-            ..RetryPolicy::within(
-                Duration::from_secs(10),
-                Backoff::fixed(Duration::from_secs(3)),
-                clock.clone(),
-            )
-        };
+        let (clock, p) = capped_at_ten_seconds(3);
+        let p = RetryPolicy { finish_at_cap: true, ..p };
         assert_eq!(p.retry(Err, |r: &Result<(), u32>| r.is_err()), Err(5));
         let s = Duration::from_secs;
         assert_eq!(clock.sleeps(), vec![s(3), s(3), s(3), s(1)]);
