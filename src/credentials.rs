@@ -26,6 +26,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::ecs::transport::{HttpRequest, Transport, UreqTransport};
+use crate::retry::{Backoff, RetryPolicy};
 use crate::secret::Secret;
 
 /// The default metadata service of ECS instances.
@@ -436,16 +437,9 @@ impl CredentialsProvider for InstanceRoleProvider {
             }
         }
         // The metadata service is local and fast; a failure is usually a blip (the service
-        // restarting, a dropped connection), so two more tries, briefly spaced, come first.
-        let mut fetched = self.fetch();
-        for pause_ms in [200, 800] {
-            if fetched.is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(pause_ms));
-            fetched = self.fetch();
-        }
-        match fetched {
+        // restarting, a dropped connection), so two more tries, 200 and 800 ms later, come first.
+        let blips = Backoff::exponential(Duration::from_millis(200), 4, Duration::from_millis(800));
+        match RetryPolicy::rounds(3, blips).retry(|_| self.fetch(), Result::is_err) {
             Ok(c) => {
                 *cache = Some(c.clone());
                 Ok(c)

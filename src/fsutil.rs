@@ -20,10 +20,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
+
+use crate::retry::{Backoff, RetryPolicy, SystemClock};
 
 /// Writes `data` to `path` atomically with permission bits `mode` (e.g. `0o600`).
 ///
@@ -125,23 +127,19 @@ impl FileLock {
     /// Returns `Ok(None)` when another holder kept it for the whole time.
     pub fn try_exclusive(path: &Path, timeout: Duration) -> Result<Option<FileLock>> {
         let file = open_lock_file(path)?;
-        let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-                Ok(()) => return Ok(Some(FileLock { file, path: path.to_path_buf() })),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Ok(None);
-                    }
-                    thread::sleep(pause.min(deadline - now));
-                    pause = (pause * 2).min(Duration::from_millis(100));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("failed to lock `{}`", path.display()));
-                }
-            }
+        let backoff = Backoff::exponential(Duration::from_millis(5), 2, Duration::from_millis(100));
+        // The last try comes at the timeout, not a pause before it.
+        let policy = RetryPolicy {
+            finish_at_cap: true,
+            ..RetryPolicy::within(timeout, backoff, Arc::new(SystemClock))
+        };
+        match policy.retry(
+            |_| flock(&file, libc::LOCK_EX | libc::LOCK_NB),
+            |r| matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        ) {
+            Ok(()) => Ok(Some(FileLock { file, path: path.to_path_buf() })),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("failed to lock `{}`", path.display())),
         }
     }
 

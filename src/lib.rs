@@ -23,6 +23,8 @@
 //!   self-destruct watchdog).
 //! - [`offers`]: live offers from ECS through the price cache; [`launch`]: the walk over them
 //!   that creates one instance (both front ends); [`logging`]: debug logs.
+//! - [`retry`]: the one retry loop (attempts, time cap, backoff with jitter) every retrying
+//!   caller uses, each with its own "retry this?" rule.
 //! - [`stages`]: the four gitlab-runner stages; [`exit`] maps their outcome to exit codes;
 //!   [`helper`]: gitlab-runner's own binary on the instance.
 //! - [`sweep`], [`admin`], [`demo`]: the administrator's `aliyun-spot` commands; [`github`]:
@@ -51,6 +53,7 @@ pub mod offers;
 pub mod price_cache;
 pub mod pricing;
 pub mod ram_policy;
+pub mod retry;
 pub mod secret;
 pub mod selection;
 pub mod ssh;

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use super::{cost, delete_instance, Context, Progress};
 use crate::exit::StageError;
+use crate::retry::{Backoff, RetryPolicy};
 use crate::state::Phase;
 
 /// Runs the cleanup stage.
@@ -37,18 +38,13 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // A prepare killed while RunInstances was in flight leaves phase `Creating` and no id; the
     // instance may take a moment to show up in DescribeInstances, so look a few times.
     let in_flight = state.as_ref().is_some_and(|s| s.phase == Phase::Creating && !s.client_token.is_empty());
-    let searches = if in_flight { 5 } else { 1 };
-    for i in 0..searches {
-        let found = ctx.find_job_instances()?;
-        for inst in found {
-            if !ids.contains(&inst.id) {
-                ids.push(inst.id);
-            }
+    let searches = RetryPolicy::rounds(if in_flight { 5 } else { 1 }, Backoff::fixed(Duration::from_secs(2)));
+    let found = searches
+        .retry(|_| ctx.find_job_instances(), |r| ids.is_empty() && matches!(r, Ok(f) if f.is_empty()))?;
+    for inst in found {
+        if !ids.contains(&inst.id) {
+            ids.push(inst.id);
         }
-        if !ids.is_empty() || i + 1 == searches {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(2));
     }
 
     let mut failures = Vec::new();

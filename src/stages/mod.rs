@@ -25,6 +25,7 @@ use crate::env::{Env, JobInfo};
 use crate::exit::StageError;
 use crate::fsutil::FileLock;
 use crate::identity::{JobIdentity, JobSecret};
+use crate::retry::{Backoff, CancellableClock, Clock as _, RetryPolicy, SystemClock};
 use crate::secret::Secret;
 use crate::selection::{Offer, Shape};
 use crate::state::{JobKey, StateStore};
@@ -185,10 +186,19 @@ impl Context {
 
     /// Sleeps up to `d`, waking early when a signal arrives.
     pub fn sleep(&self, d: Duration) {
-        let end = Instant::now() + d;
-        while !self.terminated() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(50).min(end - Instant::now()));
-        }
+        self.clock().sleep(d)
+    }
+
+    /// The real clock, its sleeps cut short by a signal.
+    pub fn clock(&self) -> CancellableClock {
+        CancellableClock(self.cancel_flag())
+    }
+
+    /// The rounds a busy API (throttling, 5xx) gets on top of the client's own retries while
+    /// `deadline` allows, [`PERSIST_PAUSE`] apart; a signal cuts the pause short.
+    pub fn persist_until(&self, deadline: Instant) -> RetryPolicy {
+        let budget = deadline.saturating_duration_since(Instant::now());
+        RetryPolicy::within(budget, Backoff::fixed(PERSIST_PAUSE), Arc::new(self.clock()))
     }
 
     /// Serialises the stages of one job that must not overlap (prepare, cleanup).
@@ -345,20 +355,13 @@ impl Context {
     /// [`PERSIST_ROUNDS`] rounds of the client's retries.
     pub fn find_instances_of(&self, key: &JobKey) -> Result<Vec<Instance>, StageError> {
         let filter = DescribeInstancesFilter { tags: self.job_tags(key), ..Default::default() };
-        let mut rounds = 0;
-        loop {
-            rounds += 1;
-            match self.client.describe_instances(&filter) {
-                Ok(found) => {
-                    for i in &found {
-                        crate::identity::checked_instance_id(&i.id)?;
-                    }
-                    return Ok(found);
-                }
-                Err(e) if e.is_retriable() && rounds < PERSIST_ROUNDS => std::thread::sleep(PERSIST_PAUSE),
-                Err(e) => return Err(StageError::System(e.into())),
-            }
+        let found = RetryPolicy::rounds(PERSIST_ROUNDS, Backoff::fixed(PERSIST_PAUSE))
+            .retry(|_| self.client.describe_instances(&filter), |r| matches!(r, Err(e) if e.is_retriable()))
+            .map_err(|e| StageError::System(e.into()))?;
+        for i in &found {
+            crate::identity::checked_instance_id(&i.id)?;
         }
+        Ok(found)
     }
 }
 
@@ -398,26 +401,26 @@ pub fn release_instance(
     id: &str,
     created_at: Option<OffsetDateTime>,
 ) -> Result<(), crate::ecs::EcsError> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(500);
-    loop {
-        let transient = match client.delete_instance(id, true) {
-            Ok(DeleteOutcome::Deleted) => return Ok(()),
-            Ok(DeleteOutcome::AlreadyGone) if !just_created(created_at) => return Ok(()),
-            Ok(DeleteOutcome::AlreadyGone) => None,
-            Err(e) if e.kind() == ErrorKind::IncorrectStatus || e.is_retriable() => Some(e),
-            Err(e) => return Err(e),
-        };
-        if started.elapsed() + pause > RELEASE_DEADLINE {
-            return transient.map_or(Ok(()), Err);
-        }
-        match &transient {
-            Some(e) => log::info!("instance {id} cannot be deleted yet ({e}); trying again"),
-            None => log::info!("instance {id} is not visible yet; trying to delete it again"),
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
+    let policy = RetryPolicy::within(
+        RELEASE_DEADLINE,
+        Backoff::exponential(Duration::from_millis(500), 2, Duration::from_secs(5)),
+        Arc::new(SystemClock),
+    );
+    // Given up while still invisible: taken as gone, like a `NotFound` after the grace.
+    policy
+        .retry_noting(
+            |_| client.delete_instance(id, true),
+            |r| match r {
+                Ok(DeleteOutcome::Deleted) => false,
+                Ok(DeleteOutcome::AlreadyGone) => just_created(created_at),
+                Err(e) => e.kind() == ErrorKind::IncorrectStatus || e.is_retriable(),
+            },
+            |r, _| match r {
+                Err(e) => log::info!("instance {id} cannot be deleted yet ({e}); trying again"),
+                Ok(_) => log::info!("instance {id} is not visible yet; trying to delete it again"),
+            },
+        )
+        .map(drop)
 }
 
 /// Whether an instance created at `created_at` may still be invisible to the API

@@ -22,6 +22,7 @@ use crate::ecs::Instance;
 use crate::exit::StageError;
 use crate::launch::{fmt_num, Created, Hooks, Sending, Template};
 use crate::pricing::PerHour;
+use crate::retry::Backoff;
 use crate::selection::Offer;
 use crate::ssh::{self, SshError, SshTarget};
 use crate::state::{JobKey, JobState, Phase, STATE_VERSION};
@@ -289,7 +290,12 @@ fn wait_until_ready(
 ) -> Result<SshTarget, StageError> {
     let p = Progress;
     let boot_deadline = deadline.min(Instant::now() + ctx.config.ssh.boot_timeout);
-    let mut delay = Duration::from_millis(500);
+    // Jittered (±25 %), so many jobs starting together do not poll ECS in lockstep.
+    let polls = Backoff {
+        jitter: (0.75, 1.25),
+        ..Backoff::exponential(Duration::from_millis(500), 2, Duration::from_secs(5))
+    };
+    let mut round = 0;
     let mut last_report = Instant::now();
     let instance: Instance = loop {
         if ctx.terminated() {
@@ -324,9 +330,8 @@ fn wait_until_ready(
             p.line(format!("Waiting for instance {id} to boot ({}s)", started.elapsed().as_secs()));
             last_report = Instant::now();
         }
-        // Jittered, so many jobs starting together do not poll ECS in lockstep.
-        ctx.sleep(delay.mul_f64(0.75 + rand::random::<f64>() * 0.5));
-        delay = (delay * 2).min(Duration::from_secs(5));
+        round += 1;
+        ctx.sleep(polls.delay(round));
     };
     let ip = ctx.address_of(&instance).ok_or_else(|| {
         StageError::system(format!("instance {id} is Running but has no usable IP address"))
