@@ -305,7 +305,10 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             ram_role_name: config.self_destruct.instance_role(&config.instance),
             user_data: None,
             tags: vec![(config.safety.managed_tag_key.clone(), config.safety.managed_tag_value.clone())],
-            auto_release_time: Some(OffsetDateTime::now_utc() + config.safety.max_lifetime),
+            auto_release_time: Some(crate::stages::prepare::auto_release_time(
+                OffsetDateTime::now_utc(),
+                config.safety.max_lifetime,
+            )),
             client_token: format!("doctor-{}", uuid::Uuid::new_v4()),
             dry_run: true,
         };
