@@ -44,6 +44,7 @@ pub mod identity;
 pub mod keys;
 pub mod logging;
 pub mod offers;
+pub mod pattern;
 pub mod price_cache;
 pub mod pricing;
 pub mod ram_policy;

@@ -14,9 +14,9 @@
 
 use std::collections::BTreeMap;
 
+use super::api::ApiError;
 use super::auth_v3;
 use super::instances::{lock, now, Core};
-use super::rpc::ApiError;
 use crate::ecs::sign;
 
 /// Who signed a request.

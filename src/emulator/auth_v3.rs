@@ -22,8 +22,8 @@
 
 use sha2::{Digest, Sha256};
 
+use super::api::ApiError;
 use super::auth::{check_timestamp, secret_of, use_nonce, Incoming, Principal};
-use super::rpc::ApiError;
 use crate::ecs::sign;
 use hmac::{Hmac, Mac};
 

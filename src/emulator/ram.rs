@@ -15,8 +15,8 @@
 
 use serde_json::Value;
 
+use super::api::{ApiError, Params};
 use super::auth::Principal;
-use super::rpc::{ApiError, Params};
 
 /// The account id in the emulator's resource ARNs.
 pub(crate) const ACCOUNT_ID: &str = "1234567890123456";
@@ -80,8 +80,10 @@ impl Policy {
     }
 
     fn matches(s: &Statement, action: &str, resource: &str) -> bool {
-        s.actions.iter().any(|a| super::glob(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
-            && s.resources.iter().any(|r| super::glob(r, resource))
+        s.actions
+            .iter()
+            .any(|a| crate::pattern::glob_match(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
+            && s.resources.iter().any(|r| crate::pattern::glob_match(r, resource))
     }
 
     /// Whether `action` on every one of `resources` is allowed.
