@@ -41,6 +41,7 @@ use crate::secret::Secret;
 
 pub use instances::RequestRecord;
 pub use instances::{EventRecord, InstanceRecord};
+pub use sshd::sshd_config;
 
 /// The documented default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
