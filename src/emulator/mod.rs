@@ -16,7 +16,6 @@
 
 mod api;
 mod auth;
-mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod faults;

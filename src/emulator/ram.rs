@@ -16,7 +16,6 @@
 use serde_json::Value;
 
 use super::api::{ApiError, Params};
-use super::auth::Principal;
 
 /// The account id in the emulator's resource ARNs.
 pub(crate) const ACCOUNT_ID: &str = "1234567890123456";
@@ -119,6 +118,15 @@ fn resources(region: &str, action: &str, p: &Params) -> Vec<String> {
         }
         _ => vec![format!("acs:ecs:{region}:{ACCOUNT_ID}:*")],
     }
+}
+
+/// Who signed a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Principal {
+    /// The RAM role, for STS credentials.
+    pub role: Option<String>,
+    /// The session policy of `AssumeRole` credentials, enforced on every call.
+    pub policy: Option<Policy>,
 }
 
 /// Refuses an ECS request that `who`'s session policy does not allow.

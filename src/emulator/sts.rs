@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::api::{ApiError, Params};
-use super::auth::Principal;
 use super::instances::{lock, now, random_alnum, rfc3339, Core, StsRecord};
 use super::ram::Policy;
+use super::ram::Principal;
 use crate::secret::Secret;
 
 /// STS's API version: requests with it are STS requests.

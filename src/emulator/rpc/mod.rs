@@ -11,8 +11,8 @@ mod key_pairs;
 mod misc;
 
 use super::api::{ApiError, ApiResult, Params};
-use super::auth::Principal;
 use super::instances::Core;
+use super::ram::Principal;
 
 pub(super) fn get<'a>(p: &'a Params, name: &str) -> Option<&'a str> {
     p.get(name).map(String::as_str).filter(|v| !v.is_empty())
