@@ -165,7 +165,9 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                 security_group_id: ctx.config.network.security_group_id.clone().unwrap_or_default(),
                 vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
                 instance_name: ctx.instance_name(created_at),
-                host_name: None,
+                // ECS sets the OS hostname from `HostName` (`instance.hostname`, by default
+                // the instance name; RunInstances request model of the current SDK).
+                host_name: Some(ctx.config.instance.host_name(&ctx.instance_name(created_at))),
                 spot_strategy: strategy,
                 spot_price_limit: limit,
                 spot_duration: Some(ctx.config.spot.protection_hours),
