@@ -37,6 +37,9 @@ use crate::stages::{Progress, PERSIST_PAUSE};
 pub struct Template {
     /// `InstanceName`.
     pub instance_name: String,
+    /// `HostName`: ECS sets the OS hostname from it (RunInstances request model of the current
+    /// SDK); `None` leaves ECS's default.
+    pub host_name: Option<String>,
     /// `RamRoleName`: the instance RAM role, if any.
     pub ram_role_name: Option<String>,
     /// `UserData` (the rendered cloud-config).
@@ -146,7 +149,7 @@ pub fn create_on_offers<H: Hooks>(
                 security_group_id: config.network.security_group_id.clone().unwrap_or_default(),
                 vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
                 instance_name: template.instance_name.clone(),
-                host_name: None,
+                host_name: template.host_name.clone(),
                 spot_strategy: strategy,
                 spot_price_limit: limit,
                 spot_duration: Some(config.spot.protection_hours),

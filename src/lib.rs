@@ -50,6 +50,7 @@ pub mod keys;
 pub mod launch;
 pub mod logging;
 pub mod offers;
+pub mod pattern;
 pub mod price_cache;
 pub mod pricing;
 pub mod ram_policy;

@@ -84,7 +84,7 @@ impl World {
     }
 
     pub fn attempt(&self, job: &Job) -> Attempt {
-        Attempt::new(self.exes(), self.base_env(), job).unwrap()
+        Attempt::new(self.exes(), self.base_env(), job).unwrap().with_retry_interval(crate::RETRY_INTERVAL)
     }
 
     pub fn live(&self) -> usize {

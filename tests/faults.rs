@@ -146,7 +146,7 @@ impl Bed {
     }
 
     fn attempt(&self, job: &Job) -> Attempt {
-        Attempt::new(self.exes(), self.base_env(), job).unwrap()
+        Attempt::new(self.exes(), self.base_env(), job).unwrap().with_retry_interval(crate::RETRY_INTERVAL)
     }
 
     /// The validated configuration the stages read.

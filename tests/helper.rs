@@ -29,7 +29,7 @@ fn attempt_with(w: &World, job: &aliyun_spot_executor::demo::gitlab::Job, extra:
     for (k, v) in extra {
         env.insert(k.to_string(), v.to_string());
     }
-    Attempt::new(w.exes(), env, job).unwrap()
+    Attempt::new(w.exes(), env, job).unwrap().with_retry_interval(crate::RETRY_INTERVAL)
 }
 
 #[test]

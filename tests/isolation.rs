@@ -52,6 +52,7 @@ fn the_runners_tmpdir_and_hostname_are_not_the_instances() {
     let instance = &w.emulator.instances()[0];
     let runner_host = aliyun_spot_executor::env::Env::default().hostname();
     assert_eq!(value(&log, "HOSTNAME"), instance.host_name, "{log}");
+    assert_eq!(instance.host_name, instance.name, "`HostName` is the instance name by default");
     assert_ne!(value(&log, "HOSTNAME"), runner_host, "{log}");
     // The host's hostname is untouched.
     assert_eq!(aliyun_spot_executor::env::Env::default().hostname(), runner_host);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use aliyun_spot_executor::emulator::sshd_config;
 use aliyun_spot_executor::keys::{self, KeyPair};
 use aliyun_spot_executor::secret::Secret;
 use aliyun_spot_executor::ssh::{run_script, wait_until_ready, RunOutcome, SshError, SshTarget};
@@ -55,22 +56,11 @@ impl SshdSetup {
         fs::write(&host_key, host.private_openssh.expose()).unwrap();
         fs::set_permissions(&host_key, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(dir.path().join("authorized_keys"), format!("{}\n", client.public_openssh)).unwrap();
-        let config = format!(
-            "ListenAddress {ip}:{port}\n\
-             HostKey {hk}\n\
-             AuthorizedKeysFile {ak}\n\
-             PidFile none\n\
-             UsePAM no\n\
-             StrictModes no\n\
-             PasswordAuthentication no\n\
-             KbdInteractiveAuthentication no\n\
-             PubkeyAuthentication yes\n\
-             PermitRootLogin prohibit-password\n\
-             UseDNS no\n\
-             PrintMotd no\n\
-             LogLevel VERBOSE\n",
-            hk = host_key.display(),
-            ak = dir.path().join("authorized_keys").display(),
+        let config = sshd_config(
+            SocketAddr::new(ip.parse().unwrap(), port),
+            &host_key,
+            &dir.path().join("authorized_keys"),
+            "VERBOSE",
         );
         fs::write(dir.path().join("sshd_config"), config).unwrap();
         SshdSetup { dir, ip, port, host, client }

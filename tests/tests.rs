@@ -28,3 +28,8 @@ pub fn private_tempdir() -> tempfile::TempDir {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("a private directory under target/tmp")
 }
+
+/// gitlab-runner's pause between preparation attempts in the tests: none, as gitlab-runner's
+/// own tests set `PreparationRetryInterval = 0` (`common/build_test.go`), so a job whose
+/// preparation fails three times does not wait 6 s.
+pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::ZERO;

@@ -110,7 +110,9 @@ impl Exit {
 /// gitlab-runner's preparation attempts (`PreparationRetries` in `common/consts.go`, used by
 /// `Build.retryCreateExecutor` in `common/build.go`, gitlab-runner v18.3.0 and main).
 pub const PREPARATION_RETRIES: usize = 3;
-/// The pause between them (`PreparationRetryInterval`, same files).
+/// The pause between them (`PreparationRetryInterval`, same files; a `var` there, which
+/// gitlab-runner's own tests set to 0 in `common/build_test.go`: see
+/// [`Attempt::with_retry_interval`]).
 pub const PREPARATION_RETRY_INTERVAL: Duration = Duration::from_secs(3);
 
 /// A job as GitLab hands it to the runner: its ids and token (the payload), variables and the
@@ -272,6 +274,8 @@ pub struct Attempt {
     pub log: Log,
     /// The runner's own log (cleanup output).
     pub runner_log: Log,
+    /// The pause between preparation attempts.
+    retry_interval: Duration,
 }
 
 impl Attempt {
@@ -302,7 +306,15 @@ impl Attempt {
             custom_env: job.variables.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())).collect(),
             log: Log::default(),
             runner_log: Log::default(),
+            retry_interval: PREPARATION_RETRY_INTERVAL,
         })
+    }
+
+    /// Pauses `interval` instead of gitlab-runner's [`PREPARATION_RETRY_INTERVAL`] between
+    /// preparation attempts, as gitlab-runner's own tests do, so that tests do not wait.
+    pub fn with_retry_interval(mut self, interval: Duration) -> Attempt {
+        self.retry_interval = interval;
+        self
     }
 
     /// The attempt's temporary directory (the executables' working directory).
@@ -536,9 +548,10 @@ impl Attempt {
             // gitlab-runner's `SoftErrorln` and `Infoln` lines, without their colours and the
             // `ERROR: ` prefix, so that tests count only the driver's error lines.
             log.push(&format!("Preparation failed: {}\n", describe(&failed)));
-            log.push(&format!("Will be retried in {}s ...\n", PREPARATION_RETRY_INTERVAL.as_secs()));
-            thread::sleep(PREPARATION_RETRY_INTERVAL);
-            let mut next = Attempt::new(attempt.exes.clone(), attempt.base_env.clone(), job)?;
+            log.push(&format!("Will be retried in {} ...\n", go_duration(attempt.retry_interval)));
+            thread::sleep(attempt.retry_interval);
+            let mut next = Attempt::new(attempt.exes.clone(), attempt.base_env.clone(), job)?
+                .with_retry_interval(attempt.retry_interval);
             // One job log and one runner log across attempts, as in GitLab.
             next.log = log.clone();
             next.runner_log = runner_log.clone();
@@ -547,6 +560,16 @@ impl Attempt {
         outcome.job_log = log.text();
         outcome.runner_log = runner_log.text();
         Ok(outcome)
+    }
+}
+
+/// A pause as Go's `time.Duration.String` writes whole seconds and milliseconds (`3s`, `0s`,
+/// `250ms`), the form of gitlab-runner's "Will be retried in" line.
+fn go_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 || d.as_secs() > 0 {
+        format!("{}s", d.as_secs_f64())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 
@@ -692,6 +715,14 @@ mod tests {
         );
         assert_eq!(attempt.env()["JOB_RESPONSE_FILE"], path.display().to_string());
         assert_eq!(attempt.env()["CUSTOM_ENV_CI_JOB_ID"], "2001", "the job's override wins in its variables");
+    }
+
+    #[test]
+    fn retry_pauses_are_written_as_go_writes_them() {
+        assert_eq!(go_duration(PREPARATION_RETRY_INTERVAL), "3s");
+        assert_eq!(go_duration(Duration::ZERO), "0s");
+        assert_eq!(go_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
     }
 
     #[test]

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
+use super::api::ApiError;
 use super::instances::{now, Instance};
-use super::rpc::ApiError;
 use super::Faults;
 
 /// How long a new instance refuses deletion unless configured: a few seconds, like a real

@@ -23,7 +23,6 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::catalogue::Catalogue;
-use super::server::RequestRecord;
 use super::{EmulatorOptions, Faults, StsCredentials, RECLAIM_LINGER};
 use crate::secret::Secret;
 
@@ -268,6 +267,32 @@ impl NonceSet {
         self.order.push_back(nonce.to_string());
         true
     }
+}
+
+/// One RPC request as the log keeps it (secrets redacted).
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    /// UTC time, RFC 3339.
+    pub time: String,
+    /// HTTP method.
+    pub method: String,
+    /// `Action`, if given.
+    pub action: Option<String>,
+    /// `AccessKeyId`, if given.
+    pub access_key_id: Option<String>,
+    /// The RAM role when signed with emulator-issued STS credentials.
+    pub role: Option<String>,
+    /// Parameters with `Signature`, `SecurityToken`, `UserData` and secrets replaced by
+    /// `REDACTED`.
+    pub params: BTreeMap<String, String>,
+    /// HTTP status answered.
+    pub status: u16,
+    /// Error code answered, if any.
+    pub code: Option<String>,
+    /// The `RequestId` answered.
+    pub request_id: String,
+    /// Client address.
+    pub source: String,
 }
 
 /// The emulator's shared core.

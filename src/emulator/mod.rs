@@ -14,8 +14,8 @@
 //! routing, metadata, inspection and control endpoints), `cloudconfig` (the user-data subset),
 //! `sts` (STS `AssumeRole`, routed by `Version`) and `ram` (session policies enforced on ECS calls).
 
+mod api;
 mod auth;
-mod auth_v3;
 mod catalogue;
 mod cloudconfig;
 mod faults;
@@ -39,8 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
 
+pub use instances::RequestRecord;
 pub use instances::{EventRecord, InstanceRecord};
-pub use server::RequestRecord;
+pub use sshd::sshd_config;
 
 /// The documented default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
@@ -113,6 +114,7 @@ impl Faults {
     pub fn pattern_matches(pattern: &str, instance_type: &str, zone: &str) -> bool {
         let (tp, zp) = pattern.split_once('@').unwrap_or((pattern, "*"));
         let short = zone.rsplit('-').next().unwrap_or(zone);
+        let glob = crate::pattern::glob_match;
         glob(tp.trim(), instance_type) && (glob(zp.trim(), zone) || glob(zp.trim(), short))
     }
 
@@ -133,18 +135,6 @@ impl Faults {
     pub(crate) fn never_boots(&self, instance_type: &str, zone: &str) -> bool {
         self.never_boot.iter().any(|p| Self::pattern_matches(p, instance_type, zone))
     }
-}
-
-/// Glob with `*` only.
-fn glob(pattern: &str, s: &str) -> bool {
-    fn rec(p: &[u8], s: &[u8]) -> bool {
-        match p.split_first() {
-            None => s.is_empty(),
-            Some((b'*', rest)) => (0..=s.len()).any(|i| rec(rest, &s[i..])),
-            Some((c, rest)) => s.first() == Some(c) && rec(rest, &s[1..]),
-        }
-    }
-    rec(pattern.as_bytes(), s.as_bytes())
 }
 
 mod secs {

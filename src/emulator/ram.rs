@@ -15,8 +15,7 @@
 
 use serde_json::Value;
 
-use super::auth::Principal;
-use super::rpc::{ApiError, Params};
+use super::api::{ApiError, Params};
 
 /// The account id in the emulator's resource ARNs.
 pub(crate) const ACCOUNT_ID: &str = "1234567890123456";
@@ -80,8 +79,10 @@ impl Policy {
     }
 
     fn matches(s: &Statement, action: &str, resource: &str) -> bool {
-        s.actions.iter().any(|a| super::glob(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
-            && s.resources.iter().any(|r| super::glob(r, resource))
+        s.actions
+            .iter()
+            .any(|a| crate::pattern::glob_match(&a.to_ascii_lowercase(), &action.to_ascii_lowercase()))
+            && s.resources.iter().any(|r| crate::pattern::glob_match(r, resource))
     }
 
     /// Whether `action` on every one of `resources` is allowed.
@@ -117,6 +118,15 @@ fn resources(region: &str, action: &str, p: &Params) -> Vec<String> {
         }
         _ => vec![format!("acs:ecs:{region}:{ACCOUNT_ID}:*")],
     }
+}
+
+/// Who signed a request.
+#[derive(Debug, Clone)]
+pub(crate) struct Principal {
+    /// The RAM role, for STS credentials.
+    pub role: Option<String>,
+    /// The session policy of `AssumeRole` credentials, enforced on every call.
+    pub policy: Option<Policy>,
 }
 
 /// Refuses an ECS request that `who`'s session policy does not allow.

@@ -14,40 +14,14 @@ use std::time::Duration;
 
 use base64::Engine;
 use rand::Rng;
-use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::api::{ApiError, Params};
 use super::auth;
 use super::github::GithubFake;
-use super::instances::{lock, now, random_alnum, rfc3339, Core};
-use super::rpc::{self, ApiError, Params};
+use super::instances::{lock, now, random_alnum, rfc3339, Core, RequestRecord};
+use super::rpc;
 use super::Faults;
-
-/// One RPC request as the log keeps it (secrets redacted).
-#[derive(Debug, Clone, Serialize)]
-pub struct RequestRecord {
-    /// UTC time, RFC 3339.
-    pub time: String,
-    /// HTTP method.
-    pub method: String,
-    /// `Action`, if given.
-    pub action: Option<String>,
-    /// `AccessKeyId`, if given.
-    pub access_key_id: Option<String>,
-    /// The RAM role when signed with emulator-issued STS credentials.
-    pub role: Option<String>,
-    /// Parameters with `Signature`, `SecurityToken`, `UserData` and secrets replaced by
-    /// `REDACTED`.
-    pub params: BTreeMap<String, String>,
-    /// HTTP status answered.
-    pub status: u16,
-    /// Error code answered, if any.
-    pub code: Option<String>,
-    /// The `RequestId` answered.
-    pub request_id: String,
-    /// Client address.
-    pub source: String,
-}
 
 const MAX_BODY: u64 = 1024 * 1024;
 

@@ -23,6 +23,7 @@
 
 use std::ffi::CString;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -65,24 +66,14 @@ pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool) -> anyhow::Resul
     write_private(&etc.join("authorized_keys"), auth.as_bytes())?;
     let cfg_path = etc.join("sshd_config");
     let cfg = format!(
-        "# sshd of emulated instance {id}\n\
-         ListenAddress {ip}:{port}\n\
-         HostKey {hk}\n\
-         AuthorizedKeysFile {ak}\n\
-         PidFile none\n\
-         UsePAM no\n\
-         StrictModes no\n\
-         PasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\n\
-         PermitRootLogin prohibit-password\n\
-         PrintMotd no\n\
-         LogLevel ERROR\n\
-         Subsystem sftp internal-sftp\n",
-        id = inst.id,
-        ip = inst.ip,
-        port = inst.ssh_port,
-        hk = seen.join("ssh_host_ed25519_key").display(),
-        ak = seen.join("authorized_keys").display(),
+        "# sshd of emulated instance {}\n{}",
+        inst.id,
+        sshd_config(
+            SocketAddr::new(inst.ip.into(), inst.ssh_port),
+            &seen.join("ssh_host_ed25519_key"),
+            &seen.join("authorized_keys"),
+            "ERROR",
+        )
     );
     write_private(&cfg_path, cfg.as_bytes())?;
     let cfg_seen = seen.join("sshd_config");
@@ -128,6 +119,30 @@ pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool) -> anyhow::Resul
         });
     }
     cmd.spawn().context("failed to start `/usr/sbin/sshd`")
+}
+
+/// The `sshd_config` of an instance's sshd (and of the SSH tests' own sshd): key-only root
+/// login on `listen` with one host key and one `authorized_keys` file, no PAM and no pid file
+/// (the process is supervised, not daemonized). `log_level` is sshd's `LogLevel`.
+pub fn sshd_config(listen: SocketAddr, host_key: &Path, authorized_keys: &Path, log_level: &str) -> String {
+    format!(
+        "ListenAddress {listen}\n\
+         HostKey {hk}\n\
+         AuthorizedKeysFile {ak}\n\
+         PidFile none\n\
+         UsePAM no\n\
+         StrictModes no\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         PubkeyAuthentication yes\n\
+         PermitRootLogin prohibit-password\n\
+         UseDNS no\n\
+         PrintMotd no\n\
+         LogLevel {log_level}\n\
+         Subsystem sftp internal-sftp\n",
+        hk = host_key.display(),
+        ak = authorized_keys.display(),
+    )
 }
 
 /// Everything the child needs to become its own machine, as C strings made before the fork.

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::auth::Principal;
+use super::api::{ApiError, Params};
 use super::instances::{lock, now, random_alnum, rfc3339, Core, StsRecord};
 use super::ram::Policy;
-use super::rpc::{ApiError, Params};
+use super::ram::Principal;
 use crate::secret::Secret;
 
 /// STS's API version: requests with it are STS requests.

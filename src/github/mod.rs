@@ -306,6 +306,7 @@ pub fn start(
         shape: &shape,
         template: crate::launch::Template {
             instance_name: runner_name.clone(),
+            host_name: Some(config.instance.host_name(&runner_name)),
             ram_role_name: ram_role,
             user_data,
             tags: tags_for(config, &scope, &runner),

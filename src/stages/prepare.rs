@@ -114,8 +114,12 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // 3. Create, walking the offers (the walk both front ends share).
     let created_at = OffsetDateTime::now_utc();
     let user_data = ctx.cloud_config(&ssh_keys, created_at).render()?.text;
+    let instance_name = ctx.instance_name(created_at);
     let template = Template {
-        instance_name: ctx.instance_name(created_at),
+        // ECS sets the OS hostname from `HostName` (`instance.hostname`, by default the
+        // instance name).
+        host_name: Some(ctx.config.instance.host_name(&instance_name)),
+        instance_name,
         ram_role_name: ctx.config.self_destruct.instance_role(&ctx.config.instance),
         user_data,
         tags: ctx.tags(),

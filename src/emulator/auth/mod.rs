@@ -3,7 +3,7 @@
 //! - signature v1 (HMAC-SHA1, the legacy `aliyun-python-sdk-core`): common parameters in the
 //!   query or the form, signed over the query and the form body together (below);
 //! - ACS3-HMAC-SHA256 ("V3", the current `alibabacloud-*` SDKs): the action and the signature
-//!   in `x-acs-*` headers and `Authorization` ([`super::auth_v3`]).
+//!   in `x-acs-*` headers and `Authorization` ([`v3`]).
 //!
 //! Both then pass the same checks: timestamp within 15 minutes, AccessKey known (configured, or
 //! STS credentials issued by our metadata service with a matching, unexpired security token),
@@ -12,21 +12,14 @@
 //! Why it matters: the executor's signing and the SDKs' are verified by a server that really
 //! checks, so a signing bug fails the tests instead of the first real deployment.
 
+mod v3;
+
 use std::collections::BTreeMap;
 
-use super::auth_v3;
-use super::instances::{lock, now, Core};
-use super::rpc::ApiError;
 use crate::ecs::sign;
-
-/// Who signed a request.
-#[derive(Debug, Clone)]
-pub(crate) struct Principal {
-    /// The RAM role, for STS credentials.
-    pub role: Option<String>,
-    /// The session policy of `AssumeRole` credentials, enforced on every call.
-    pub policy: Option<super::ram::Policy>,
-}
+use crate::emulator::api::ApiError;
+use crate::emulator::instances::{lock, now, Core};
+use crate::emulator::ram::{Policy, Principal};
 
 /// One RPC request as received: method, decoded query and form parameters (the form's win on
 /// a clash, as in the legacy SDK's `sign_params.update(body_params)`), headers with lower-case
@@ -62,9 +55,7 @@ impl Incoming<'_> {
     /// The AccessKey id the request claims (for the request log).
     pub fn access_key_id(&self) -> Option<String> {
         if self.is_v3() {
-            self.header("authorization")
-                .and_then(|a| auth_v3::parse_authorization(a).ok())
-                .map(|a| a.credential)
+            self.header("authorization").and_then(|a| v3::parse_authorization(a).ok()).map(|a| a.credential)
         } else {
             self.params.get("AccessKeyId").cloned()
         }
@@ -74,7 +65,7 @@ impl Incoming<'_> {
 /// Verifies `req` with the scheme it uses.
 pub(crate) fn authenticate(core: &Core, req: &Incoming) -> Result<Principal, ApiError> {
     if req.is_v3() {
-        auth_v3::authenticate(core, req)
+        v3::authenticate(core, req)
     } else {
         authenticate_v1(core, req.method, req.params)
     }
@@ -109,7 +100,7 @@ pub(crate) fn secret_of(
     core: &Core,
     id: &str,
     token: Option<&str>,
-) -> Result<(String, Option<String>, Option<super::ram::Policy>), ApiError> {
+) -> Result<(String, Option<String>, Option<Policy>), ApiError> {
     if let Some((_, secret)) = core.access_keys.iter().find(|(k, _)| k == id) {
         return Ok((secret.expose().clone(), None, None));
     }

@@ -22,9 +22,10 @@
 
 use sha2::{Digest, Sha256};
 
-use super::auth::{check_timestamp, secret_of, use_nonce, Incoming, Principal};
-use super::rpc::ApiError;
+use super::{check_timestamp, secret_of, use_nonce, Incoming};
 use crate::ecs::sign;
+use crate::emulator::api::ApiError;
+use crate::emulator::ram::Principal;
 use hmac::{Hmac, Mac};
 
 /// The only V3 algorithm the emulator verifies (the SDK's default).
@@ -140,7 +141,10 @@ pub(crate) fn signature(secret: &str, string_to_sign: &str) -> String {
 
 /// Verifies a V3 request: header shape, `x-acs-date`, the key (and STS token), the signature
 /// over the query, the signed headers and the body's hash, then the nonce.
-pub(crate) fn authenticate(core: &super::instances::Core, req: &Incoming) -> Result<Principal, ApiError> {
+pub(crate) fn authenticate(
+    core: &crate::emulator::instances::Core,
+    req: &Incoming,
+) -> Result<Principal, ApiError> {
     let auth = parse_authorization(req.header("authorization").unwrap_or(""))?;
     if auth.algorithm != ALGORITHM {
         return Err(ApiError::new(
@@ -221,7 +225,7 @@ mod tests {
             authorization: String,
         }
         let v: Vector =
-            serde_json::from_str(include_str!("../../tests/data/aliyun-v3-sign-vector.json")).unwrap();
+            serde_json::from_str(include_str!("../../../tests/data/aliyun-v3-sign-vector.json")).unwrap();
         let headers: Vec<(String, String)> = v.headers.into_iter().collect();
         let signed: Vec<String> = headers.iter().map(|(k, _)| k.clone()).collect();
         let canonical =
