@@ -184,9 +184,13 @@ fn validate_run<'a>(
     }
     let spot_strategy = get(p, "SpotStrategy").unwrap_or("NoSpot");
     validate_spot_strategy(spot_strategy)?;
-    let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| {
-        ApiError::invalid("InvalidSpotPriceLimit.Malformed", "The specified SpotPriceLimit is not valid.")
-    })?;
+    // Codes and messages as Aliyun's RunInstances error table gives them
+    // (tests/data/runinstances-errors.tsv, shared with the driver's classifier).
+    let published = |code: &str| {
+        let row = crate::ecs::published_error(code).expect("a code of the published table");
+        ApiError::new(row.http_status, row.code, row.message)
+    };
+    let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| published("InvalidSpotPriceLimit"))?;
     // At most three decimals (`RunInstances` request model, see `crate::pricing`). Aliyun's
     // RunInstances error table names no code of its own for this, so the emulator answers the
     // common `InvalidParameter` (HTTP 400) naming the parameter.
@@ -206,10 +210,7 @@ fn validate_run<'a>(
         };
         let price = offer.spot_for(spot_duration.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS));
         if limit < price {
-            return Err(ApiError::invalid(
-                "InvalidSpotPriceLimit.LowerThanPublicPrice",
-                &format!("The specified SpotPriceLimit {limit} is lower than the current spot price {price} of \"{itype_id}\" in \"{zone}\"."),
-            ));
+            return Err(published("InvalidSpotPriceLimit.LowerThanPublicPrice"));
         }
     }
     let amount = num_param::<i64>(p, "Amount")?.unwrap_or(1);
