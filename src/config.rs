@@ -44,8 +44,6 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// runner, project, job, attempt binding, pipeline, host: `crate::stages::tags`).
 const MAX_TAGS: usize = 20;
 const OWN_TAGS: usize = 7;
-/// The job variables a job may set (without the `CUSTOM_ENV_` prefix gitlab-runner adds).
-pub const JOB_VAR_ARCH: &str = "ALIYUN_SPOT_ARCH";
 
 // ---------------------------------------------------------------------------------------------
 // Validated configuration
@@ -99,7 +97,10 @@ pub struct Config {
 pub use crate::credentials::CredentialSpec;
 
 mod helper;
+mod job;
 pub use helper::{valid_version, HelperConfig, HelperInstall, DEFAULT_CHECKSUM_URL, DEFAULT_DOWNLOAD_URL};
+use job::parse_gib;
+pub use job::{AskedBy, Ceiling, JobOverrides, JobSpec, Override, ShapeRequest, JOB_VAR_ARCH};
 
 /// Networking of the created instances.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,70 +245,6 @@ impl SshConfig {
     }
 }
 
-/// A value a job may set through `CUSTOM_ENV_ALIYUN_SPOT_*`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Override {
-    /// `ALIYUN_SPOT_ARCH`.
-    Arch,
-    /// `ALIYUN_SPOT_MIN_CPU`.
-    MinCpu,
-    /// `ALIYUN_SPOT_MAX_CPU`.
-    MaxCpu,
-    /// `ALIYUN_SPOT_MIN_MEM`.
-    MinMem,
-    /// `ALIYUN_SPOT_MAX_MEM`.
-    MaxMem,
-}
-
-impl Override {
-    /// All of them, in documentation order.
-    pub const ALL: [Override; 5] =
-        [Override::Arch, Override::MinCpu, Override::MaxCpu, Override::MinMem, Override::MaxMem];
-
-    /// The name in `job_overrides.allow`.
-    pub fn key(self) -> &'static str {
-        match self {
-            Override::Arch => "arch",
-            Override::MinCpu => "min_cpu",
-            Override::MaxCpu => "max_cpu",
-            Override::MinMem => "min_mem",
-            Override::MaxMem => "max_mem",
-        }
-    }
-
-    /// The job variable as the user writes it in `.gitlab-ci.yml`.
-    pub fn variable(self) -> &'static str {
-        match self {
-            Override::Arch => JOB_VAR_ARCH,
-            Override::MinCpu => "ALIYUN_SPOT_MIN_CPU",
-            Override::MaxCpu => "ALIYUN_SPOT_MAX_CPU",
-            Override::MinMem => "ALIYUN_SPOT_MIN_MEM",
-            Override::MaxMem => "ALIYUN_SPOT_MAX_MEM",
-        }
-    }
-}
-
-/// The administrator's limits on what a job may ask for.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobOverrides {
-    /// Which job variables are honoured (default: all five).
-    pub allow: BTreeSet<Override>,
-    /// Architectures a job may choose (default: both).
-    pub archs: BTreeSet<Arch>,
-    /// Per architecture, the most a job may ask for (default: the shape's maximum).
-    pub ceilings: BTreeMap<Arch, Ceiling>,
-}
-
-/// The most CPU and memory a job may ask for.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ceiling {
-    /// vCPU.
-    pub max_cpu: u32,
-    /// GiB.
-    pub max_mem_gib: f64,
-}
-
 /// Safety nets against leaked instances.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Safety {
@@ -364,17 +301,6 @@ pub struct Timeouts {
     pub prepare: Duration,
     /// One ECS API request (default 30 seconds).
     pub api_call: Duration,
-}
-
-/// What one job gets: the architecture and shape after its overrides.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobSpec {
-    /// The architecture.
-    pub arch: Arch,
-    /// The shape to select offers for.
-    pub shape: Shape,
-    /// The job variables that were applied, as `(ALIYUN_SPOT_…, value)`, for the job log.
-    pub overrides: Vec<(String, String)>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,124 +467,6 @@ impl Config {
             );
         }
     }
-
-    /// The job's architecture and shape: the defaults, changed by the job variables
-    /// `CUSTOM_ENV_ALIYUN_SPOT_{ARCH,MIN_CPU,MAX_CPU,MIN_MEM,MAX_MEM}` where the administrator
-    /// allows it and within the ceilings. Errors are one line naming the variable as the user
-    /// wrote it, its value and the allowed range.
-    ///
-    /// Every error is a [`crate::exit::JobError`] (the job's mistake, a build failure).
-    pub fn job_spec(&self, env: &Env) -> anyhow::Result<JobSpec> {
-        self.job_spec_unclassified(env)
-            .map_err(|e| anyhow::Error::new(crate::exit::JobError(crate::exit::one_line(&e))))
-    }
-
-    fn job_spec_unclassified(&self, env: &Env) -> anyhow::Result<JobSpec> {
-        let jo = &self.job_overrides;
-        let mut applied = Vec::new();
-        let mut take = |o: Override| -> anyhow::Result<Option<String>> {
-            let Some(v) = env.custom(o.variable()) else { return Ok(None) };
-            // The value is the job's and may reach the job log: control characters escaped.
-            let v = &crate::identity::escape_for_log(v, 64);
-            if !jo.allow.contains(&o) {
-                let allowed: Vec<_> = jo.allow.iter().map(|a| format!("`{}`", a.variable())).collect();
-                let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
-                bail!(
-                    "job variable `{}`=`{v}` is not allowed on this runner (it accepts: {allowed}); remove it \
-                     from the job",
-                    o.variable()
-                );
-            }
-            applied.push((o.variable().to_string(), v.to_string()));
-            Ok(Some(v.to_string()))
-        };
-
-        let arch = match take(Override::Arch)? {
-            None => self.instance.default_arch,
-            Some(v) => {
-                let arch: Arch = v.parse().map_err(|_| {
-                    anyhow!(
-                        "job variable `{JOB_VAR_ARCH}`=`{v}` is not an architecture; set `amd64` (or `x86_64`) \
-                         or `arm64` (or `aarch64`)"
-                    )
-                })?;
-                if !jo.archs.contains(&arch) {
-                    let ok: Vec<_> = jo.archs.iter().map(|a| format!("`{a}`")).collect();
-                    bail!(
-                        "job variable `{JOB_VAR_ARCH}`=`{v}` is not allowed on this runner; set {}",
-                        ok.join(" or ")
-                    );
-                }
-                arch
-            }
-        };
-        let min_cpu_s = take(Override::MinCpu)?;
-        let max_cpu_s = take(Override::MaxCpu)?;
-        let min_mem_s = take(Override::MinMem)?;
-        let max_mem_s = take(Override::MaxMem)?;
-
-        let base = self.shape(arch).clone();
-        let ceil = jo.ceilings[&arch];
-        let ratio = arch.default_mem_per_core();
-        let mut shape = base.clone();
-
-        // CPU.
-        let job_min_cpu = min_cpu_s.map(|v| job_cpu(Override::MinCpu, &v, 1, ceil.max_cpu)).transpose()?;
-        let lo_for_max = job_min_cpu.unwrap_or(1);
-        let job_max_cpu =
-            max_cpu_s.map(|v| job_cpu(Override::MaxCpu, &v, lo_for_max, ceil.max_cpu)).transpose()?;
-        match (job_min_cpu, job_max_cpu) {
-            (Some(min), Some(max)) => (shape.min_cpu, shape.max_cpu) = (min, max),
-            (Some(min), None) => {
-                (shape.min_cpu, shape.max_cpu) = (min, base.max_cpu.max(min).min(ceil.max_cpu))
-            }
-            (None, Some(max)) => (shape.min_cpu, shape.max_cpu) = (base.min_cpu.min(max), max),
-            (None, None) => {}
-        }
-        let cpu_changed = shape.min_cpu != base.min_cpu;
-
-        // Memory.
-        let job_min_mem =
-            min_mem_s.map(|v| job_mem(Override::MinMem, &v, 0.0, ceil.max_mem_gib)).transpose()?;
-        let lo_for_max = job_min_mem.unwrap_or(0.0);
-        let job_max_mem =
-            max_mem_s.map(|v| job_mem(Override::MaxMem, &v, lo_for_max, ceil.max_mem_gib)).transpose()?;
-        let min_mem = match job_min_mem {
-            Some(m) => m,
-            None if cpu_changed => {
-                let implied = f64::from(shape.min_cpu) * ratio;
-                if implied > ceil.max_mem_gib && job_max_mem.is_none() {
-                    bail!(
-                        "job variable `{}`=`{}` implies at least {} GiB of memory ({ratio} GiB per vCPU on \
-                         {arch}), above the administrator's ceiling of {} GiB; also set `ALIYUN_SPOT_MIN_MEM` \
-                         to at most {}",
-                        Override::MinCpu.variable(),
-                        shape.min_cpu,
-                        num(implied),
-                        num(ceil.max_mem_gib),
-                        num(ceil.max_mem_gib)
-                    );
-                }
-                implied
-            }
-            None => base.min_mem_gib,
-        };
-        match job_max_mem {
-            Some(max) => {
-                shape.max_mem_gib = max;
-                shape.min_mem_gib = if job_min_mem.is_some() { min_mem } else { min_mem.min(max) };
-            }
-            None => {
-                shape.min_mem_gib = min_mem;
-                shape.max_mem_gib = if shape.max_mem_gib < min_mem {
-                    min_mem.max(base.max_mem_gib).min(ceil.max_mem_gib)
-                } else {
-                    shape.max_mem_gib
-                };
-            }
-        }
-        Ok(JobSpec { arch, shape, overrides: applied })
-    }
 }
 
 fn report_missing(what: &str, missing: Vec<String>) -> anyhow::Result<()> {
@@ -667,59 +475,6 @@ fn report_missing(what: &str, missing: Vec<String>) -> anyhow::Result<()> {
     } else {
         bail!("{what}: missing {}", missing.join(", "))
     }
-}
-
-fn job_cpu(o: Override, v: &str, lo: u32, hi: u32) -> anyhow::Result<u32> {
-    let var = o.variable();
-    let n: u32 = v.parse().map_err(|_| {
-        anyhow!(
-            "job variable `{var}`=`{v}` is not a whole number of vCPUs; set a value between {lo} and {hi}"
-        )
-    })?;
-    if n > hi {
-        bail!(
-            "job variable `{var}`=`{v}` is above the administrator's ceiling of {hi} vCPU; set a value between \
-             {lo} and {hi}"
-        );
-    }
-    if n < lo.max(1) {
-        let why = if n == 0 { "is zero".to_string() } else { format!("is below the minimum of {lo} vCPU") };
-        bail!("job variable `{var}`=`{v}` {why}; set a value between {} and {hi}", lo.max(1));
-    }
-    Ok(n)
-}
-
-fn job_mem(o: Override, v: &str, lo: f64, hi: f64) -> anyhow::Result<f64> {
-    let var = o.variable();
-    let range = if lo > 0.0 {
-        format!("between {} and {} GiB", num(lo), num(hi))
-    } else {
-        format!("above 0 and at most {} GiB", num(hi))
-    };
-    let n = parse_gib(v)
-        .ok_or_else(|| anyhow!("job variable `{var}`=`{v}` is not a number of GiB; set a value {range}"))?;
-    if n > hi {
-        bail!(
-            "job variable `{var}`=`{v}` is above the administrator's ceiling of {} GiB; set a value {range}",
-            num(hi)
-        );
-    }
-    if n <= 0.0 || n < lo {
-        let why = if n <= 0.0 {
-            "is not positive".to_string()
-        } else {
-            format!("is below the minimum of {} GiB", num(lo))
-        };
-        bail!("job variable `{var}`=`{v}` {why}; set a value {range}");
-    }
-    Ok(n)
-}
-
-/// GiB as written by a person: `16`, `0.5`, `16G`, `16GiB`.
-fn parse_gib(v: &str) -> Option<f64> {
-    let lower = v.trim().to_ascii_lowercase();
-    let digits = lower.strip_suffix("gib").or_else(|| lower.strip_suffix('g')).unwrap_or(&lower).trim();
-    digits.parse::<f64>().ok().filter(|n| n.is_finite())
 }
 
 /// A number without a needless `.0`.

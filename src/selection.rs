@@ -16,11 +16,9 @@
 //!
 //! - Defaults per architecture ([`Shape::defaults`]): amd64 8c8g..64c64g (CPU:RAM 1:1, every
 //!   family); arm64 8c16g..64c128g (1:2, families `ecs.c8y` and `ecs.c8r`).
-//! - Overrides ([`Shape::with_overrides`]): when only a minimum CPU is given, the minimum memory
-//!   follows from the architecture's ratio ([`Arch::default_mem_per_core`]): `min_cpu = 16` on
-//!   arm64 means 16c32g. When only a minimum memory is given, the minimum CPU stays as it was.
-//!   Maximums keep their defaults unless given. A minimum above its maximum is an error
-//!   ([`ShapeError`]) naming both values; it is never silently "fixed" by raising the maximum.
+//! - What a job (or `aliyun-spot prices`) asks for changes the configured shape by one rule,
+//!   [`crate::config::Config::shape_for`], within the administrator's ceilings. A configured
+//!   minimum above its maximum is an error ([`ShapeError`]) naming both values.
 //! - Bounds are inclusive. Memory is compared with a relative tolerance of
 //!   [`MEM_TOLERANCE`] (5 %), because ECS reports the usable memory of some types a little below
 //!   their nominal size (15.25 GiB for a "16 GiB" type): 15.25 fits `min_mem = 16`, 15.0 does
@@ -203,16 +201,12 @@ pub enum ShapeError {
         max: u32,
     },
     /// The minimum memory is above the maximum.
-    #[error("minimum memory {min} GiB{} is above the maximum memory {max} GiB", derived_note(*.from_cpu, *.per_core))]
+    #[error("minimum memory {min} GiB is above the maximum memory {max} GiB")]
     MemMinAboveMax {
         /// Minimum memory (GiB).
         min: f64,
         /// Maximum memory (GiB).
         max: f64,
-        /// The minimum CPU count the minimum memory was derived from, if it was.
-        from_cpu: Option<u32>,
-        /// GiB per core used for that derivation.
-        per_core: f64,
     },
     /// A memory bound is NaN, infinite or negative.
     #[error("memory bound {value} GiB is not a usable number of GiB")]
@@ -222,61 +216,10 @@ pub enum ShapeError {
     },
 }
 
-fn derived_note(from_cpu: Option<u32>, per_core: f64) -> String {
-    match from_cpu {
-        Some(cpu) => format!(" (from minimum CPU {cpu} at {per_core} GiB per core)"),
-        None => String::new(),
-    }
-}
-
-/// Optional per-job or per-command changes to a base [`Shape`] (see the module doc's rules).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ShapeOverrides {
-    /// Minimum vCPU count.
-    pub min_cpu: Option<u32>,
-    /// Maximum vCPU count.
-    pub max_cpu: Option<u32>,
-    /// Minimum memory (GiB).
-    pub min_mem_gib: Option<f64>,
-    /// Maximum memory (GiB).
-    pub max_mem_gib: Option<f64>,
-}
-
 impl Shape {
-    /// Applies `ov` to this shape (usually [`Shape::defaults`] or the administrator's configured
-    /// shape for the architecture) and validates the result. When only `min_cpu` is given, the
-    /// minimum memory becomes `min_cpu ×` [`Arch::default_mem_per_core`].
-    pub fn with_overrides(&self, ov: &ShapeOverrides) -> Result<Shape, ShapeError> {
-        let mut s = self.clone();
-        let mut from_cpu = None;
-        if let Some(c) = ov.min_cpu {
-            s.min_cpu = c;
-        }
-        if let Some(c) = ov.max_cpu {
-            s.max_cpu = c;
-        }
-        match (ov.min_cpu, ov.min_mem_gib) {
-            (_, Some(m)) => s.min_mem_gib = m,
-            (Some(c), None) => {
-                s.min_mem_gib = f64::from(c) * s.arch.default_mem_per_core();
-                from_cpu = Some(c);
-            }
-            (None, None) => {}
-        }
-        if let Some(m) = ov.max_mem_gib {
-            s.max_mem_gib = m;
-        }
-        s.check(from_cpu)?;
-        Ok(s)
-    }
-
     /// Checks that the bounds are usable: finite, non-negative memory and every minimum at or
     /// below its maximum.
     pub fn validate(&self) -> Result<(), ShapeError> {
-        self.check(None)
-    }
-
-    fn check(&self, from_cpu: Option<u32>) -> Result<(), ShapeError> {
         for value in [self.min_mem_gib, self.max_mem_gib] {
             if !value.is_finite() || value < 0.0 {
                 return Err(ShapeError::BadMemory { value });
@@ -286,12 +229,7 @@ impl Shape {
             return Err(ShapeError::CpuMinAboveMax { min: self.min_cpu, max: self.max_cpu });
         }
         if self.min_mem_gib > self.max_mem_gib {
-            return Err(ShapeError::MemMinAboveMax {
-                min: self.min_mem_gib,
-                max: self.max_mem_gib,
-                from_cpu,
-                per_core: self.arch.default_mem_per_core(),
-            });
+            return Err(ShapeError::MemMinAboveMax { min: self.min_mem_gib, max: self.max_mem_gib });
         }
         Ok(())
     }
@@ -1062,56 +1000,13 @@ mod tests {
     }
 
     #[test]
-    fn min_cpu_alone_sets_memory_by_ratio() {
-        let ov = ShapeOverrides { min_cpu: Some(16), ..Default::default() };
-        let amd = Shape::defaults(Arch::Amd64).with_overrides(&ov).unwrap();
-        assert_eq!((amd.min_cpu, amd.min_mem_gib, amd.max_cpu, amd.max_mem_gib), (16, 16.0, 64, 64.0));
-        let arm = Shape::defaults(Arch::Arm64).with_overrides(&ov).unwrap();
-        assert_eq!((arm.min_cpu, arm.min_mem_gib, arm.max_cpu, arm.max_mem_gib), (16, 32.0, 64, 128.0));
-        assert_eq!(arm.families, ["ecs.c8y", "ecs.c8r"]);
-
-        // Min memory alone keeps the minimum CPU.
-        let ov = ShapeOverrides { min_mem_gib: Some(32.0), ..Default::default() };
-        let amd = Shape::defaults(Arch::Amd64).with_overrides(&ov).unwrap();
-        assert_eq!((amd.min_cpu, amd.min_mem_gib), (8, 32.0));
-
-        // Both given: both used as they are.
-        let ov = ShapeOverrides {
-            min_cpu: Some(16),
-            min_mem_gib: Some(20.0),
-            max_cpu: Some(32),
-            max_mem_gib: None,
-        };
-        let amd = Shape::defaults(Arch::Amd64).with_overrides(&ov).unwrap();
-        assert_eq!((amd.min_cpu, amd.min_mem_gib, amd.max_cpu, amd.max_mem_gib), (16, 20.0, 32, 64.0));
-        assert_eq!(
-            Shape::defaults(Arch::Arm64).with_overrides(&ShapeOverrides::default()).unwrap(),
-            Shape::defaults(Arch::Arm64)
-        );
-    }
-
-    #[test]
     fn min_above_max_is_an_error_naming_both() {
         let amd = Shape::defaults(Arch::Amd64);
-        let err =
-            amd.with_overrides(&ShapeOverrides { min_cpu: Some(96), ..Default::default() }).unwrap_err();
+        let err = Shape { min_cpu: 96, ..amd.clone() }.validate().unwrap_err();
         assert_eq!(err.to_string(), "minimum CPU 96 is above the maximum CPU 64");
-        let err = amd
-            .with_overrides(&ShapeOverrides { min_mem_gib: Some(200.0), ..Default::default() })
-            .unwrap_err();
-        assert_eq!(err.to_string(), "minimum memory 200 GiB is above the maximum memory 64 GiB");
-        let err =
-            amd.with_overrides(&ShapeOverrides { max_mem_gib: Some(4.5), ..Default::default() }).unwrap_err();
+        let err = Shape { max_mem_gib: 4.5, ..amd.clone() }.validate().unwrap_err();
         assert_eq!(err.to_string(), "minimum memory 8 GiB is above the maximum memory 4.5 GiB");
-        let ov = ShapeOverrides { min_cpu: Some(96), max_cpu: Some(128), ..Default::default() };
-        let err = Shape::defaults(Arch::Arm64).with_overrides(&ov).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "minimum memory 192 GiB (from minimum CPU 96 at 2 GiB per core) is above the maximum memory 128 GiB"
-        );
-        let err = amd
-            .with_overrides(&ShapeOverrides { max_mem_gib: Some(f64::NAN), ..Default::default() })
-            .unwrap_err();
+        let err = Shape { max_mem_gib: f64::NAN, ..amd }.validate().unwrap_err();
         assert_eq!(err.to_string(), "memory bound NaN GiB is not a usable number of GiB");
     }
 

@@ -11,13 +11,14 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::config::Config;
+use crate::config::{AskedBy, Config, Override, ShapeRequest};
 use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
 use crate::env::Env;
 use crate::selection::{Arch, Offer, Shape};
 use crate::stages::tags;
 
-/// Optional shape overrides from the command line.
+/// Bounds from the command line, written as a job writes its `ALIYUN_SPOT_*` variables and
+/// decided by the same rule ([`Config::shape_for`]).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ShapeArgs {
     /// Architecture: amd64 (x86_64) or arm64 (aarch64).
@@ -25,16 +26,35 @@ pub struct ShapeArgs {
     pub arch: Option<String>,
     /// Minimum vCPUs.
     #[arg(long)]
-    pub min_cpu: Option<u32>,
+    pub min_cpu: Option<String>,
     /// Maximum vCPUs.
     #[arg(long)]
-    pub max_cpu: Option<u32>,
-    /// Minimum memory, GiB.
+    pub max_cpu: Option<String>,
+    /// Minimum memory, GiB (`16`, `16G`).
     #[arg(long)]
-    pub min_mem: Option<f64>,
+    pub min_mem: Option<String>,
     /// Maximum memory, GiB.
     #[arg(long)]
-    pub max_mem: Option<f64>,
+    pub max_mem: Option<String>,
+}
+
+/// The shape `prices` lists offers for: what a job asking the same bounds gets, within the
+/// `[job_overrides]` ceilings (the allow-list is the job's, not the administrator's).
+pub fn shape_of(config: &Config, args: &ShapeArgs) -> Result<Shape> {
+    let arch: Arch = match &args.arch {
+        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
+        None => config.instance.default_arch,
+    };
+    let bounds = [
+        (Override::MinCpu, &args.min_cpu),
+        (Override::MaxCpu, &args.max_cpu),
+        (Override::MinMem, &args.min_mem),
+        (Override::MaxMem, &args.max_mem),
+    ]
+    .into_iter()
+    .filter_map(|(o, v)| Some((o, v.clone()?)))
+    .collect();
+    config.shape_for(arch, &ShapeRequest { by: AskedBy::CommandLine, bounds })
 }
 
 fn load(config: Option<&Path>) -> Result<(Config, EcsClient)> {
@@ -53,17 +73,7 @@ pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool, fresh: b
         // A zero TTL bypasses the cache without touching its files.
         config.spot.price_cache_ttl = std::time::Duration::ZERO;
     }
-    let arch: Arch = match &args.arch {
-        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
-        None => config.instance.default_arch,
-    };
-    let overrides = crate::selection::ShapeOverrides {
-        min_cpu: args.min_cpu,
-        max_cpu: args.max_cpu,
-        min_mem_gib: args.min_mem,
-        max_mem_gib: args.max_mem,
-    };
-    let shape = config.shape(arch).with_overrides(&overrides)?;
+    let shape = shape_of(&config, args)?;
     let offers = crate::offers::ranked(&client, &config, &shape, true)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&offers)?);
@@ -266,7 +276,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         "prepare settings",
         config.require_for_prepare(arch).map(|_| format!("{arch} jobs can be prepared")),
     );
-    let offers = crate::offers::ranked(&client, &config, config.shape(arch), false);
+    let offers = crate::offers::ranked(&client, &config, &config.default_job_shape(arch), false);
     let first = offers.as_ref().ok().and_then(|o| o.first().cloned());
     check(
         "spot offers",

@@ -114,7 +114,7 @@ impl Context {
             Err(_) if lenient_job => {
                 let config = crate::config::load(config_path.as_deref(), &env)?;
                 let arch = config.instance.default_arch;
-                let spec = JobSpec { arch, shape: config.shape(arch).clone(), overrides: Vec::new() };
+                let spec = JobSpec { arch, shape: config.default_job_shape(arch), overrides: Vec::new() };
                 (config, spec)
             }
             Err(e) => return Err(e.into()),
