@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,6 +27,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use time::OffsetDateTime;
 
+pub(crate) use crate::ecs::check_url;
 use crate::env::Env;
 use crate::secret::Secret;
 use crate::selection::{Arch, Ranking, Shape};
@@ -37,7 +37,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/aliyun-spot-executor/config.toml";
 /// The environment variable naming the configuration file.
 pub const CONFIG_PATH_VAR: &str = "ALIYUN_SPOT_CONFIG";
 /// The ECS metadata service, which serves the runner host's RAM-role credentials.
-pub const DEFAULT_METADATA_ENDPOINT: &str = "http://100.100.100.200";
+pub use crate::credentials::DEFAULT_METADATA_ENDPOINT;
 /// Aliyun's shortest accepted distance between now and `AutoReleaseTime`.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// Tags Aliyun accepts per instance; the executor's own tags take seven of them (managed marker,
@@ -158,40 +158,8 @@ impl InstanceConfig {
     }
 }
 
-/// ECS `SpotStrategy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum SpotStrategy {
-    /// Pay at most `SpotPriceLimit` (the default: factor × the chosen offer's price).
-    #[default]
-    SpotWithPriceLimit,
-    /// Pay the market price, up to the on-demand price.
-    SpotAsPriceGo,
-}
-
-impl SpotStrategy {
-    /// The API value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SpotStrategy::SpotWithPriceLimit => "SpotWithPriceLimit",
-            SpotStrategy::SpotAsPriceGo => "SpotAsPriceGo",
-        }
-    }
-}
-
-impl fmt::Display for SpotStrategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<SpotStrategy> for crate::ecs::SpotStrategy {
-    fn from(s: SpotStrategy) -> Self {
-        match s {
-            SpotStrategy::SpotWithPriceLimit => crate::ecs::SpotStrategy::SpotWithPriceLimit,
-            SpotStrategy::SpotAsPriceGo => crate::ecs::SpotStrategy::SpotAsPriceGo,
-        }
-    }
-}
+/// ECS `SpotStrategy`: `spot.strategy` is `SpotWithPriceLimit` (the default) or `SpotAsPriceGo`.
+pub use crate::ecs::SpotStrategy;
 
 /// Spot bidding and ranking.
 #[derive(Debug, Clone, PartialEq)]
@@ -530,20 +498,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
-/// Formats a duration the way [`parse_duration`] reads it (`1h30m`, `90s` → `1m30s`).
+/// Formats a duration the way [`parse_duration`] reads it, for people: every unit from the
+/// largest to the smallest that is not zero, two digits after the first (`90s` → `1m30s`,
+/// `1h30m`, `1h02m`, `1h00m05s`, `1d`). The one format of durations in messages, job logs and
+/// tables.
 pub fn format_duration(d: Duration) -> String {
-    let mut s = d.as_secs();
-    if s == 0 {
+    let secs = d.as_secs();
+    let parts: Vec<(u64, &str)> =
+        [(secs / 86_400, "d"), (secs % 86_400 / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s")].into();
+    let (Some(first), Some(last)) = (parts.iter().position(|p| p.0 > 0), parts.iter().rposition(|p| p.0 > 0))
+    else {
         return "0s".into();
-    }
-    let mut out = String::new();
-    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
-        if s >= n {
-            out.push_str(&format!("{}{unit}", s / n));
-            s %= n;
-        }
-    }
-    out
+    };
+    parts[first..=last]
+        .iter()
+        .enumerate()
+        .map(|(i, (n, unit))| if i == 0 { format!("{n}{unit}") } else { format!("{n:02}{unit}") })
+        .collect()
 }
 
 /// A duration in the file: only a string such as `"90s"`.
@@ -803,10 +774,8 @@ impl<'a> Validator<'a> {
         // [aliyun]
         let region = self.string(&["ALIYUN_REGION_ID"], "aliyun.region_id", raw.aliyun.region_id);
         if let Some((r, o)) = &region {
-            let ok =
-                r.len() <= 64 && r.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-            if !ok {
-                return Err(self.err(*o, r, "is not a region id; use one such as `cn-hangzhou`"));
+            if let Err(why) = crate::ecs::check_region_id(r) {
+                return Err(self.err(*o, r, &why));
             }
         }
         let region_id = region.map(|(r, _)| r);
@@ -1336,7 +1305,7 @@ impl<'a> Validator<'a> {
             ));
         }
         Ok(SpotConfig {
-            strategy: raw.strategy.unwrap_or_default(),
+            strategy: raw.strategy.unwrap_or(SpotStrategy::SpotWithPriceLimit),
             price_limit_factor,
             max_price_per_hour: raw.max_price_per_hour,
             protection_hours,
@@ -1656,51 +1625,6 @@ fn check_tag_key(k: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks an endpoint URL: `https://host[:port][/path]`, or `http://` (only to loopback when
-/// `loopback_http_only`); no user info. Returns it without a trailing `/`.
-fn check_url(url: &str, loopback_http_only: bool) -> Result<String, String> {
-    let (scheme, rest) = url.split_once("://").ok_or(
-        "is not a URL; write it as `https://host` (e.g. `https://ecs-vpc.cn-hangzhou.aliyuncs.com`)",
-    )?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme != "https" && scheme != "http" {
-        return Err(format!("uses the scheme `{scheme}`; use `https://`"));
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
-        return Err("contains user information; put credentials in `[credentials]`, not in the URL".into());
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) =
-            v6.split_once(']').ok_or("has an unterminated `[` in its host; write `http://[::1]:9470`")?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err("has no host; write it as `https://host`".into());
-    }
-    if let Some(p) = port {
-        if p.parse::<u16>().map(|n| n == 0).unwrap_or(true) {
-            return Err(format!("has an invalid port `{p}`; use 1 to 65535"));
-        }
-    }
-    if scheme == "http" && loopback_http_only {
-        let loopback = host.eq_ignore_ascii_case("localhost")
-            || host.parse::<IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
-        if !loopback {
-            return Err(format!(
-                "uses plain http to `{host}`, which would send signed requests unencrypted; use `https://` (plain \
-                 `http://` is accepted only for loopback addresses such as the emulator's `http://127.0.0.1:9470`)"
-            ));
-        }
-    }
-    Ok(url.trim_end_matches('/').to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1721,25 +1645,17 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
         assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(format_duration(Duration::ZERO), "0s");
-    }
-
-    #[test]
-    fn endpoints() {
-        assert_eq!(
-            check_url("https://ecs.cn-hangzhou.aliyuncs.com/", true).unwrap(),
-            "https://ecs.cn-hangzhou.aliyuncs.com"
-        );
-        assert!(check_url("http://127.0.0.1:9470", true).is_ok());
-        assert!(check_url("http://127.3.4.5", true).is_ok());
-        assert!(check_url("http://[::1]:9470/", true).is_ok());
-        assert!(check_url("http://localhost:9470", true).is_ok());
-        assert!(check_url("http://ecs.cn-hangzhou.aliyuncs.com", true).unwrap_err().contains("plain http"));
-        assert!(check_url("http://100.100.100.200", false).is_ok());
-        assert!(check_url("https://user:pw@host", true).unwrap_err().contains("user information"));
-        assert!(check_url("ftp://host", true).is_err());
-        assert!(check_url("ecs.aliyuncs.com", true).is_err());
-        assert!(check_url("https://host:0", true).is_err());
-        assert!(check_url("https://:443", true).is_err());
+        for (secs, shown) in [
+            (5, "5s"),
+            (192, "3m12s"),
+            (3720, "1h02m"),
+            (3605, "1h00m05s"),
+            (86_400, "1d"),
+            (90_061, "1d01h01m01s"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), shown);
+            assert_eq!(parse_duration(shown), Ok(Duration::from_secs(secs)), "{shown} reads back");
+        }
     }
 
     #[test]

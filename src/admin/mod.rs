@@ -215,7 +215,9 @@ pub fn instances(config_path: Option<&Path>, json: bool) -> Result<()> {
             } else {
                 format!("{}({})", r.status, r.locks.join(","))
             },
-            r.age_seconds.map(|s| crate::stages::cost::format_duration(s.max(0) as u64)).unwrap_or_default(),
+            r.age_seconds
+                .map(|s| crate::config::format_duration(std::time::Duration::from_secs(s.max(0) as u64)))
+                .unwrap_or_default(),
             r.project.unwrap_or_default(),
             r.job.unwrap_or_default(),
             r.public_ips.first().or(r.private_ips.first()).cloned().unwrap_or_default()
@@ -301,7 +303,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
             instance_name: "aliyun-spot-doctor".to_string(),
             host_name: None,
-            spot_strategy: config.spot.strategy.into(),
+            spot_strategy: config.spot.strategy,
             spot_price_limit: crate::selection::price_limit(
                 offer.spot_price,
                 config.spot.price_limit_factor,

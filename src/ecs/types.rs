@@ -26,7 +26,9 @@ use crate::selection::Arch;
 /// `SpotStrategy` of `RunInstances` and `DescribeAvailableResource`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SpotStrategy {
-    /// An ordinary pay-as-you-go instance.
+    /// An ordinary pay-as-you-go instance; never read from the configuration (`spot.strategy`),
+    /// which chooses between the two spot strategies.
+    #[serde(skip_deserializing)]
     NoSpot,
     /// A spot instance with a maximum hourly price (`SpotPriceLimit`).
     SpotWithPriceLimit,

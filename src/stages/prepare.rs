@@ -140,7 +140,7 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
                     started.elapsed().as_secs()
                 )));
             }
-            let strategy: SpotStrategy = ctx.config.spot.strategy.into();
+            let strategy: SpotStrategy = ctx.config.spot.strategy;
             let limit = match strategy {
                 SpotStrategy::SpotAsPriceGo => None,
                 _ => match selection::price_limit(
