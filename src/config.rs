@@ -292,21 +292,28 @@ pub fn resolve_path(cli: Option<&Path>, env: &Env) -> (PathBuf, bool) {
 /// plant ([`crate::config_perms`]).
 pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
     let (path, explicit) = resolve_path(path, env);
-    let text = match std::fs::read_to_string(&path) {
+    load_file(&path, explicit, env)
+}
+
+/// [`load`] from `path`, which may be missing unless `explicit` (then the environment and the
+/// defaults are the whole configuration). Tests call this with a path of their own, so they
+/// never read the machine's real configuration.
+pub fn load_file(path: &Path, explicit: bool, env: &Env) -> anyhow::Result<Config> {
+    let text = match std::fs::read_to_string(path) {
         Ok(t) => Some(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => None,
         Err(e) => {
-            let how = if path == Path::new(DEFAULT_CONFIG_PATH) {
-                String::new()
-            } else {
+            let how = if explicit {
                 format!(" (named by `--config` or `{CONFIG_PATH_VAR}`)")
+            } else {
+                String::new()
             };
             return Err(e)
                 .with_context(|| format!("cannot read the configuration file `{}`{how}", path.display()));
         }
     };
-    let mut cfg = from_toml(text.as_deref().unwrap_or(""), text.as_ref().map(|_| path.as_path()), env)?;
-    crate::config_perms::check(&mut cfg, text.as_deref().map(|t| (path.as_path(), t)))?;
+    let mut cfg = from_toml(text.as_deref().unwrap_or(""), text.as_ref().map(|_| path), env)?;
+    crate::config_perms::check(&mut cfg, text.as_deref().map(|t| (path, t)))?;
     Ok(cfg)
 }
 

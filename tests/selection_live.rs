@@ -360,14 +360,13 @@ fn prices_works_from_the_environment_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot read the configuration file `{}`", missing.display())), "{err}");
 
-    // Without any file: the default path is only used when it exists.
-    if Path::new(aliyun_spot_executor::config::DEFAULT_CONFIG_PATH).exists() {
-        eprintln!(
-            "skipping the file-less run: {} exists on this host",
-            aliyun_spot_executor::config::DEFAULT_CONFIG_PATH
-        );
-        return;
-    }
+    // An empty file: the environment alone is the configuration (a missing default file is
+    // the same, `config::load_file`; the machine's own default file is never read by tests).
+    let empty = w.dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut env = env.to_vec();
+    env.push(("ALIYUN_SPOT_CONFIG", empty.to_str().unwrap()));
     let before = w.emulator.requests().len();
     // `--fresh` keeps the host's default cache directory untouched.
     let out = aliyun_spot(w.dir.path(), &["prices", "--json", "--fresh"], &env);
