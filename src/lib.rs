@@ -29,7 +29,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod config_perms;
 pub mod cooldown;
 pub mod credentials;
 pub mod demo;

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{anyhow, bail};
 use serde::Deserialize;
 
-use super::{num, Config};
+use super::raw::RawJobOverrides;
+use super::{num, Config, Origin, Validator};
 use crate::env::Env;
 use crate::selection::{Arch, Shape};
 
@@ -319,4 +320,82 @@ pub(super) fn parse_gib(v: &str) -> Option<f64> {
     let lower = v.trim().to_ascii_lowercase();
     let digits = lower.strip_suffix("gib").or_else(|| lower.strip_suffix('g')).unwrap_or(&lower).trim();
     digits.parse::<f64>().ok().filter(|n| n.is_finite())
+}
+
+impl Validator<'_> {
+    pub(super) fn job_overrides(
+        &self,
+        raw: RawJobOverrides,
+        shapes: &BTreeMap<Arch, Shape>,
+        default_arch: Arch,
+    ) -> anyhow::Result<JobOverrides> {
+        let allow: BTreeSet<Override> = match raw.allow {
+            Some(list) => list.into_iter().collect(),
+            None => Override::ALL.into_iter().collect(),
+        };
+        let archs: BTreeSet<Arch> = match raw.archs {
+            None => [Arch::Amd64, Arch::Arm64].into_iter().collect(),
+            Some(list) => list
+                .iter()
+                .map(|a| {
+                    a.parse::<Arch>().map_err(|_| {
+                        self.err(
+                            Origin::File("job_overrides.archs"),
+                            a,
+                            "is not an architecture; use `amd64` or `arm64`",
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        };
+        if !archs.contains(&default_arch) {
+            bail!(
+                "`job_overrides.archs` does not include `instance.default_arch` = `{default_arch}`{}; add it",
+                self.in_file()
+            );
+        }
+        let mut ceilings = BTreeMap::new();
+        for (arch, shape) in shapes {
+            let max_cpu = raw.max_cpu.unwrap_or(shape.max_cpu);
+            let max_mem_gib = raw.max_mem.unwrap_or(shape.max_mem_gib);
+            if max_cpu < shape.min_cpu {
+                return Err(self.err(
+                    Origin::File("job_overrides.max_cpu"),
+                    max_cpu,
+                    &format!(
+                        "is below the {arch} minimum of {} vCPU; set a ceiling of at least {}",
+                        shape.min_cpu, shape.min_cpu
+                    ),
+                ));
+            }
+            if !(max_mem_gib.is_finite() && max_mem_gib >= shape.min_mem_gib) {
+                return Err(self.err(
+                    Origin::File("job_overrides.max_mem"),
+                    num(max_mem_gib),
+                    &format!(
+                        "is below the {arch} minimum of {} GiB; set a ceiling of at least {}",
+                        num(shape.min_mem_gib),
+                        num(shape.min_mem_gib)
+                    ),
+                ));
+            }
+            ceilings.insert(*arch, Ceiling { max_cpu, max_mem_gib });
+        }
+        Ok(JobOverrides { allow, archs, ceilings })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gib_values() {
+        assert_eq!(parse_gib("16"), Some(16.0));
+        assert_eq!(parse_gib("0.5"), Some(0.5));
+        assert_eq!(parse_gib("16G"), Some(16.0));
+        assert_eq!(parse_gib("16GiB"), Some(16.0));
+        assert_eq!(parse_gib("lots"), None);
+        assert_eq!(parse_gib("inf"), None);
+    }
 }

@@ -1,746 +1,41 @@
-//! The configuration: one TOML file, the administrator's environment, and the few values a job
-//! may override, merged once and validated before anything is billed.
-//!
-//! Why it looks like this (docs/configuration.md):
-//! - **Two steps.** The file is read into raw serde structs with `deny_unknown_fields`, so a
-//!   misspelt key fails loudly instead of silently falling back to a default; then it is merged
-//!   with the environment and the defaults into [`Config`], where every bound has been checked
-//!   and no `Option` is left where a default exists.
-//! - **Precedence**: environment over file over defaults. The environment is the driver's own
-//!   (`ALIYUN_*`, `MIN_CPU`, …, the names of the reference GitHub setup), never `CUSTOM_ENV_*`:
-//!   credentials, endpoint, network, images and tags are not the job's to choose.
-//! - **Job overrides** ([`load_for_job`]) read only `CUSTOM_ENV_ALIYUN_SPOT_*`, each checked
-//!   against an allow-list and the administrator's ceilings.
-//! - **Every error is one line** naming the key or variable, the value and the fix, because
-//!   gitlab-runner shows the `config` stage's stderr in the job log and nothing else.
-//!
-//! Durations are written as strings: `"90s"`, `"10m"`, `"3h"`, `"1h30m"` (units `s`, `m`, `h`,
-//! `d`); a bare integer is rejected with a hint, so `300` can never mean minutes by mistake.
+//! Raw file + environment + defaults → [`Config`]: every value checked once, every error one
+//! line naming the key or variable, the value and the fix.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
-use time::OffsetDateTime;
+use anyhow::{anyhow, bail};
 
-pub(crate) use crate::ecs::check_url;
+use super::durations::format_duration;
+use super::raw::*;
+use super::*;
 use crate::env::Env;
 use crate::secret::Secret;
-use crate::selection::{Arch, Ranking, Shape};
-
-/// Where the configuration file is when neither `--config` nor `ALIYUN_SPOT_CONFIG` says.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/aliyun-spot-executor/config.toml";
-/// The environment variable naming the configuration file.
-pub const CONFIG_PATH_VAR: &str = "ALIYUN_SPOT_CONFIG";
-/// The ECS metadata service, which serves the runner host's RAM-role credentials.
-pub use crate::credentials::DEFAULT_METADATA_ENDPOINT;
-/// Aliyun's shortest accepted distance between now and `AutoReleaseTime`.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(30 * 60);
-/// Tags Aliyun accepts per instance; the executor's own tags take seven of them (managed marker,
-/// runner, project, job, attempt binding, pipeline, host: `crate::stages::tags`).
-const MAX_TAGS: usize = 20;
-const OWN_TAGS: usize = 7;
-
-// ---------------------------------------------------------------------------------------------
-// Validated configuration
-// ---------------------------------------------------------------------------------------------
-
-/// The validated configuration of one runner host.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The file it was read from, if any.
-    pub source: Option<PathBuf>,
-    /// Region (`cn-hangzhou`); `None` until the file or `ALIYUN_REGION_ID` gives one
-    /// ([`Config::region`] says what to set).
-    pub region_id: Option<String>,
-    /// ECS endpoint override (`https://…`, or `http://` on loopback for the emulator); `None`
-    /// means the public endpoint of the region ([`Config::endpoint_url`]).
-    pub endpoint: Option<String>,
-    /// Where credentials come from.
-    pub credentials: CredentialSpec,
-    /// VPC, security group, vswitches, public or private addressing.
-    pub network: Network,
-    /// Image id per architecture.
-    pub images: BTreeMap<Arch, String>,
-    /// Instance settings that do not depend on the job.
-    pub instance: InstanceConfig,
-    /// The default shape per architecture (both architectures are always present).
-    pub shapes: BTreeMap<Arch, Shape>,
-    /// Spot strategy, price limit and ranking.
-    pub spot: SpotConfig,
-    /// How the driver reaches the instance.
-    pub ssh: SshConfig,
-    /// What a job may change through `CUSTOM_ENV_ALIYUN_SPOT_*`.
-    pub job_overrides: JobOverrides,
-    /// The nets that catch an instance nobody released.
-    pub safety: Safety,
-    /// The self-destruct watchdog's credentials and endpoint (`[self_destruct]`).
-    pub self_destruct: crate::sts::SelfDestruct,
-    /// Local files of the driver.
-    pub paths: Paths,
-    /// What the `config` stage tells gitlab-runner.
-    pub runner: RunnerConfig,
-    /// Deadlines.
-    pub timeouts: Timeouts,
-    /// gitlab-runner's helper binary on the instance, and the distributed cache.
-    pub helper: HelperConfig,
-    /// Things that work but probably are not what the administrator meant; the `config` stage
-    /// and `doctor` print them.
-    pub warnings: Vec<String>,
-}
-
-/// Where the ECS client gets its credentials (see [`crate::credentials`]).
-pub use crate::credentials::CredentialSpec;
-
-mod helper;
-mod job;
-pub use helper::{valid_version, HelperConfig, HelperInstall, DEFAULT_CHECKSUM_URL, DEFAULT_DOWNLOAD_URL};
-use job::parse_gib;
-pub use job::{AskedBy, Ceiling, JobOverrides, JobSpec, Override, ShapeRequest, JOB_VAR_ARCH};
-
-/// Networking of the created instances.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Network {
-    /// VPC (`ALIYUN_VPC_ID`); checked by `doctor`, not needed to create instances.
-    pub vpc_id: Option<String>,
-    /// Security group (`ALIYUN_SECURITY_GROUP_ID`).
-    pub security_group_id: Option<String>,
-    /// Zone id → vswitch id. Only zones listed here are candidates.
-    pub vswitches: BTreeMap<String, String>,
-    /// No public IP: the driver connects to the private IP (runner inside the same VPC).
-    pub private_ip: bool,
-    /// `InternetMaxBandwidthOut` in Mbit/s (0 in private-IP mode, else 1..=100).
-    pub internet_max_bandwidth_out: u32,
-}
-
-/// Per-instance settings that do not depend on the job.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InstanceConfig {
-    /// Architecture of jobs that do not ask for one.
-    pub default_arch: Arch,
-    /// Instances are named `{name_prefix}-{arch}-spot-{yyyymmddhhmmss}`.
-    pub name_prefix: String,
-    /// `HostName` of the instance; `None` uses the instance name.
-    pub hostname: Option<String>,
-    /// `SystemDisk.Category` (`cloud_essd`, `cloud_auto`, …).
-    pub system_disk_category: String,
-    /// `SystemDisk.Size` in GiB.
-    pub system_disk_size_gib: u32,
-    /// RAM role given to the instance (`RamRoleName`), which the self-destruct watchdog uses.
-    pub ram_role_name: Option<String>,
-    /// Tags added to every instance besides the executor's own.
-    pub extra_tags: BTreeMap<String, String>,
-}
-
-impl InstanceConfig {
-    /// The instance name for an instance of `arch` created at `at` (UTC).
-    pub fn instance_name(&self, arch: Arch, at: OffsetDateTime) -> String {
-        let at = at.to_offset(time::UtcOffset::UTC);
-        format!(
-            "{}-{arch}-spot-{:04}{:02}{:02}{:02}{:02}{:02}",
-            self.name_prefix,
-            at.year(),
-            u8::from(at.month()),
-            at.day(),
-            at.hour(),
-            at.minute(),
-            at.second()
-        )
-    }
-
-    /// The `HostName` for an instance named `instance_name`.
-    pub fn host_name(&self, instance_name: &str) -> String {
-        self.hostname.clone().unwrap_or_else(|| instance_name.to_string())
-    }
-}
-
-/// ECS `SpotStrategy`: `spot.strategy` is `SpotWithPriceLimit` (the default) or `SpotAsPriceGo`.
-pub use crate::ecs::SpotStrategy;
-
-/// Spot bidding and ranking.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpotConfig {
-    /// `SpotWithPriceLimit` (default) or `SpotAsPriceGo`.
-    pub strategy: SpotStrategy,
-    /// `SpotPriceLimit` = factor × the offer's spot price (≥ 1.0, default 1.2).
-    pub price_limit_factor: f64,
-    /// Offers above this price per hour are never used; in the account's currency (CNY on the
-    /// China site, USD on the international one: `crate::pricing`).
-    pub max_price_per_hour: Option<f64>,
-    /// `SpotDuration`, the protection period in hours (0 or 1, default 1), sent alike to pricing,
-    /// availability and creation (`crate::pricing`).
-    pub protection_hours: u32,
-    /// Shared, burstable and GPU types allowed (`allow_shared`, `allow_burstable`, `allow_gpu`;
-    /// all off by default: `crate::families`).
-    pub kinds: crate::families::TypeKinds,
-    /// Per core (default) or total price.
-    pub ranking: Ranking,
-    /// How long price data may be reused across jobs on this host (default 5 minutes).
-    pub price_cache_ttl: Duration,
-    /// How long an offer that ran out of stock is tried last by later jobs on this host
-    /// (default 10 minutes; zero turns it off).
-    pub stock_cooldown: Duration,
-}
-
-/// How the driver reaches the instance over SSH.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SshConfig {
-    /// Login user (default `root`).
-    pub user: String,
-    /// Port (default 22).
-    pub port: u16,
-    /// One TCP connect + handshake attempt.
-    pub connect_timeout: Duration,
-    /// From `RunInstances` to SSH answering.
-    pub boot_timeout: Duration,
-    /// A registered key pair attached to every instance (`KeyPairName`), e.g. for people.
-    pub key_pair_name: Option<String>,
-    /// The private key of `key_pair_name`: when set, the driver logs in with it instead of a
-    /// per-job key (the per-job host key is still pinned).
-    pub private_key_file: Option<PathBuf>,
-    /// When a silent sshd counts as a lost connection during `run` (default 10s × 3).
-    pub keepalive: crate::ssh::Keepalive,
-}
-
-impl SshConfig {
-    /// Whether each job gets its own client key (the default).
-    pub fn uses_ephemeral_keys(&self) -> bool {
-        self.private_key_file.is_none()
-    }
-}
-
-/// Safety nets against leaked instances.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Safety {
-    /// Sent as `AutoReleaseTime` = creation + this (≥ 30 minutes, default 3 hours).
-    pub max_lifetime: Duration,
-    /// Install the in-instance self-destruct watchdog.
-    pub watchdog: bool,
-    /// The watchdog releases the instance after this long without a driver session.
-    pub idle_timeout: Duration,
-    /// Prefix of the executor's tag keys: `{tag_prefix}:runner`, `{tag_prefix}:job`, ….
-    pub tag_prefix: String,
-    /// The tag key that marks managed instances (default `{tag_prefix}:managed-by`).
-    pub managed_tag_key: String,
-    /// Its value (default `aliyun-spot-executor`).
-    pub managed_tag_value: String,
-}
-
-impl Safety {
-    /// The executor's tag key for `name` (`runner`, `project`, `job`, `pipeline`, `created-by-host`).
-    pub fn tag_key(&self, name: &str) -> String {
-        format!("{}:{name}", self.tag_prefix)
-    }
-}
-
-/// Local files of the driver on the runner host.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Paths {
-    /// Job state (default `/var/lib/aliyun-spot-executor`).
-    pub state_dir: PathBuf,
-    /// Price cache (default `/var/cache/aliyun-spot-executor`).
-    pub cache_dir: PathBuf,
-    /// Cost ledger, JSON lines (default `{state_dir}/ledger.jsonl`).
-    pub ledger: PathBuf,
-}
-
-/// What the `config` stage reports to gitlab-runner (paths on the instance).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunnerConfig {
-    /// `id` / `ALIYUN_SPOT_RUNNER_ID`: the runner id in tags and state paths; `None` means this
-    /// host's name ([`crate::identity::runner_id`]).
-    pub id: Option<String>,
-    /// `builds_dir` (default `/builds`).
-    pub builds_dir: String,
-    /// `cache_dir` (default `/cache`).
-    pub cache_dir: String,
-    /// `shell`: always `bash` (see docs/gitlab-runner.md, "Shell").
-    pub shell: String,
-}
-
-/// Deadlines.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Timeouts {
-    /// The whole `prepare` stage (default 15 minutes).
-    pub prepare: Duration,
-    /// One ECS API request (default 30 seconds).
-    pub api_call: Duration,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Loading
-// ---------------------------------------------------------------------------------------------
-
-/// Which file to read: `--config PATH`, else `ALIYUN_SPOT_CONFIG`, else the default path.
-/// The flag is `true` when the file was named explicitly (then it must exist).
-pub fn resolve_path(cli: Option<&Path>, env: &Env) -> (PathBuf, bool) {
-    if let Some(p) = cli {
-        return (p.to_path_buf(), true);
-    }
-    if let Some(p) = env.value(CONFIG_PATH_VAR) {
-        return (PathBuf::from(p), true);
-    }
-    (PathBuf::from(DEFAULT_CONFIG_PATH), false)
-}
-
-/// Reads and validates the configuration: the file (optional when not named explicitly), the
-/// driver's environment, the defaults; refuses a file or host path other users could read or
-/// plant ([`crate::config_perms`]).
-pub fn load(path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
-    let (path, explicit) = resolve_path(path, env);
-    load_file(&path, explicit, env)
-}
-
-/// [`load`] from `path`, which may be missing unless `explicit` (then the environment and the
-/// defaults are the whole configuration). Tests call this with a path of their own, so they
-/// never read the machine's real configuration.
-pub fn load_file(path: &Path, explicit: bool, env: &Env) -> anyhow::Result<Config> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => Some(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => None,
-        Err(e) => {
-            let how = if explicit {
-                format!(" (named by `--config` or `{CONFIG_PATH_VAR}`)")
-            } else {
-                String::new()
-            };
-            return Err(e)
-                .with_context(|| format!("cannot read the configuration file `{}`{how}", path.display()));
-        }
-    };
-    let mut cfg = from_toml(text.as_deref().unwrap_or(""), text.as_ref().map(|_| path), env)?;
-    crate::config_perms::check(&mut cfg, text.as_deref().map(|t| (path, t)))?;
-    Ok(cfg)
-}
-
-/// [`load`], then the job's overrides.
-pub fn load_for_job(path: Option<&Path>, env: &Env) -> anyhow::Result<(Config, JobSpec)> {
-    let cfg = load(path, env)?;
-    let spec = cfg.job_spec(env)?;
-    Ok((cfg, spec))
-}
-
-/// Parses and validates configuration text; `path` is where it came from (for messages and for
-/// resolving relative paths).
-pub fn from_toml(text: &str, path: Option<&Path>, env: &Env) -> anyhow::Result<Config> {
-    let raw = parse_raw(text, path)?;
-    Validator::new(path, env).build(raw)
-}
-
-fn parse_raw(text: &str, path: Option<&Path>) -> anyhow::Result<RawConfig> {
-    let shown = path.map(|p| p.display().to_string()).unwrap_or_else(|| "<configuration>".into());
-    serde_path_to_error::deserialize::<_, RawConfig>(toml::Deserializer::new(text)).map_err(|e| {
-        let key = e.path().to_string();
-        let inner = e.inner();
-        let line = inner.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
-        let msg = inner.message().replace('\n', " ");
-        let msg = msg.trim();
-        if let Some(rest) = msg.strip_prefix("unknown field ") {
-            let (name, expected) = rest.split_once(", expected ").unwrap_or((rest, ""));
-            let table = match key.rsplit_once('.') {
-                Some((t, _)) => format!("in table `[{t}]`"),
-                None => "at the top level".to_string(),
-            };
-            let expected = if expected.is_empty() { String::new() } else { format!("; expected {expected}") };
-            anyhow!(
-                "invalid configuration file `{shown}`{at}: unknown key {name} {table}{expected} \
-                 (see docs/configuration.md)"
-            )
-        } else if key.is_empty() || key == "." {
-            anyhow!("invalid configuration file `{shown}`{at}: {msg}")
-        } else {
-            anyhow!("invalid configuration file `{shown}`{at}: `{key}`: {msg}")
-        }
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Queries
-// ---------------------------------------------------------------------------------------------
-
-impl Config {
-    /// All defaults, with nothing from a file or the environment.
-    pub fn defaults() -> Config {
-        from_toml("", None, &Env::default()).expect("the defaults are valid")
-    }
-
-    /// The region, or the line saying how to set it.
-    pub fn region(&self) -> anyhow::Result<&str> {
-        self.region_id.as_deref().ok_or_else(|| {
-            anyhow!("no region configured; set `aliyun.region_id` or `ALIYUN_REGION_ID` (e.g. `cn-hangzhou`)")
-        })
-    }
-
-    /// The endpoint to call: the override, else `https://ecs.<region>.aliyuncs.com`.
-    pub fn endpoint_url(&self) -> anyhow::Result<String> {
-        match &self.endpoint {
-            Some(e) => Ok(e.clone()),
-            None => Ok(format!("https://ecs.{}.aliyuncs.com", self.region()?)),
-        }
-    }
-
-    /// The default shape of `arch`.
-    pub fn shape(&self, arch: Arch) -> &Shape {
-        &self.shapes[&arch]
-    }
-
-    /// Checks what every API command needs (region and credentials); one line listing all
-    /// that is missing.
-    pub fn require_for_api(&self) -> anyhow::Result<()> {
-        let mut missing = Vec::new();
-        self.missing_for_api(&mut missing);
-        report_missing("the configuration is incomplete for calling the ECS API", missing)
-    }
-
-    /// Checks everything `prepare` needs to create an instance of `arch`: region, credentials,
-    /// security group, at least one vswitch, the image of `arch`, and the SSH key file when one
-    /// is configured. One line lists all that is missing.
-    pub fn require_for_prepare(&self, arch: Arch) -> anyhow::Result<()> {
-        let mut missing = Vec::new();
-        self.missing_for_api(&mut missing);
-        if self.network.security_group_id.is_none() {
-            missing.push("security group (`network.security_group_id` or `ALIYUN_SECURITY_GROUP_ID`)".into());
-        }
-        if self.network.vswitches.is_empty() {
-            missing.push(
-                "a vswitch (`[network.vswitches]` zone = vswitch, or `ALIYUN_VSWITCH_ID_<ZONE LETTER>`)"
-                    .into(),
-            );
-        }
-        if !self.images.contains_key(&arch) {
-            missing.push(format!(
-                "{arch} image (`images.{arch}` or `ALIYUN_{}_IMAGE_ID`)",
-                arch.to_string().to_uppercase()
-            ));
-        }
-        if let Some(file) = &self.ssh.private_key_file {
-            if !file.is_file() {
-                missing
-                    .push(format!("the SSH private key file `{}` (`ssh.private_key_file`)", file.display()));
-            }
-        }
-        if self.helper.install == HelperInstall::Upload && !self.helper.upload.contains_key(&arch) {
-            missing.push(format!("gitlab-runner's linux-{arch} binary (`helper.upload_{arch}`)"));
-        }
-        report_missing("the configuration is incomplete for creating instances", missing)
-    }
-
-    fn missing_for_api(&self, missing: &mut Vec<String>) {
-        if self.region_id.is_none() {
-            missing.push("region (`aliyun.region_id` or `ALIYUN_REGION_ID`)".into());
-        }
-        if !self.credentials.is_configured() {
-            missing.push(
-                "credentials (`ALIYUN_ACCESS_KEY_ID` + `ALIYUN_ACCESS_KEY_SECRET`, `credentials.profile_file`, \
-                 or `credentials.use_instance_role = true`)"
-                    .into(),
-            );
-        }
-    }
-}
-
-fn report_missing(what: &str, missing: Vec<String>) -> anyhow::Result<()> {
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        bail!("{what}: missing {}", missing.join(", "))
-    }
-}
-
-/// A number without a needless `.0`.
-fn num(n: f64) -> String {
-    if n.fract() == 0.0 && n.abs() < 1e15 {
-        format!("{}", n as i64)
-    } else {
-        format!("{n}")
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Durations
-// ---------------------------------------------------------------------------------------------
-
-/// Parses `"90s"`, `"10m"`, `"3h"`, `"1d"`, `"1h30m"`, `"0s"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("an empty duration; write e.g. \"90s\", \"10m\" or \"3h\"".into());
-    }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in t.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => {
-                return Err(format!(
-                    "`{t}` is not a duration; write e.g. \"90s\", \"10m\", \"3h\" or \"1h30m\""
-                ))
-            }
-        };
-        if digits.is_empty() {
-            return Err(format!("`{t}` is not a duration; write e.g. \"90s\", \"10m\", \"3h\" or \"1h30m\""));
-        }
-        let n: u64 = digits.parse().map_err(|_| format!("`{t}` is too long a duration"))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|x| total.checked_add(x))
-            .ok_or_else(|| format!("`{t}` is too long a duration"))?;
-        digits.clear();
-    }
-    if !digits.is_empty() {
-        return Err(format!("`{t}` has no unit; write \"{t}s\" for seconds (units: s, m, h, d)"));
-    }
-    Ok(Duration::from_secs(total))
-}
-
-/// Formats a duration the way [`parse_duration`] reads it, for people: every unit from the
-/// largest to the smallest that is not zero, two digits after the first (`90s` → `1m30s`,
-/// `1h30m`, `1h02m`, `1h00m05s`, `1d`). The one format of durations in messages, job logs and
-/// tables.
-pub fn format_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    let parts: Vec<(u64, &str)> =
-        [(secs / 86_400, "d"), (secs % 86_400 / 3600, "h"), (secs % 3600 / 60, "m"), (secs % 60, "s")].into();
-    let (Some(first), Some(last)) = (parts.iter().position(|p| p.0 > 0), parts.iter().rposition(|p| p.0 > 0))
-    else {
-        return "0s".into();
-    };
-    parts[first..=last]
-        .iter()
-        .enumerate()
-        .map(|(i, (n, unit))| if i == 0 { format!("{n}{unit}") } else { format!("{n:02}{unit}") })
-        .collect()
-}
-
-/// A duration in the file: only a string such as `"90s"`.
-#[derive(Clone, Copy)]
-struct Dur(Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration string such as \"90s\", \"10m\" or \"3h\"")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                parse_duration(v).map(Dur).map_err(E::custom)
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Dur, E> {
-                Err(E::custom(format!(
-                    "durations are strings with a unit; write \"{v}s\" for {v} seconds (or \"10m\", \"3h\")"
-                )))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dur, E> {
-                self.visit_i64(v as i64)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Raw file structure (serde)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    aliyun: RawAliyun,
-    credentials: RawCredentials,
-    network: RawNetwork,
-    images: RawImages,
-    instance: RawInstance,
-    shape: RawShapes,
-    spot: RawSpot,
-    ssh: RawSsh,
-    job_overrides: RawJobOverrides,
-    safety: RawSafety,
-    self_destruct: crate::sts::RawSelfDestruct,
-    paths: RawPaths,
-    runner: RawRunner,
-    timeouts: RawTimeouts,
-    helper: helper::RawHelper,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawAliyun {
-    region_id: Option<String>,
-    endpoint: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawCredentials {
-    access_key_id: Option<String>,
-    access_key_secret: Option<String>,
-    security_token: Option<String>,
-    profile_file: Option<PathBuf>,
-    profile_name: Option<String>,
-    instance_ram_role: Option<String>,
-    use_instance_role: Option<bool>,
-    metadata_endpoint: Option<String>,
-    hardened_only: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawNetwork {
-    vpc_id: Option<String>,
-    security_group_id: Option<String>,
-    private_ip: Option<bool>,
-    internet_max_bandwidth_out: Option<u32>,
-    vswitches: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawImages {
-    amd64: Option<String>,
-    arm64: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawInstance {
-    default_arch: Option<String>,
-    name_prefix: Option<String>,
-    hostname: Option<String>,
-    system_disk_category: Option<String>,
-    system_disk_size_gib: Option<u32>,
-    ram_role_name: Option<String>,
-    tags: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawShapes {
-    amd64: RawShape,
-    arm64: RawShape,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawShape {
-    min_cpu: Option<u32>,
-    max_cpu: Option<u32>,
-    min_mem: Option<f64>,
-    max_mem: Option<f64>,
-    families: Option<Vec<String>>,
-    deny_types: Option<Vec<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawSpot {
-    strategy: Option<SpotStrategy>,
-    price_limit_factor: Option<f64>,
-    max_price_per_hour: Option<f64>,
-    ranking: Option<Ranking>,
-    price_cache_ttl: Option<Dur>,
-    stock_cooldown: Option<Dur>,
-    protection_hours: Option<u32>,
-    allow_shared: Option<bool>,
-    allow_burstable: Option<bool>,
-    allow_gpu: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawSsh {
-    user: Option<String>,
-    port: Option<u16>,
-    connect_timeout: Option<Dur>,
-    boot_timeout: Option<Dur>,
-    key_pair_name: Option<String>,
-    private_key_file: Option<PathBuf>,
-    keepalive_interval: Option<Dur>,
-    keepalive_count_max: Option<u32>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawJobOverrides {
-    allow: Option<Vec<Override>>,
-    archs: Option<Vec<String>>,
-    max_cpu: Option<u32>,
-    max_mem: Option<f64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawSafety {
-    max_lifetime: Option<Dur>,
-    watchdog: Option<bool>,
-    idle_timeout: Option<Dur>,
-    tag_prefix: Option<String>,
-    managed_tag_key: Option<String>,
-    managed_tag_value: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawPaths {
-    state_dir: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-    ledger: Option<PathBuf>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawRunner {
-    id: Option<String>,
-    builds_dir: Option<String>,
-    cache_dir: Option<String>,
-    shell: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawTimeouts {
-    prepare: Option<Dur>,
-    api_call: Option<Dur>,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Validation: raw + environment + defaults → Config
-// ---------------------------------------------------------------------------------------------
+use crate::selection::{Arch, Shape};
 
 /// Where a value came from, for error messages.
 #[derive(Clone, Copy)]
-enum Origin<'a> {
+pub(super) enum Origin<'a> {
     Default(&'a str),
     File(&'a str),
     Env(&'a str),
 }
 
-struct Validator<'a> {
-    path: Option<&'a Path>,
-    env: &'a Env,
-    warnings: Vec<String>,
+pub(super) struct Validator<'a> {
+    pub(super) path: Option<&'a Path>,
+    pub(super) env: &'a Env,
+    pub(super) warnings: Vec<String>,
 }
 
 impl<'a> Validator<'a> {
-    fn new(path: Option<&'a Path>, env: &'a Env) -> Self {
+    pub(super) fn new(path: Option<&'a Path>, env: &'a Env) -> Self {
         Validator { path, env, warnings: Vec::new() }
     }
 
     /// "`key` = `value` in `file`" / "environment variable `VAR`=`value`".
-    fn subject(&self, origin: Origin<'_>, value: impl fmt::Display) -> String {
+    pub(super) fn subject(&self, origin: Origin<'_>, value: impl fmt::Display) -> String {
         match origin {
             Origin::Default(key) => format!("`{key}` = `{value}` (the default)"),
             Origin::File(key) => match self.path {
@@ -751,12 +46,12 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn err(&self, origin: Origin<'_>, value: impl fmt::Display, problem: &str) -> anyhow::Error {
+    pub(super) fn err(&self, origin: Origin<'_>, value: impl fmt::Display, problem: &str) -> anyhow::Error {
         anyhow!("{} {problem}", self.subject(origin, value))
     }
 
     /// A string from the environment (first non-empty of `vars`), else the file, else `None`.
-    fn string<'s>(
+    pub(super) fn string<'s>(
         &'s self,
         vars: &[&'s str],
         key: &'s str,
@@ -770,14 +65,14 @@ impl<'a> Validator<'a> {
         file.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).map(|v| (v, Origin::File(key)))
     }
 
-    fn resolve(&self, p: PathBuf) -> PathBuf {
+    pub(super) fn resolve(&self, p: PathBuf) -> PathBuf {
         match self.path.and_then(Path::parent) {
             Some(dir) if p.is_relative() => dir.join(p),
             _ => p,
         }
     }
 
-    fn build(mut self, raw: RawConfig) -> anyhow::Result<Config> {
+    pub(super) fn build(mut self, raw: RawConfig) -> anyhow::Result<Config> {
         // [aliyun]
         let region = self.string(&["ALIYUN_REGION_ID"], "aliyun.region_id", raw.aliyun.region_id);
         if let Some((r, o)) = &region {
@@ -846,7 +141,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn credentials(&self, raw: RawCredentials) -> anyhow::Result<CredentialSpec> {
+    pub(super) fn credentials(&self, raw: RawCredentials) -> anyhow::Result<CredentialSpec> {
         let env = self.env;
         let first = |names: [&'static str; 2]| {
             names.into_iter().find_map(|n| env.value(n).map(|v| (n, v.to_string())))
@@ -957,11 +252,11 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn in_file(&self) -> String {
+    pub(super) fn in_file(&self) -> String {
         self.path.map(|p| format!(" in `{}`", p.display())).unwrap_or_default()
     }
 
-    fn network(&self, raw: RawNetwork, region: Option<&str>) -> anyhow::Result<Network> {
+    pub(super) fn network(&self, raw: RawNetwork, region: Option<&str>) -> anyhow::Result<Network> {
         let vpc_id = self.string(&["ALIYUN_VPC_ID"], "network.vpc_id", raw.vpc_id).map(|(v, _)| v);
         let security_group_id = self
             .string(&["ALIYUN_SECURITY_GROUP_ID"], "network.security_group_id", raw.security_group_id)
@@ -1028,7 +323,7 @@ impl<'a> Validator<'a> {
         Ok(Network { vpc_id, security_group_id, vswitches, private_ip, internet_max_bandwidth_out })
     }
 
-    fn instance(&self, raw: RawInstance) -> anyhow::Result<InstanceConfig> {
+    pub(super) fn instance(&self, raw: RawInstance) -> anyhow::Result<InstanceConfig> {
         let default_arch = match raw.default_arch {
             None => Arch::Amd64,
             Some(a) => a.parse().map_err(|_| {
@@ -1121,7 +416,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn shapes(&self, raw: RawShapes) -> anyhow::Result<BTreeMap<Arch, Shape>> {
+    pub(super) fn shapes(&self, raw: RawShapes) -> anyhow::Result<BTreeMap<Arch, Shape>> {
         let env_min_cpu = match self.env.value("MIN_CPU") {
             None => None,
             Some(v) => Some(v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
@@ -1261,7 +556,7 @@ impl<'a> Validator<'a> {
         Ok(out)
     }
 
-    fn spot(&self, raw: RawSpot) -> anyhow::Result<SpotConfig> {
+    pub(super) fn spot(&self, raw: RawSpot) -> anyhow::Result<SpotConfig> {
         let price_limit_factor = raw.price_limit_factor.unwrap_or(1.2);
         if !(price_limit_factor.is_finite() && price_limit_factor >= 1.0) {
             return Err(self.err(
@@ -1327,7 +622,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn ssh(&self, raw: RawSsh) -> anyhow::Result<SshConfig> {
+    pub(super) fn ssh(&self, raw: RawSsh) -> anyhow::Result<SshConfig> {
         let user = raw.user.map(|u| u.trim().to_string()).unwrap_or_else(|| "root".into());
         let ok = !user.is_empty()
             && user.len() <= 32
@@ -1387,68 +682,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn job_overrides(
-        &self,
-        raw: RawJobOverrides,
-        shapes: &BTreeMap<Arch, Shape>,
-        default_arch: Arch,
-    ) -> anyhow::Result<JobOverrides> {
-        let allow: BTreeSet<Override> = match raw.allow {
-            Some(list) => list.into_iter().collect(),
-            None => Override::ALL.into_iter().collect(),
-        };
-        let archs: BTreeSet<Arch> = match raw.archs {
-            None => [Arch::Amd64, Arch::Arm64].into_iter().collect(),
-            Some(list) => list
-                .iter()
-                .map(|a| {
-                    a.parse::<Arch>().map_err(|_| {
-                        self.err(
-                            Origin::File("job_overrides.archs"),
-                            a,
-                            "is not an architecture; use `amd64` or `arm64`",
-                        )
-                    })
-                })
-                .collect::<anyhow::Result<_>>()?,
-        };
-        if !archs.contains(&default_arch) {
-            bail!(
-                "`job_overrides.archs` does not include `instance.default_arch` = `{default_arch}`{}; add it",
-                self.in_file()
-            );
-        }
-        let mut ceilings = BTreeMap::new();
-        for (arch, shape) in shapes {
-            let max_cpu = raw.max_cpu.unwrap_or(shape.max_cpu);
-            let max_mem_gib = raw.max_mem.unwrap_or(shape.max_mem_gib);
-            if max_cpu < shape.min_cpu {
-                return Err(self.err(
-                    Origin::File("job_overrides.max_cpu"),
-                    max_cpu,
-                    &format!(
-                        "is below the {arch} minimum of {} vCPU; set a ceiling of at least {}",
-                        shape.min_cpu, shape.min_cpu
-                    ),
-                ));
-            }
-            if !(max_mem_gib.is_finite() && max_mem_gib >= shape.min_mem_gib) {
-                return Err(self.err(
-                    Origin::File("job_overrides.max_mem"),
-                    num(max_mem_gib),
-                    &format!(
-                        "is below the {arch} minimum of {} GiB; set a ceiling of at least {}",
-                        num(shape.min_mem_gib),
-                        num(shape.min_mem_gib)
-                    ),
-                ));
-            }
-            ceilings.insert(*arch, Ceiling { max_cpu, max_mem_gib });
-        }
-        Ok(JobOverrides { allow, archs, ceilings })
-    }
-
-    fn safety(&self, raw: RawSafety, instance: &InstanceConfig) -> anyhow::Result<Safety> {
+    pub(super) fn safety(&self, raw: RawSafety, instance: &InstanceConfig) -> anyhow::Result<Safety> {
         let max_lifetime = raw.max_lifetime.map(|d| d.0).unwrap_or(Duration::from_secs(3 * 3600));
         if max_lifetime < MIN_LIFETIME {
             return Err(self.err(
@@ -1520,7 +754,7 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn paths(&self, raw: RawPaths) -> Paths {
+    pub(super) fn paths(&self, raw: RawPaths) -> Paths {
         let state_dir = raw
             .state_dir
             .map(|p| self.resolve(p))
@@ -1533,7 +767,7 @@ impl<'a> Validator<'a> {
         Paths { state_dir, cache_dir, ledger }
     }
 
-    fn runner(&self, raw: RawRunner) -> anyhow::Result<RunnerConfig> {
+    pub(super) fn runner(&self, raw: RawRunner) -> anyhow::Result<RunnerConfig> {
         let builds_dir = raw.builds_dir.unwrap_or_else(|| "/builds".into());
         let cache_dir = raw.cache_dir.unwrap_or_else(|| "/cache".into());
         for (key, v) in [("runner.builds_dir", &builds_dir), ("runner.cache_dir", &cache_dir)] {
@@ -1569,7 +803,7 @@ impl<'a> Validator<'a> {
         Ok(RunnerConfig { id, builds_dir, cache_dir, shell })
     }
 
-    fn timeouts(&self, raw: RawTimeouts, ssh: &SshConfig) -> anyhow::Result<Timeouts> {
+    pub(super) fn timeouts(&self, raw: RawTimeouts, ssh: &SshConfig) -> anyhow::Result<Timeouts> {
         let prepare = raw.prepare.map(|d| d.0).unwrap_or(Duration::from_secs(15 * 60));
         if prepare <= ssh.boot_timeout {
             return Err(self.err(
@@ -1612,7 +846,7 @@ pub fn zone_for_letter(region: &str, letter: char) -> String {
 
 /// Aliyun's rules for tag keys: 1..=128 characters, not starting with `aliyun` or `acs:`
 /// (case-insensitive), no `http://` or `https://`.
-fn check_tag_key(k: &str) -> Result<(), String> {
+pub(super) fn check_tag_key(k: &str) -> Result<(), String> {
     let lower = k.to_ascii_lowercase();
     if k.is_empty() || k.len() > 128 {
         return Err("is not a usable tag key; use 1 to 128 characters".into());
@@ -1637,35 +871,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_parse_and_format() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert_eq!(
-            parse_duration("300").unwrap_err(),
-            "`300` has no unit; write \"300s\" for seconds (units: s, m, h, d)"
-        );
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("h").is_err());
-        assert!(parse_duration("99999999999999999999h").is_err());
-        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
-        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
-        assert_eq!(format_duration(Duration::ZERO), "0s");
-        for (secs, shown) in [
-            (5, "5s"),
-            (192, "3m12s"),
-            (3720, "1h02m"),
-            (3605, "1h00m05s"),
-            (86_400, "1d"),
-            (90_061, "1d01h01m01s"),
-        ] {
-            assert_eq!(format_duration(Duration::from_secs(secs)), shown);
-            assert_eq!(parse_duration(shown), Ok(Duration::from_secs(secs)), "{shown} reads back");
-        }
-    }
-
-    #[test]
     fn zones_follow_aliyun_naming() {
         assert_eq!(zone_for_letter("cn-hangzhou", 'b'), "cn-hangzhou-b");
         assert_eq!(zone_for_letter("ap-southeast-1", 'a'), "ap-southeast-1a");
@@ -1678,23 +883,5 @@ mod tests {
         assert!(check_tag_key("aliyun-spot-executor:job").is_err());
         assert!(check_tag_key("Aliyun").is_err());
         assert!(check_tag_key("acs:x").is_err());
-    }
-
-    #[test]
-    fn gib_values() {
-        assert_eq!(parse_gib("16"), Some(16.0));
-        assert_eq!(parse_gib("0.5"), Some(0.5));
-        assert_eq!(parse_gib("16G"), Some(16.0));
-        assert_eq!(parse_gib("16GiB"), Some(16.0));
-        assert_eq!(parse_gib("lots"), None);
-        assert_eq!(parse_gib("inf"), None);
-    }
-
-    #[test]
-    fn instance_name_has_arch_and_utc_timestamp() {
-        let cfg = Config::defaults();
-        let at = time::macros::datetime!(2025-01-02 03:04:05 +08:00);
-        assert_eq!(cfg.instance.instance_name(Arch::Arm64, at), "ci-runner-arm64-spot-20250101190405");
-        assert_eq!(cfg.instance.host_name("x-1"), "x-1");
     }
 }
