@@ -28,23 +28,19 @@
 //! - [`emulator`]: a local ECS API with a real `sshd` per instance, the test bed.
 
 pub mod admin;
+pub mod arch;
 pub mod config;
-pub mod cooldown;
 pub mod credentials;
 pub mod demo;
 pub mod ecs;
 pub mod emulator;
 pub mod env;
 pub mod exit;
-pub mod families;
 pub mod fsutil;
 pub mod helper;
 pub mod identity;
 pub mod keys;
 pub mod logging;
-pub mod offers;
-pub mod price_cache;
-pub mod pricing;
 pub mod ram_policy;
 pub mod secret;
 pub mod selection;
@@ -55,6 +51,9 @@ pub mod sts;
 pub mod sweep;
 pub mod userdata;
 pub mod watchdog;
+
+// The selection modules under their earlier paths, which other modules still name.
+pub use selection::{cache as price_cache, cooldown, families, offers, pricing};
 
 /// The driver name reported to gitlab-runner and used in tags.
 pub const DRIVER_NAME: &str = "aliyun-spot-executor";

@@ -82,7 +82,7 @@ pub fn verdict(
 pub fn run(config_path: Option<&Path>, args: &SweepArgs) -> Result<()> {
     let env = Env::from_process();
     let config = crate::config::load(config_path, &env)?;
-    let client = crate::offers::client(&config)?;
+    let client = crate::selection::offers::client(&config)?;
     sweep(&config, &client, &env.hostname(), args)
 }
 

@@ -60,7 +60,7 @@ pub fn shape_of(config: &Config, args: &ShapeArgs) -> Result<Shape> {
 fn load(config: Option<&Path>) -> Result<(Config, EcsClient)> {
     let env = Env::from_process();
     let config = crate::config::load(config, &env)?;
-    let client = crate::offers::client(&config)?;
+    let client = crate::selection::offers::client(&config)?;
     Ok((config, client))
 }
 
@@ -74,7 +74,7 @@ pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool, fresh: b
         config.spot.price_cache_ttl = std::time::Duration::ZERO;
     }
     let shape = shape_of(&config, args)?;
-    let offers = crate::offers::ranked(&client, &config, &shape, true)?;
+    let offers = crate::selection::offers::ranked(&client, &config, &shape, true)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&offers)?);
         return Ok(());
@@ -95,7 +95,8 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
     );
     // Prices are in the account's currency (`Currency` of DescribeSpotPriceHistory: CNY on the
     // China site, USD on the international one), named in each price column's heading.
-    let currency = offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::pricing::DEFAULT_CURRENCY);
+    let currency =
+        offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::selection::pricing::DEFAULT_CURRENCY);
     println!(
         "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>15} {:>9}  VSWITCH",
         "TYPE",
@@ -117,7 +118,7 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
             o.spot_price,
             o.price_per_core,
             o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
-            o.discount.map(crate::pricing::percent_off).unwrap_or_else(|| "-".into()),
+            o.discount.map(crate::selection::pricing::percent_off).unwrap_or_else(|| "-".into()),
             o.vswitch_id.as_deref().unwrap_or("(none: not used)")
         );
     }
@@ -278,7 +279,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         "prepare settings",
         config.require_for_prepare(arch).map(|_| format!("{arch} jobs can be prepared")),
     );
-    let offers = crate::offers::ranked(&client, &config, &config.default_job_shape(arch), false);
+    let offers = crate::selection::offers::ranked(&client, &config, &config.default_job_shape(arch), false);
     let first = offers.as_ref().ok().and_then(|o| o.first().cloned());
     check(
         "spot offers",
@@ -288,7 +289,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                 o.len(),
                 b.instance_type,
                 b.zone,
-                crate::pricing::PerHour(b.spot_price, &b.currency)
+                crate::selection::pricing::PerHour(b.spot_price, &b.currency)
             ),
             None => "none fit the default shape".to_string(),
         }),

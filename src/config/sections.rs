@@ -75,14 +75,14 @@ pub struct SpotConfig {
     /// `SpotPriceLimit` = factor × the offer's spot price (≥ 1.0, default 1.2).
     pub price_limit_factor: f64,
     /// Offers above this price per hour are never used; in the account's currency (CNY on the
-    /// China site, USD on the international one: `crate::pricing`).
+    /// China site, USD on the international one: `crate::selection::pricing`).
     pub max_price_per_hour: Option<f64>,
     /// `SpotDuration`, the protection period in hours (0 or 1, default 1), sent alike to pricing,
-    /// availability and creation (`crate::pricing`).
+    /// availability and creation (`crate::selection::pricing`).
     pub protection_hours: u32,
     /// Shared, burstable and GPU types allowed (`allow_shared`, `allow_burstable`, `allow_gpu`;
-    /// all off by default: `crate::families`).
-    pub kinds: crate::families::TypeKinds,
+    /// all off by default: `crate::selection::families`).
+    pub kinds: crate::selection::families::TypeKinds,
     /// Per core (default) or total price.
     pub ranking: Ranking,
     /// How long price data may be reused across jobs on this host (default 5 minutes).

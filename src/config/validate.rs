@@ -598,8 +598,9 @@ impl<'a> Validator<'a> {
                 "is longer than 6 hours, and spot stock comes back; set at most \"6h\" (\"0s\" turns it off)",
             ));
         }
-        let protection_hours = raw.protection_hours.unwrap_or(crate::pricing::DEFAULT_PROTECTION_HOURS);
-        if !crate::pricing::PROTECTION_HOURS.contains(&protection_hours) {
+        let protection_hours =
+            raw.protection_hours.unwrap_or(crate::selection::pricing::DEFAULT_PROTECTION_HOURS);
+        if !crate::selection::pricing::PROTECTION_HOURS.contains(&protection_hours) {
             return Err(self.err(
                 Origin::File("spot.protection_hours"),
                 protection_hours.to_string(),
@@ -611,7 +612,7 @@ impl<'a> Validator<'a> {
             price_limit_factor,
             max_price_per_hour: raw.max_price_per_hour,
             protection_hours,
-            kinds: crate::families::TypeKinds {
+            kinds: crate::selection::families::TypeKinds {
                 shared: raw.allow_shared.unwrap_or(false),
                 burstable: raw.allow_burstable.unwrap_or(false),
                 gpu: raw.allow_gpu.unwrap_or(false),

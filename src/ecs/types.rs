@@ -20,8 +20,8 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
+use crate::arch::Arch;
 use crate::secret::Secret;
-use crate::selection::Arch;
 
 /// `SpotStrategy` of `RunInstances` and `DescribeAvailableResource`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

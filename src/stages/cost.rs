@@ -48,7 +48,7 @@ pub struct LedgerEntry {
 }
 
 fn default_currency() -> String {
-    crate::pricing::DEFAULT_CURRENCY.to_string()
+    crate::selection::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 /// The ledger entry for a state whose instance was created.
@@ -82,7 +82,7 @@ pub fn job_cost_line(s: &JobState, now: OffsetDateTime) -> Option<String> {
         s.instance_id.as_deref().unwrap_or("?"),
         s.instance_type,
         s.zone,
-        crate::pricing::PerHour(price, &s.currency),
+        crate::selection::pricing::PerHour(price, &s.currency),
         format_duration(Duration::from_secs(seconds)),
         price * seconds as f64 / 3600.0,
         s.currency
@@ -98,7 +98,7 @@ pub fn summary(e: &LedgerEntry) -> String {
         e.instance_type,
         e.zone,
         format_duration(Duration::from_secs(e.seconds)),
-        crate::pricing::PerHour(e.price_per_hour, &e.currency),
+        crate::selection::pricing::PerHour(e.price_per_hour, &e.currency),
         e.cost,
         e.currency
     )
