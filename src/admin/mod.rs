@@ -4,6 +4,7 @@
 //! is a table for people or JSON for scripts (`--json`).
 
 pub mod live;
+pub mod sweep;
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use crate::config::{AskedBy, Config, Override, ShapeRequest};
 use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
 use crate::env::Env;
 use crate::selection::{Arch, Offer, Shape};
-use crate::stages::tags;
+use crate::tags;
 
 /// Bounds from the command line, written as a job writes its `ALIYUN_SPOT_*` variables and
 /// decided by the same rule ([`Config::shape_for`]).

@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use aliyun_spot_executor::{admin, demo, emulator, exit, sweep};
+use aliyun_spot_executor::admin::{self, sweep};
+use aliyun_spot_executor::{demo, emulator, exit};
 
 /// Administer aliyun-spot-executor: spot prices, managed instances, leak sweeping, checks, and
 /// the local ECS emulator.

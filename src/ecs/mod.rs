@@ -8,6 +8,7 @@
 //! the program speaks in [`Instance`]s, [`SpotPricePoint`]s and [`ErrorKind`]s.
 
 pub mod client;
+pub mod credentials;
 pub mod endpoint;
 pub mod error;
 pub mod paging;

@@ -30,23 +30,8 @@ use crate::selection::{Offer, Shape};
 use crate::state::{JobKey, StateStore};
 use crate::{keys, offers, userdata, watchdog};
 
-/// Names of the tags every managed instance carries, besides the managed-by marker; the key
-/// is `{safety.tag_prefix}:{name}` ([`crate::config::Safety::tag_key`]).
-pub mod tags {
-    /// The runner id (`runner.id`, else the runner host's name).
-    pub const RUNNER: &str = "runner";
-    /// The project id (from the job payload).
-    pub const PROJECT: &str = "project";
-    /// The job id (from the job payload).
-    pub const JOB: &str = "job";
-    /// The hash of the preparation attempt's secret ([`crate::identity::JobSecret::binding`]):
-    /// only stages holding the secret act on an instance with this tag.
-    pub const BINDING: &str = "binding";
-    /// The pipeline id.
-    pub const PIPELINE: &str = "pipeline";
-    /// The runner host's name.
-    pub const HOST: &str = "created-by-host";
-}
+pub use crate::tags;
+pub use crate::tags::is_reclaimed;
 
 /// Progress lines for people, on stderr (which gitlab-runner puts into the job log), without
 /// timestamps because GitLab adds its own.
@@ -432,11 +417,6 @@ pub fn delete_instance(
     release_instance(&ctx.client, id, created_at).map_err(|e| {
         StageError::System(anyhow::Error::new(e).context(format!("failed to release instance {id}")))
     })
-}
-
-/// True when Aliyun is taking the spot instance back (`Recycling` operation lock).
-pub fn is_reclaimed(i: &Instance) -> bool {
-    i.operation_locks.iter().any(|l| l.eq_ignore_ascii_case("Recycling"))
 }
 
 /// The ranked offers for a shape, through the price cache.

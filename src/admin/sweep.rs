@@ -18,8 +18,8 @@ use crate::config::format_duration;
 use crate::config::Config;
 use crate::ecs::{EcsClient, Instance};
 use crate::env::Env;
-use crate::stages::tags;
 use crate::state::{JobKey, StateStore};
+use crate::tags;
 
 /// Options of `aliyun-spot sweep`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -51,7 +51,7 @@ pub fn verdict(
         return None;
     }
     let age = inst.creation_time.map(|c| (now - c).whole_seconds().max(0) as u64);
-    if crate::stages::is_reclaimed(inst) {
+    if crate::tags::is_reclaimed(inst) {
         return Some("Aliyun is reclaiming it".to_string());
     }
     if let (Some(limit), Some(age)) = (args.older_than, age) {
