@@ -473,8 +473,8 @@ impl CredentialsProvider for InstanceRoleProvider {
 
 #[cfg(test)]
 mod tests {
-    use crate::ecs::transport::{HttpResponse, TransportError};
     use super::*;
+    use crate::ecs::transport::{HttpResponse, TransportError};
     use std::sync::atomic::{AtomicI64, Ordering};
     use time::macros::datetime;
 
