@@ -112,6 +112,13 @@ fn endpoint_must_be_https_or_loopback_http() {
          `ecs.cn-hangzhou.aliyuncs.com`, which would send signed requests unencrypted; use `https://` (plain \
          `http://` is accepted only for loopback addresses such as the emulator's `http://127.0.0.1:9470`)"
     );
+    // The same rule as the client's: no query, and IPv4-mapped loopback is loopback.
+    assert_eq!(
+        err("[aliyun]\nendpoint = \"https://ecs.cn-hangzhou.aliyuncs.com/?x=1\"\n", &no_env()),
+        "`aliyun.endpoint` = `https://ecs.cn-hangzhou.aliyuncs.com/?x=1` in `/etc/spot.toml` has a query or fragment; \
+         write the endpoint without `?…` or `#…`"
+    );
+    assert!(parse("[aliyun]\nendpoint = \"http://[::ffff:127.0.0.1]:9470\"\n", &no_env()).is_ok());
     let env = Env::from_map([("ALIYUN_ECS_ENDPOINT", "ecs.aliyuncs.com")]);
     assert_eq!(
         err("", &env),

@@ -83,7 +83,7 @@ impl<'a> Validator<'a> {
         let region_id = region.map(|(r, _)| r);
         let endpoint = match self.string(&["ALIYUN_ECS_ENDPOINT"], "aliyun.endpoint", raw.aliyun.endpoint) {
             None => None,
-            Some((e, o)) => Some(check_url(&e, true).map_err(|why| self.err(o, &e, &why))?),
+            Some((e, o)) => Some(crate::ecs::check_endpoint(&e, true).map_err(|why| self.err(o, &e, &why))?),
         };
 
         let credentials = self.credentials(raw.credentials)?;
@@ -236,7 +236,7 @@ impl<'a> Validator<'a> {
         let metadata_endpoint =
             match raw.metadata_endpoint.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
                 None => DEFAULT_METADATA_ENDPOINT.to_string(),
-                Some(e) => check_url(&e, false)
+                Some(e) => crate::ecs::check_endpoint(&e, false)
                     .map_err(|why| self.err(Origin::File("credentials.metadata_endpoint"), &e, &why))?,
             };
         Ok(CredentialSpec {

@@ -27,9 +27,6 @@ pub fn check_url(url: &str, loopback_http_only: bool) -> Result<String, String> 
     if authority.contains('@') {
         return Err("contains user information; put credentials in `[credentials]`, not in the URL".into());
     }
-    if rest.contains(['?', '#']) {
-        return Err("has a query or fragment; write the endpoint without `?…` or `#…`".into());
-    }
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, after) =
             v6.split_once(']').ok_or("has an unterminated `[` in its host; write `http://[::1]:9470`")?;
@@ -55,6 +52,16 @@ pub fn check_url(url: &str, loopback_http_only: bool) -> Result<String, String> 
         ));
     }
     Ok(url.trim_end_matches('/').to_string())
+}
+
+/// [`check_url`] for an API endpoint, to which the client appends its own path and query: no
+/// query or fragment either.
+pub fn check_endpoint(url: &str, loopback_http_only: bool) -> Result<String, String> {
+    let checked = check_url(url, loopback_http_only)?;
+    if url.split_once("://").is_some_and(|(_, rest)| rest.contains(['?', '#'])) {
+        return Err("has a query or fragment; write the endpoint without `?…` or `#…`".into());
+    }
+    Ok(checked)
 }
 
 /// Whether `host` (without port or brackets) is a loopback host.
@@ -92,12 +99,12 @@ pub fn validate_region_id(region: &str) -> anyhow::Result<()> {
     check_region_id(region).map_err(|why| anyhow!("`{region}` {why}"))
 }
 
-/// The endpoint to use: `endpoint` checked by [`check_url`] (loopback-only `http://`) without a
+/// The endpoint to use: `endpoint` checked by [`check_endpoint`] (loopback-only `http://`) without a
 /// trailing `/`, or Aliyun's public endpoint of the region.
 pub fn resolve_endpoint(region_id: &str, endpoint: Option<&str>) -> anyhow::Result<String> {
     match endpoint.map(str::trim).filter(|e| !e.is_empty()) {
         None => Ok(format!("https://ecs.{region_id}.aliyuncs.com")),
-        Some(raw) => check_url(raw, true).map_err(|why| anyhow!("endpoint `{raw}` {why}")),
+        Some(raw) => check_endpoint(raw, true).map_err(|why| anyhow!("endpoint `{raw}` {why}")),
     }
 }
 
@@ -133,8 +140,11 @@ mod tests {
         }
         assert!(check_url("http://100.100.100.200", false).is_ok());
         assert!(check_url("https://user:pw@host", true).unwrap_err().contains("user information"));
-        assert!(check_url("https://host/?a=1", true).unwrap_err().contains("query or fragment"));
-        assert!(check_url("https://host#x", true).unwrap_err().contains("query or fragment"));
+        assert!(check_endpoint("https://host/?a=1", true).unwrap_err().contains("query or fragment"));
+        assert!(check_endpoint("https://host#x", false).unwrap_err().contains("query or fragment"));
+        assert!(resolve_endpoint("cn-hangzhou", Some("https://host?x")).is_err());
+        // A download URL may carry a query (a mirror's token); an endpoint may not.
+        assert!(check_url("https://mirror.example.com/x?token=1", true).is_ok());
         assert!(check_url("ftp://host", true).unwrap_err().contains("scheme `ftp`"));
         assert!(check_url("ecs.aliyuncs.com", true).is_err());
         assert!(check_url("https://host:0", true).is_err());

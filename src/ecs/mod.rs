@@ -20,7 +20,7 @@ pub mod types;
 pub use client::{
     run_instances_params, signed_params, ClientConfig, EcsClient, RequestStamp, SystemStamp, API_VERSION,
 };
-pub use endpoint::{check_region_id, check_url, resolve_endpoint, validate_region_id};
+pub use endpoint::{check_endpoint, check_region_id, check_url, resolve_endpoint, validate_region_id};
 pub use error::{
     classify, create_action, published_error, published_errors, CreateAction, EcsError, ErrorKind,
     PublishedError,
