@@ -116,7 +116,7 @@ pub fn create_on_offers<H: Hooks>(
             cold.iter().map(|o| format!("{} in {}", o.instance_type, o.zone)).collect::<Vec<_>>().join(", ")
         ));
     }
-    let strategy: SpotStrategy = config.spot.strategy.into();
+    let strategy: SpotStrategy = config.spot.strategy;
     // When every offer fails, ECS is asked afresh once: the cached catalogue may be stale.
     let walk = crate::offers::walk_with_fresh_look(
         &offers,

@@ -91,7 +91,7 @@ pub struct JobState {
     pub zone: String,
     /// The spot price per hour seen when the offer was chosen, in `currency`.
     pub spot_price: Option<f64>,
-    /// The currency of `spot_price` and `price_limit` (`CNY`, `USD`; `crate::pricing`); states
+    /// The currency of `spot_price` and `price_limit` (`CNY`, `USD`; `crate::selection::pricing`); states
     /// written before it was recorded read as CNY.
     #[serde(default = "default_currency")]
     pub currency: String,
@@ -125,7 +125,7 @@ pub struct JobState {
 }
 
 fn default_currency() -> String {
-    crate::pricing::DEFAULT_CURRENCY.to_string()
+    crate::selection::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 impl JobState {

@@ -180,9 +180,13 @@ fn an_auth_error_fails_at_once_with_one_line_carrying_the_request_id() {
 
     // The same through the administrator's tool: one line on stderr, non-zero exit.
     let dir = crate::private_tempdir();
+    // An empty file of the test's own: never the machine's configuration.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
         .arg("instances")
         .env_clear()
+        .env("ALIYUN_SPOT_CONFIG", &empty)
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", dir.path())
         .env("ALIYUN_ACCESS_KEY_ID", DEFAULT_ACCESS_KEY_ID)

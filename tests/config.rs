@@ -112,6 +112,13 @@ fn endpoint_must_be_https_or_loopback_http() {
          `ecs.cn-hangzhou.aliyuncs.com`, which would send signed requests unencrypted; use `https://` (plain \
          `http://` is accepted only for loopback addresses such as the emulator's `http://127.0.0.1:9470`)"
     );
+    // The same rule as the client's: no query, and IPv4-mapped loopback is loopback.
+    assert_eq!(
+        err("[aliyun]\nendpoint = \"https://ecs.cn-hangzhou.aliyuncs.com/?x=1\"\n", &no_env()),
+        "`aliyun.endpoint` = `https://ecs.cn-hangzhou.aliyuncs.com/?x=1` in `/etc/spot.toml` has a query or fragment; \
+         write the endpoint without `?…` or `#…`"
+    );
+    assert!(parse("[aliyun]\nendpoint = \"http://[::ffff:127.0.0.1]:9470\"\n", &no_env()).is_ok());
     let env = Env::from_map([("ALIYUN_ECS_ENDPOINT", "ecs.aliyuncs.com")]);
     assert_eq!(
         err("", &env),
@@ -451,16 +458,14 @@ fn config_path_resolution() {
 
     // The default file may be missing: the environment alone is enough for API commands.
     assert_eq!(config::resolve_path(None, &no_env()), (PathBuf::from(DEFAULT_CONFIG_PATH), false));
-    if !Path::new(DEFAULT_CONFIG_PATH).exists() {
-        let env = Env::from_map([
-            ("ALIYUN_REGION_ID", "cn-hangzhou"),
-            ("ALIYUN_ACCESS_KEY_ID", "LTAIenv"),
-            ("ALIYUN_ACCESS_KEY_SECRET", "env-secret"),
-        ]);
-        let c = config::load(None, &env).unwrap();
-        assert_eq!(c.source, None);
-        c.require_for_api().unwrap();
-    }
+    let env = Env::from_map([
+        ("ALIYUN_REGION_ID", "cn-hangzhou"),
+        ("ALIYUN_ACCESS_KEY_ID", "LTAIenv"),
+        ("ALIYUN_ACCESS_KEY_SECRET", "env-secret"),
+    ]);
+    let c = config::load_file(&missing, false, &env).unwrap();
+    assert_eq!(c.source, None);
+    c.require_for_api().unwrap();
 }
 
 #[cfg(unix)]
@@ -656,6 +661,57 @@ fn job_variable_errors_name_the_variable_value_and_range() {
     let env = job(&[("ALIYUN_SPOT_MIN_CPU", "24")]);
     let s = parse(&restricted, &env).unwrap().job_spec(&env).unwrap().shape;
     assert_eq!((s.min_cpu, s.max_cpu, s.min_mem_gib), (24, 32, 24.0));
+}
+
+/// The ceilings bound every job: the effective bounds are the intersection of the shape and the
+/// ceilings, with or without job variables.
+#[test]
+fn ceilings_bound_jobs_without_variables() {
+    let capped = format!("{COMPLETE}\n[job_overrides]\nmax_cpu = 8\nmax_mem = 16\n");
+    let shape_of = |pairs: &[(&str, &str)]| {
+        let env = job(pairs);
+        let s = parse(&capped, &env).unwrap().job_spec(&env).unwrap().shape;
+        (s.min_cpu, s.max_cpu, s.min_mem_gib, s.max_mem_gib)
+    };
+    assert_eq!(shape_of(&[]), (8, 8, 8.0, 16.0), "never offered 16 vCPU");
+    assert_eq!(shape_of(&[("ALIYUN_SPOT_MIN_CPU", "2")]), (2, 8, 2.0, 16.0), "not 2-64 GiB");
+    assert_eq!(shape_of(&[("ALIYUN_SPOT_MIN_MEM", "12")]), (8, 8, 12.0, 16.0));
+    assert_eq!(
+        job_err(&capped, &[("ALIYUN_SPOT_MAX_MEM", "32")]),
+        "job variable `ALIYUN_SPOT_MAX_MEM`=`32` is above the administrator's ceiling of 16 GiB; set a value above \
+         0 and at most 16 GiB"
+    );
+    let env = job(&[]);
+    assert_eq!(parse(&capped, &env).unwrap().default_job_shape(Arch::Amd64).max_cpu, 8);
+}
+
+/// `aliyun-spot prices` with a job's bounds decides the shape by the same rule as the job.
+#[test]
+fn prices_and_jobs_agree_on_the_shape() {
+    let text = format!("{COMPLETE}\n[shape.amd64]\nmax_cpu = 16\n[job_overrides]\nmax_cpu = 64\n");
+    let args = |min_cpu: &str| aliyun_spot_executor::admin::ShapeArgs {
+        min_cpu: Some(min_cpu.to_string()),
+        ..Default::default()
+    };
+    let env = job(&[("ALIYUN_SPOT_MIN_CPU", "32")]);
+    let cfg = parse(&text, &env).unwrap();
+    let from_job = cfg.job_spec(&env).unwrap().shape;
+    assert_eq!((from_job.min_cpu, from_job.max_cpu, from_job.min_mem_gib), (32, 32, 32.0));
+    assert_eq!(aliyun_spot_executor::admin::shape_of(&cfg, &args("32")).unwrap(), from_job);
+    // Without bounds, both get the configured shape within the ceilings.
+    let no_args = aliyun_spot_executor::admin::ShapeArgs::default();
+    let env = job(&[]);
+    assert_eq!(
+        aliyun_spot_executor::admin::shape_of(&cfg, &no_args).unwrap(),
+        cfg.job_spec(&env).unwrap().shape
+    );
+    // Out of bounds: the same rule, named as the command line spells it.
+    assert_eq!(
+        one_line(&aliyun_spot_executor::admin::shape_of(&cfg, &args("128")).unwrap_err()),
+        "`--min-cpu 128` is above the administrator's ceiling of 64 vCPU; set a value between 1 and 64"
+    );
+    assert!(job_err(&text, &[("ALIYUN_SPOT_MIN_CPU", "128")])
+        .starts_with("job variable `ALIYUN_SPOT_MIN_CPU`=`128` is above"));
 }
 
 #[test]

@@ -241,7 +241,9 @@ fn plain_http_to_a_remote_host_is_refused() {
         .unwrap_err();
     assert_eq!(
         e.to_string(),
-        "endpoint `http://ecs.cn-hangzhou.aliyuncs.com` uses plain http: use https://, plain http is only allowed for loopback addresses such as the emulator"
+        "endpoint `http://ecs.cn-hangzhou.aliyuncs.com` uses plain http to `ecs.cn-hangzhou.aliyuncs.com`, which \
+         would send signed requests unencrypted; use `https://` (plain `http://` is accepted only for loopback \
+         addresses such as the emulator's `http://127.0.0.1:9470`)"
     );
 }
 

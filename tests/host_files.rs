@@ -179,7 +179,7 @@ fn trace_logging_never_shows_the_metadata_token_or_role_credentials() {
     assert!(requests.iter().any(|r| r.access_key_id.as_deref().is_some_and(|k| k.starts_with("STS."))));
     assert!(
         stderr.contains(
-            "DEBUG aliyun_spot_executor::credentials] RAM role `runner-host-role`: credentials from"
+            "DEBUG aliyun_spot_executor::ecs::credentials] RAM role `runner-host-role`: credentials from"
         ),
         "debug logging was on:\n{stderr}"
     );

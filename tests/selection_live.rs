@@ -339,6 +339,68 @@ fn prices_lists_exactly_the_fitting_offers_cheapest_per_core_first() {
     }
 }
 
+/// `prices` with a job's bounds lists what such a job is offered: the same rule decides both
+/// shapes, within the `[job_overrides]` ceilings (docs/configuration.md, `[job_overrides]`).
+#[test]
+fn prices_with_a_jobs_bounds_agrees_with_the_job() {
+    let w = World::new();
+    let c = client(&w);
+    let variant = |shape_max_cpu: Option<i64>, ceilings: &[(&str, toml::Value)]| {
+        let mut doc: toml::Table = std::fs::read_to_string(&w.config).unwrap().parse().unwrap();
+        if let Some(max) = shape_max_cpu {
+            let shape = doc.entry("shape").or_insert(toml::Value::Table(Default::default()));
+            let amd = shape
+                .as_table_mut()
+                .unwrap()
+                .entry("amd64")
+                .or_insert(toml::Value::Table(Default::default()));
+            amd.as_table_mut().unwrap().insert("max_cpu".into(), toml::Value::Integer(max));
+        }
+        let jo = doc.entry("job_overrides").or_insert(toml::Value::Table(Default::default()));
+        for (k, v) in ceilings {
+            jo.as_table_mut().unwrap().insert(k.to_string(), v.clone());
+        }
+        let path = w.dir.path().join(format!("variant-{}.toml", ceilings.len()));
+        std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        path
+    };
+    let job_shape = |config: &Path, pairs: &[(&str, &str)]| {
+        let env = Env::from_map(pairs.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.to_string())));
+        aliyun_spot_executor::config::load_for_job(Some(config), &env).unwrap().1.shape
+    };
+    let prices = |config: &Path, args: &[&str]| {
+        let config = config.display().to_string();
+        let mut all = vec!["--config", config.as_str(), "prices", "--json"];
+        all.extend_from_slice(args);
+        let out = aliyun_spot(w.dir.path(), &all, &[]);
+        assert!(out.status.success(), "{}", show(&out));
+        parse_prices_json(&out)
+    };
+
+    // `[shape.amd64] max_cpu = 16` with a ceiling of 64: `MIN_CPU=32` is 32-32 vCPU for both.
+    let config = variant(Some(16), &[("max_cpu", toml::Value::Integer(64))]);
+    let s = job_shape(&config, &[("ALIYUN_SPOT_MIN_CPU", "32")]);
+    assert_eq!((s.min_cpu, s.max_cpu, s.min_mem_gib, s.max_mem_gib), (32, 32, 32.0, 64.0));
+    let spec = ShapeSpec { min_cpu: 32, max_cpu: 32, min_mem: 32.0, ..AMD64 };
+    let expected = expected_offers(&c, &spec);
+    assert!(!expected.is_empty());
+    let got = prices(&config, &["--min-cpu", "32"]);
+    assert_eq!(names(&got), names(&expected));
+
+    // Ceilings of 8 vCPU and 16 GiB bound a job without variables: never 16 vCPU.
+    let config =
+        variant(None, &[("max_cpu", toml::Value::Integer(8)), ("max_mem", toml::Value::Integer(16))]);
+    let s = job_shape(&config, &[]);
+    assert_eq!((s.min_cpu, s.max_cpu, s.min_mem_gib, s.max_mem_gib), (8, 8, 8.0, 16.0));
+    let spec = ShapeSpec { min_cpu: 8, max_cpu: 8, min_mem: 8.0, max_mem: 16.0, ..AMD64 };
+    let expected = expected_offers(&c, &spec);
+    assert!(!expected.is_empty());
+    let got = prices(&config, &[]);
+    assert_eq!(names(&got), names(&expected));
+    assert!(got.iter().all(|o| o.cores == 8));
+}
+
 #[test]
 fn prices_works_from_the_environment_alone() {
     let w = World::new();
@@ -360,14 +422,13 @@ fn prices_works_from_the_environment_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot read the configuration file `{}`", missing.display())), "{err}");
 
-    // Without any file: the default path is only used when it exists.
-    if Path::new(aliyun_spot_executor::config::DEFAULT_CONFIG_PATH).exists() {
-        eprintln!(
-            "skipping the file-less run: {} exists on this host",
-            aliyun_spot_executor::config::DEFAULT_CONFIG_PATH
-        );
-        return;
-    }
+    // An empty file: the environment alone is the configuration (a missing default file is
+    // the same, `config::load_file`; the machine's own default file is never read by tests).
+    let empty = w.dir.path().join("empty.toml");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let mut env = env.to_vec();
+    env.push(("ALIYUN_SPOT_CONFIG", empty.to_str().unwrap()));
     let before = w.emulator.requests().len();
     // `--fresh` keeps the host's default cache directory untouched.
     let out = aliyun_spot(w.dir.path(), &["prices", "--json", "--fresh"], &env);

@@ -45,7 +45,7 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
     let scratch = tempfile::Builder::new().prefix("aliyun-spot-doctor-").tempdir()?;
     config.paths.state_dir = scratch.path().join("state");
     config.paths.ledger = scratch.path().join("ledger.jsonl");
-    let shape = config.shape(arch).clone();
+    let shape = config.default_job_shape(arch);
     let spec = JobSpec { arch, shape: shape.clone(), overrides: Vec::new() };
     let started_at = OffsetDateTime::now_utc();
     // A made-up job of its own: a fresh secret, and a token digest no gitlab-runner job has, so

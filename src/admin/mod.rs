@@ -4,6 +4,7 @@
 //! is a table for people or JSON for scripts (`--json`).
 
 pub mod live;
+pub mod sweep;
 
 use std::path::Path;
 
@@ -11,13 +12,14 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::config::Config;
+use crate::config::{AskedBy, Config, Override, ShapeRequest};
 use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
 use crate::env::Env;
 use crate::selection::{Arch, Offer, Shape};
-use crate::stages::tags;
+use crate::tags;
 
-/// Optional shape overrides from the command line.
+/// Bounds from the command line, written as a job writes its `ALIYUN_SPOT_*` variables and
+/// decided by the same rule ([`Config::shape_for`]).
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct ShapeArgs {
     /// Architecture: amd64 (x86_64) or arm64 (aarch64).
@@ -25,22 +27,41 @@ pub struct ShapeArgs {
     pub arch: Option<String>,
     /// Minimum vCPUs.
     #[arg(long)]
-    pub min_cpu: Option<u32>,
+    pub min_cpu: Option<String>,
     /// Maximum vCPUs.
     #[arg(long)]
-    pub max_cpu: Option<u32>,
-    /// Minimum memory, GiB.
+    pub max_cpu: Option<String>,
+    /// Minimum memory, GiB (`16`, `16G`).
     #[arg(long)]
-    pub min_mem: Option<f64>,
+    pub min_mem: Option<String>,
     /// Maximum memory, GiB.
     #[arg(long)]
-    pub max_mem: Option<f64>,
+    pub max_mem: Option<String>,
+}
+
+/// The shape `prices` lists offers for: what a job asking the same bounds gets, within the
+/// `[job_overrides]` ceilings (the allow-list is the job's, not the administrator's).
+pub fn shape_of(config: &Config, args: &ShapeArgs) -> Result<Shape> {
+    let arch: Arch = match &args.arch {
+        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
+        None => config.instance.default_arch,
+    };
+    let bounds = [
+        (Override::MinCpu, &args.min_cpu),
+        (Override::MaxCpu, &args.max_cpu),
+        (Override::MinMem, &args.min_mem),
+        (Override::MaxMem, &args.max_mem),
+    ]
+    .into_iter()
+    .filter_map(|(o, v)| Some((o, v.clone()?)))
+    .collect();
+    config.shape_for(arch, &ShapeRequest { by: AskedBy::CommandLine, bounds })
 }
 
 fn load(config: Option<&Path>) -> Result<(Config, EcsClient)> {
     let env = Env::from_process();
     let config = crate::config::load(config, &env)?;
-    let client = crate::offers::client(&config)?;
+    let client = crate::selection::offers::client(&config)?;
     Ok((config, client))
 }
 
@@ -53,18 +74,8 @@ pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool, fresh: b
         // A zero TTL bypasses the cache without touching its files.
         config.spot.price_cache_ttl = std::time::Duration::ZERO;
     }
-    let arch: Arch = match &args.arch {
-        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
-        None => config.instance.default_arch,
-    };
-    let overrides = crate::selection::ShapeOverrides {
-        min_cpu: args.min_cpu,
-        max_cpu: args.max_cpu,
-        min_mem_gib: args.min_mem,
-        max_mem_gib: args.max_mem,
-    };
-    let shape = config.shape(arch).with_overrides(&overrides)?;
-    let offers = crate::offers::ranked(&client, &config, &shape, true)?;
+    let shape = shape_of(&config, args)?;
+    let offers = crate::selection::offers::ranked(&client, &config, &shape, true)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&offers)?);
         return Ok(());
@@ -85,7 +96,8 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
     );
     // Prices are in the account's currency (`Currency` of DescribeSpotPriceHistory: CNY on the
     // China site, USD on the international one), named in each price column's heading.
-    let currency = offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::pricing::DEFAULT_CURRENCY);
+    let currency =
+        offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::selection::pricing::DEFAULT_CURRENCY);
     println!(
         "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>15} {:>9}  VSWITCH",
         "TYPE",
@@ -107,7 +119,7 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
             o.spot_price,
             o.price_per_core,
             o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
-            o.discount.map(crate::pricing::percent_off).unwrap_or_else(|| "-".into()),
+            o.discount.map(crate::selection::pricing::percent_off).unwrap_or_else(|| "-".into()),
             o.vswitch_id.as_deref().unwrap_or("(none: not used)")
         );
     }
@@ -205,7 +217,9 @@ pub fn instances(config_path: Option<&Path>, json: bool) -> Result<()> {
             } else {
                 format!("{}({})", r.status, r.locks.join(","))
             },
-            r.age_seconds.map(|s| crate::stages::cost::format_duration(s.max(0) as u64)).unwrap_or_default(),
+            r.age_seconds
+                .map(|s| crate::config::format_duration(std::time::Duration::from_secs(s.max(0) as u64)))
+                .unwrap_or_default(),
             r.project.unwrap_or_default(),
             r.job.unwrap_or_default(),
             r.public_ips.first().or(r.private_ips.first()).cloned().unwrap_or_default()
@@ -266,7 +280,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         "prepare settings",
         config.require_for_prepare(arch).map(|_| format!("{arch} jobs can be prepared")),
     );
-    let offers = crate::offers::ranked(&client, &config, config.shape(arch), false);
+    let offers = crate::selection::offers::ranked(&client, &config, &config.default_job_shape(arch), false);
     let first = offers.as_ref().ok().and_then(|o| o.first().cloned());
     check(
         "spot offers",
@@ -276,7 +290,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                 o.len(),
                 b.instance_type,
                 b.zone,
-                crate::pricing::PerHour(b.spot_price, &b.currency)
+                crate::selection::pricing::PerHour(b.spot_price, &b.currency)
             ),
             None => "none fit the default shape".to_string(),
         }),
@@ -291,7 +305,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             vswitch_id: offer.vswitch_id.clone().unwrap_or_default(),
             instance_name: "aliyun-spot-doctor".to_string(),
             host_name: None,
-            spot_strategy: config.spot.strategy.into(),
+            spot_strategy: config.spot.strategy,
             spot_price_limit: crate::selection::price_limit(
                 offer.spot_price,
                 config.spot.price_limit_factor,

@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use aliyun_spot_executor::{admin, demo, emulator, exit, github, sweep};
+use aliyun_spot_executor::admin::{self, sweep};
+use aliyun_spot_executor::{demo, emulator, exit, github};
 
 /// Administer aliyun-spot-executor: spot prices, managed instances, leak sweeping, checks, and
 /// the local ECS emulator.
@@ -60,7 +61,7 @@ enum Command {
 enum GithubCommand {
     /// Register a just-in-time runner and create its spot instance; prints label=, instance-id=
     /// and runner-name= (also appended to $GITHUB_OUTPUT).
-    Start(github::StartArgs),
+    Start(Box<github::StartArgs>),
     /// Delete the runner's instance and deregister the runner (already gone is success).
     Stop(github::StopArgs),
     /// Delete runner instances whose runner is gone, idle too long, or past the lifetime.

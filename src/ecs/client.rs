@@ -15,15 +15,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
 use base64::Engine;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use super::endpoint::{resolve_endpoint, validate_region_id};
 use super::error::{decode_error, EcsError, ErrorKind};
 use super::paging::{each_page, Paging};
 use super::retry::RetryPolicy;
@@ -114,72 +113,6 @@ impl fmt::Debug for EcsClient {
             .field("credentials", &self.creds.describe())
             .field("retry", &self.retry)
             .finish_non_exhaustive()
-    }
-}
-
-/// Checks a region id's shape (`cn-hangzhou`, `ap-southeast-1`, `cn-shanghai-finance-1`).
-pub fn validate_region_id(region: &str) -> anyhow::Result<()> {
-    let parts: Vec<&str> = region.split('-').collect();
-    let ok = region.len() <= 64
-        && parts.len() >= 2
-        && parts[0].len() >= 2
-        && parts[0].bytes().all(|b| b.is_ascii_lowercase())
-        && parts[1..]
-            .iter()
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
-    if !ok {
-        bail!("invalid region id `{region}`: expected a region id such as `cn-hangzhou` or `ap-southeast-1`");
-    }
-    Ok(())
-}
-
-/// The endpoint to use: `endpoint` without a trailing `/`, or Aliyun's for the region. Plain
-/// `http://` is accepted only for loopback hosts (127.0.0.0/8, `::1`, `localhost`).
-pub fn resolve_endpoint(region_id: &str, endpoint: Option<&str>) -> anyhow::Result<String> {
-    let Some(raw) = endpoint.map(str::trim).filter(|e| !e.is_empty()) else {
-        return Ok(format!("https://ecs.{region_id}.aliyuncs.com"));
-    };
-    let ep = raw.trim_end_matches('/');
-    let (scheme, rest) = match ep.split_once("://") {
-        Some((s, r)) => (s.to_ascii_lowercase(), r),
-        None => bail!("endpoint `{raw}` has no scheme: use e.g. `https://ecs.{region_id}.aliyuncs.com`"),
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') {
-        bail!("endpoint `{raw}` has no valid host: use e.g. `https://ecs.{region_id}.aliyuncs.com`");
-    }
-    if rest.contains(['?', '#']) {
-        bail!("endpoint `{raw}` must not have a query or fragment");
-    }
-    match scheme.as_str() {
-        "https" => Ok(ep.to_string()),
-        "http" if is_loopback_authority(authority) => Ok(ep.to_string()),
-        "http" => bail!(
-            "endpoint `{raw}` uses plain http: use https://, plain http is only allowed for loopback addresses such as the emulator"
-        ),
-        _ => bail!("endpoint `{raw}` has scheme `{scheme}`: use https://"),
-    }
-}
-
-/// Whether `host[:port]` names a loopback host.
-fn is_loopback_authority(authority: &str) -> bool {
-    let host = if let Some(rest) = authority.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((h, _)) => h,
-            None => return false,
-        }
-    } else {
-        authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
-    };
-    if host.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => v4.is_loopback(),
-        Ok(IpAddr::V6(v6)) => {
-            v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped().is_some_and(|v4: Ipv4Addr| v4.is_loopback())
-        }
-        Err(_) => false,
     }
 }
 

@@ -189,53 +189,7 @@ fn auth_error_is_tried_exactly_once() {
 }
 
 #[test]
-fn endpoint_rules() {
-    let r = |e: Option<&str>| resolve_endpoint("cn-hangzhou", e).map_err(|e| e.to_string());
-    assert_eq!(r(None).unwrap(), "https://ecs.cn-hangzhou.aliyuncs.com");
-    assert_eq!(
-        r(Some("https://ecs-vpc.cn-hangzhou.aliyuncs.com/")).unwrap(),
-        "https://ecs-vpc.cn-hangzhou.aliyuncs.com"
-    );
-    for ok in [
-        "http://127.0.0.1:9470",
-        "http://127.3.4.5:1/",
-        "http://localhost:9470",
-        "http://[::1]:9470",
-        "http://LOCALHOST",
-    ] {
-        assert!(r(Some(ok)).is_ok(), "{ok}");
-    }
-    assert_eq!(
-        r(Some("http://ecs.cn-hangzhou.aliyuncs.com")).unwrap_err(),
-        "endpoint `http://ecs.cn-hangzhou.aliyuncs.com` uses plain http: use https://, plain http is only allowed for loopback addresses such as the emulator"
-    );
-    for bad in
-        ["http://10.0.0.1:9470", "http://127.0.0.1.evil.com", "http://localhost.evil.com", "http://[::2]:1"]
-    {
-        assert!(r(Some(bad)).unwrap_err().contains("uses plain http"), "{bad}");
-    }
-    assert_eq!(
-        r(Some("ecs.example.com")).unwrap_err(),
-        "endpoint `ecs.example.com` has no scheme: use e.g. `https://ecs.cn-hangzhou.aliyuncs.com`"
-    );
-    assert!(r(Some("ftp://x")).unwrap_err().contains("has scheme `ftp`"));
-    assert!(r(Some("https://user@host")).unwrap_err().contains("no valid host"));
-}
-
-#[test]
-fn region_ids_are_checked() {
-    for ok in ["cn-hangzhou", "ap-southeast-1", "cn-shanghai-finance-1", "us-east-1"] {
-        validate_region_id(ok).unwrap();
-    }
-    for bad in ["", "hangzhou", "cn_hangzhou", "CN-hangzhou", "cn-", "cn-hangzhou/../x", "c-x"] {
-        let e = validate_region_id(bad).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            format!(
-                "invalid region id `{bad}`: expected a region id such as `cn-hangzhou` or `ap-southeast-1`"
-            )
-        );
-    }
+fn a_bad_region_id_is_refused() {
     let mut cfg = ClientConfig::new("cn hangzhou");
     cfg.retry = RetryPolicy::none();
     assert!(EcsClient::with_transport(cfg, creds(false), Box::new(Fake::default())).is_err());

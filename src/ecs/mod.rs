@@ -8,6 +8,8 @@
 //! the program speaks in [`Instance`]s, [`SpotPricePoint`]s and [`ErrorKind`]s.
 
 pub mod client;
+pub mod credentials;
+pub mod endpoint;
 pub mod error;
 pub mod paging;
 pub mod retry;
@@ -16,9 +18,9 @@ pub mod transport;
 pub mod types;
 
 pub use client::{
-    resolve_endpoint, run_instances_params, signed_params, validate_region_id, ClientConfig, EcsClient,
-    RequestStamp, SystemStamp, API_VERSION,
+    run_instances_params, signed_params, ClientConfig, EcsClient, RequestStamp, SystemStamp, API_VERSION,
 };
+pub use endpoint::{check_endpoint, check_region_id, check_url, resolve_endpoint, validate_region_id};
 pub use error::{
     classify, create_action, published_error, published_errors, CreateAction, EcsError, ErrorKind,
     PublishedError,

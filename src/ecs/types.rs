@@ -20,13 +20,15 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 
+use crate::arch::Arch;
 use crate::secret::Secret;
-use crate::selection::Arch;
 
 /// `SpotStrategy` of `RunInstances` and `DescribeAvailableResource`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SpotStrategy {
-    /// An ordinary pay-as-you-go instance.
+    /// An ordinary pay-as-you-go instance; never read from the configuration (`spot.strategy`),
+    /// which chooses between the two spot strategies.
+    #[serde(skip_deserializing)]
     NoSpot,
     /// A spot instance with a maximum hourly price (`SpotPriceLimit`).
     SpotWithPriceLimit,

@@ -29,7 +29,6 @@ use time::OffsetDateTime;
 use crate::config::Config;
 use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
 use crate::env::Env;
-use crate::selection::{Arch, ShapeOverrides};
 use crate::stages::{tags, Progress};
 use api::{GithubClient, Runner, Scope};
 use boot::{RunnerBoot, RunnerSource};
@@ -193,17 +192,9 @@ pub fn start(
     let p = Progress;
     let scope = Scope::parse(args.scope.repo.as_deref(), args.scope.org.as_deref())?;
     let extra_labels = check_labels(&args.labels)?;
-    let arch: Arch = match &args.shape.arch {
-        Some(a) => a.parse().map_err(|e: String| anyhow::anyhow!("--arch: {e}"))?,
-        None => config.instance.default_arch,
-    };
-    let overrides = ShapeOverrides {
-        min_cpu: args.shape.min_cpu,
-        max_cpu: args.shape.max_cpu,
-        min_mem_gib: args.shape.min_mem,
-        max_mem_gib: args.shape.max_mem,
-    };
-    let shape = config.shape(arch).with_overrides(&overrides)?;
+    // The same rule as a job's shape and `aliyun-spot prices` (`Config::shape_for`).
+    let shape = crate::admin::shape_of(config, &args.shape)?;
+    let arch = shape.arch;
     config.require_for_prepare(arch)?;
     let source = match (&args.runner_url, &args.runner_sha256) {
         (Some(url), Some(sha)) => {

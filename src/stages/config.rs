@@ -25,7 +25,7 @@ pub fn runner_json(env: &Env, config_path: Option<PathBuf>) -> Result<serde_json
         crate::logging::stderr_line(&format!("WARNING: {w}"));
     }
     config.require_for_prepare(spec.shape.arch)?;
-    crate::offers::validate_endpoint(&config)?;
+    crate::selection::offers::validate_endpoint(&config)?;
     if !config.helper.distributed_cache {
         // The config stage cannot see gitlab-runner's `[runners.cache]`: it reaches only the
         // cache stages' scripts (docs/gitlab-runner.md, "Cache that survives the instance"),

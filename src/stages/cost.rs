@@ -5,11 +5,13 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::config::format_duration;
 use crate::env::JobInfo;
 use crate::state::JobState;
 
@@ -46,7 +48,7 @@ pub struct LedgerEntry {
 }
 
 fn default_currency() -> String {
-    crate::pricing::DEFAULT_CURRENCY.to_string()
+    crate::selection::pricing::DEFAULT_CURRENCY.to_string()
 }
 
 /// The ledger entry for a state whose instance was created.
@@ -80,8 +82,8 @@ pub fn job_cost_line(s: &JobState, now: OffsetDateTime) -> Option<String> {
         s.instance_id.as_deref().unwrap_or("?"),
         s.instance_type,
         s.zone,
-        crate::pricing::PerHour(price, &s.currency),
-        format_duration(seconds),
+        crate::selection::pricing::PerHour(price, &s.currency),
+        format_duration(Duration::from_secs(seconds)),
         price * seconds as f64 / 3600.0,
         s.currency
     ))
@@ -95,8 +97,8 @@ pub fn summary(e: &LedgerEntry) -> String {
         e.instance_id,
         e.instance_type,
         e.zone,
-        format_duration(e.seconds),
-        crate::pricing::PerHour(e.price_per_hour, &e.currency),
+        format_duration(Duration::from_secs(e.seconds)),
+        crate::selection::pricing::PerHour(e.price_per_hour, &e.currency),
         e.cost,
         e.currency
     )
@@ -123,31 +125,8 @@ pub fn append_ledger(path: &Path, e: &LedgerEntry) -> Result<()> {
     Ok(())
 }
 
-/// `3m12s`, `1h02m`.
-pub fn format_duration(secs: u64) -> String {
-    if secs >= 3600 {
-        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
-    } else if secs >= 60 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{secs}s")
-    }
-}
-
 /// `2026-11-24 15:04:05 UTC`.
 pub fn format_time(t: OffsetDateTime) -> String {
     t.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC"))
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(format_duration(5), "5s");
-        assert_eq!(format_duration(192), "3m12s");
-        assert_eq!(format_duration(3720), "1h02m");
-    }
 }

@@ -31,23 +31,8 @@ use crate::selection::{Offer, Shape};
 use crate::state::{JobKey, StateStore};
 use crate::{keys, offers, userdata, watchdog};
 
-/// Names of the tags every managed instance carries, besides the managed-by marker; the key
-/// is `{safety.tag_prefix}:{name}` ([`crate::config::Safety::tag_key`]).
-pub mod tags {
-    /// The runner id (`runner.id`, else the runner host's name).
-    pub const RUNNER: &str = "runner";
-    /// The project id (from the job payload).
-    pub const PROJECT: &str = "project";
-    /// The job id (from the job payload).
-    pub const JOB: &str = "job";
-    /// The hash of the preparation attempt's secret ([`crate::identity::JobSecret::binding`]):
-    /// only stages holding the secret act on an instance with this tag.
-    pub const BINDING: &str = "binding";
-    /// The pipeline id.
-    pub const PIPELINE: &str = "pipeline";
-    /// The runner host's name.
-    pub const HOST: &str = "created-by-host";
-}
+pub use crate::tags;
+pub use crate::tags::is_reclaimed;
 
 /// Progress lines for people, on stderr (which gitlab-runner puts into the job log), without
 /// timestamps because GitLab adds its own.
@@ -115,7 +100,7 @@ impl Context {
             Err(_) if lenient_job => {
                 let config = crate::config::load(config_path.as_deref(), &env)?;
                 let arch = config.instance.default_arch;
-                let spec = JobSpec { arch, shape: config.shape(arch).clone(), overrides: Vec::new() };
+                let spec = JobSpec { arch, shape: config.default_job_shape(arch), overrides: Vec::new() };
                 (config, spec)
             }
             Err(e) => return Err(e.into()),
@@ -438,11 +423,6 @@ pub fn delete_instance(
     release_instance(&ctx.client, id, created_at).map_err(|e| {
         StageError::System(anyhow::Error::new(e).context(format!("failed to release instance {id}")))
     })
-}
-
-/// True when Aliyun is taking the spot instance back (`Recycling` operation lock).
-pub fn is_reclaimed(i: &Instance) -> bool {
-    i.operation_locks.iter().any(|l| l.eq_ignore_ascii_case("Recycling"))
 }
 
 /// The ranked offers for a shape, through the price cache.

@@ -15,7 +15,7 @@ use crate::ecs::{
     AvailableResourceRequest, ClientConfig, EcsClient, InstanceTypeFilter, RetryPolicy,
     SpotPriceHistoryRequest, SpotStrategy,
 };
-use crate::price_cache::PriceCache;
+use crate::selection::cache::PriceCache;
 use crate::selection::{
     self, Catalogue, CatalogueSource, Offer, PriceList, PricePoint, Shape, TypeInfo, WalkResult, ZoneStock,
 };
@@ -40,7 +40,7 @@ pub fn validate_endpoint(config: &Config) -> Result<()> {
 }
 
 /// [`CatalogueSource`] backed by the ECS API, asking for prices and stock with one protection
-/// period (`SpotDuration`, see [`crate::pricing`]).
+/// period (`SpotDuration`, see [`crate::selection::pricing`]).
 pub struct EcsSource<'a> {
     /// The client.
     pub client: &'a EcsClient,
@@ -236,7 +236,7 @@ pub fn walk_with_fresh_look<T, E>(
 
 fn cache_and_key(client: &EcsClient, config: &Config, shape: &Shape) -> Result<(PriceCache, String)> {
     let cache = PriceCache::new(config.paths.cache_dir.clone(), config.spot.price_cache_ttl);
-    let key = crate::price_cache::cache_key(
+    let key = crate::selection::cache::cache_key(
         config.region()?,
         client.endpoint(),
         config.spot.protection_hours,

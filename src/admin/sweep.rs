@@ -14,11 +14,12 @@ use std::time::Duration;
 use anyhow::Result;
 use time::OffsetDateTime;
 
+use crate::config::format_duration;
 use crate::config::Config;
 use crate::ecs::{EcsClient, Instance};
 use crate::env::Env;
-use crate::stages::{cost::format_duration, tags};
 use crate::state::{JobKey, StateStore};
+use crate::tags;
 
 /// Options of `aliyun-spot sweep`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -50,12 +51,12 @@ pub fn verdict(
         return None;
     }
     let age = inst.creation_time.map(|c| (now - c).whole_seconds().max(0) as u64);
-    if crate::stages::is_reclaimed(inst) {
+    if crate::tags::is_reclaimed(inst) {
         return Some("Aliyun is reclaiming it".to_string());
     }
     if let (Some(limit), Some(age)) = (args.older_than, age) {
         if age > limit.as_secs() {
-            return Some(format!("older than {}", format_duration(limit.as_secs())));
+            return Some(format!("older than {}", format_duration(limit)));
         }
     }
     if ours {
@@ -81,7 +82,7 @@ pub fn verdict(
 pub fn run(config_path: Option<&Path>, args: &SweepArgs) -> Result<()> {
     let env = Env::from_process();
     let config = crate::config::load(config_path, &env)?;
-    let client = crate::offers::client(&config)?;
+    let client = crate::selection::offers::client(&config)?;
     sweep(&config, &client, &env.hostname(), args)
 }
 
@@ -103,7 +104,9 @@ pub fn sweep(config: &Config, client: &EcsClient, this_host: &str, args: &SweepA
             inst.tags.get(&config.safety.tag_key(tags::JOB)).map(String::as_str).unwrap_or("?"),
             inst.tags.get(&config.safety.tag_key(tags::PROJECT)).map(String::as_str).unwrap_or("?"),
             inst.creation_time
-                .map(|c| format_duration((now - c).whole_seconds().max(0) as u64))
+                .map(|c| format_duration(std::time::Duration::from_secs(
+                    (now - c).whole_seconds().max(0) as u64
+                )))
                 .unwrap_or_default()
         );
         if args.dry_run {
@@ -222,7 +225,7 @@ mod tests {
         assert_eq!(v(&running, &all), None);
         // ... unless it is older than --older-than.
         let running_old = instance("i-running", "1", HOST, 2 * 3600, now);
-        assert_eq!(v(&running_old, &old).as_deref(), Some("older than 1h00m"));
+        assert_eq!(v(&running_old, &old).as_deref(), Some("older than 1h"));
         assert_eq!(v(&running, &old), None, "10 minutes old is not older than 1h");
 
         // The same job's tags with another attempt's binding: that attempt's state is gone.
@@ -254,7 +257,7 @@ mod tests {
         assert_eq!(v(&foreign, &old), None);
         assert_eq!(v(&foreign, &all), None);
         let all_old = SweepArgs { all: true, ..old.clone() };
-        assert_eq!(v(&foreign, &all_old).as_deref(), Some("older than 1h00m"));
+        assert_eq!(v(&foreign, &all_old).as_deref(), Some("older than 1h"));
         let mut foreign_reclaimed = foreign.clone();
         foreign_reclaimed.operation_locks.push("Recycling".into());
         assert_eq!(v(&foreign_reclaimed, &plain), None);

@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::ecs::transport::{HttpRequest, Transport, UreqTransport};
+use super::transport::{HttpRequest, Transport, UreqTransport};
 use crate::retry::{Backoff, RetryPolicy};
 use crate::secret::Secret;
 
@@ -401,7 +401,7 @@ impl InstanceRoleProvider {
         let missing =
             |k: &str| anyhow!("the metadata service's credentials for RAM role `{role}` have no `{k}`");
         let expiration = match s("Expiration") {
-            Some(e) => Some(crate::ecs::types::parse_time(&e).ok_or_else(|| {
+            Some(e) => Some(super::types::parse_time(&e).ok_or_else(|| {
                 anyhow!("RAM role `{role}` credentials have an unreadable `Expiration` `{e}`")
             })?),
             None => None,

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::config::Config;
+use super::Config;
 use crate::fsutil::{check_host_dir, check_host_file};
 
 /// Checks the configuration file at `path` (its text `text`) and the configured host paths;
