@@ -6,6 +6,7 @@
 //! anything failed or any instance was left running, so it doubles as a smoke test.
 
 pub mod gitlab;
+pub mod shell;
 
 use std::collections::BTreeMap;
 use std::path::Path;
