@@ -575,11 +575,16 @@ impl Running {
         cancel: Option<&AtomicBool>,
         timeouts: &Timeouts,
     ) -> Result<(Exit, Option<Stop>)> {
+        // Done means exited with both pipes closed, as Go's `exec.Cmd.Wait` waits for both.
+        let mut status = None;
+        let mut done = |r: &mut Running| -> Result<Option<std::process::ExitStatus>> {
+            if status.is_none() {
+                status = r.child.try_wait()?;
+            }
+            Ok(status.filter(|_| r.readers.iter().all(|t| t.is_finished())))
+        };
         let stop = loop {
-            if let Some(status) = self.child.try_wait()? {
-                for r in self.readers.drain(..) {
-                    let _ = r.join();
-                }
+            if let Some(status) = done(&mut self)? {
                 return Ok((exit_of(status), None));
             }
             if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
@@ -594,10 +599,7 @@ impl Running {
         for (limit, next) in [(timeouts.graceful_kill, Some(libc::SIGKILL)), (timeouts.force_kill, None)] {
             let until = Instant::now() + limit;
             while Instant::now() < until {
-                if let Some(status) = self.child.try_wait()? {
-                    for r in self.readers.drain(..) {
-                        let _ = r.join();
-                    }
+                if let Some(status) = done(&mut self)? {
                     return Ok((exit_of(status), Some(stop)));
                 }
                 thread::sleep(Duration::from_millis(20));
