@@ -286,6 +286,8 @@ fn the_job_timeout_terminates_then_kills_the_stage_and_skips_the_rest() {
     attempt.timeouts = Timeouts {
         job: Duration::from_secs(8),
         graceful_kill: Duration::from_millis(500),
+        // Long enough that, without SIGKILL, the script would outlive it and print SURVIVED.
+        force_kill: Duration::from_secs(120),
         ..attempt.timeouts.clone()
     };
     let out = attempt.run_job(&job).unwrap();

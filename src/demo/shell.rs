@@ -192,7 +192,7 @@ impl BashWriter {
     }
 
     /// `guardRunnerCommand`: `body` runs only when `runner --version` works; otherwise the
-    /// stage says "Missing <runner>. <action> is disabled." and passes.
+    /// stage says "Missing `<runner>`. `<action>` is disabled." and passes.
     pub fn guard_runner_command(&mut self, runner: &str, action: &str, body: impl FnOnce(&mut BashWriter)) {
         // `IfCmd`.
         self.line(&format!(

@@ -116,7 +116,7 @@ impl Job {
 
     /// The stages gitlab-runner runs for a plain job with this `script` (one command; a
     /// multi-line one is announced by its first line). Each body is what follows the variable
-    /// exports [`Attempt::start_stage`] writes: `get_sources` stands in for the git commands
+    /// exports [`super::Attempt::start_stage`] writes: `get_sources` stands in for the git commands
     /// with a `mkdir`, the user step `cd`s to the project and echoes `$ command` first
     /// (`writeUserScript`, `writeCommands` in `shells/abstract.go`).
     pub fn standard_stages(project_dir: &str, script: &str) -> Vec<(String, String)> {
