@@ -146,7 +146,9 @@ fn cancel_stops_the_script_then_after_script_runs_as_canceled_and_cleanup_releas
     let w = World::new();
     let marker = format!("standin-cancel-{}", std::process::id());
     let mut job =
-        Job::new(42, 8004, &w.builds_dir(), &format!("echo STARTED\nbash -c 'exec -a {marker} sleep 300'"));
+        Job::new(42, 8004, &w.builds_dir(), &format!("echo STARTED\nbash -c 'exec -a {marker} sleep 300'"))
+            .with_cache_and_artifacts(&["dist"])
+            .when_always();
     job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".into());
     let mut attempt = w.attempt(&job);
     // A short grace period, so that a driver that ignored SIGTERM would show as a kill.
@@ -164,11 +166,20 @@ fn cancel_stops_the_script_then_after_script_runs_as_canceled_and_cleanup_releas
     let names: Vec<&str> = out.stages.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
         names,
-        ["prepare_script", "get_sources", "build_script", "after_script", "cleanup_file_variables"],
+        [
+            "prepare_script",
+            "get_sources",
+            "restore_cache",
+            "build_script",
+            "after_script",
+            "archive_cache_on_failure",
+            "upload_artifacts_on_failure",
+            "cleanup_file_variables"
+        ],
         "{}",
         show(&out)
     );
-    let build = &out.stages[2].1;
+    let build = &out.stages[3].1;
     assert_eq!(
         *build,
         Exit::Code(2),

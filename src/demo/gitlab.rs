@@ -185,6 +185,9 @@ pub struct Attempt {
     pub timeouts: Timeouts,
     /// Set to cancel the job (as from GitLab's UI); see [`Attempt::canceller`].
     cancel: Arc<AtomicBool>,
+    /// When the job timeout ends: it counts from the attempt's creation, before `config`
+    /// (`Build.Run` in `common/build.go` sets it before preparing the executor).
+    job_deadline: Instant,
     /// The job log of this attempt.
     pub log: Log,
     /// The runner's own log (cleanup output).
@@ -233,6 +236,7 @@ impl Attempt {
             scripts: Mutex::new(Vec::new()),
             timeouts: Timeouts::for_job(job),
             cancel: Arc::new(AtomicBool::new(false)),
+            job_deadline: Instant::now() + Timeouts::for_job(job).job,
             log: Log::default(),
             runner_log: Log::default(),
         })
@@ -313,7 +317,7 @@ impl Attempt {
         self.set_job_variable("CI_PROJECT_DIR", "");
         let stdout = Log::default();
         let running = self.spawn_split(&self.exes.config, &[], &stdout, &self.log)?;
-        let deadline = Instant::now() + self.timeouts.config_exec;
+        let deadline = self.job_deadline.min(Instant::now() + self.timeouts.config_exec);
         let (exit, _) = running.wait_until(Some(deadline), None, &self.timeouts)?;
         let stdout = stdout.text();
         let json = if exit.success() && !stdout.is_empty() {
@@ -362,7 +366,7 @@ impl Attempt {
 
     /// `prepare_exec` alone (whatever `config` did), under `prepare_exec_timeout`.
     pub fn prepare_exec(&self) -> Result<Exit> {
-        let deadline = Instant::now() + self.timeouts.prepare_exec;
+        let deadline = self.job_deadline.min(Instant::now() + self.timeouts.prepare_exec);
         Ok(self
             .spawn(&self.exes.prepare, &[], &self.log)?
             .wait_until(Some(deadline), None, &self.timeouts)?

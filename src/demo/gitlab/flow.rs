@@ -224,10 +224,13 @@ impl Attempt {
     ///
     /// A cancel during the user steps stops the running step and lets the rest run (the
     /// script context only is cancelled); a cancel before them, or the job timeout anywhere,
-    /// stops the running stage and skips every later one (the build context is done). The job
-    /// timeout counts from the first stage.
+    /// stops the running stage and skips every later one (the build context is done). The
+    /// `_on_failure` stages run only when the job has them (cache and artifacts with `when:
+    /// on_failure` or `always`); the default `on_success` ones are skipped after a failure
+    /// (`ShouldCache`, `writeUploadArtifacts`).
     pub(super) fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
-        let deadline = Instant::now() + self.timeouts.job;
+        // A test may shorten `timeouts.job` after creating the attempt.
+        let deadline = self.job_deadline.min(Instant::now() + self.timeouts.job);
         let body = |name: &str| job.stages.iter().find(|(s, _)| s == name).map(|(_, b)| b.clone());
         let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
         let end = |outcome: &mut JobOutcome, f: Option<Failure>| outcome.failure = f;
@@ -303,8 +306,8 @@ impl Attempt {
             ("archive_cache_on_failure", "upload_artifacts_on_failure")
         };
         let mut later = Vec::new();
-        for (name, fallback) in [(cache, "archive_cache"), (upload, "upload_artifacts_on_success")] {
-            if let Some(b) = body(name).or_else(|| body(fallback)) {
+        for name in [cache, upload] {
+            if let Some(b) = body(name) {
                 later.push(self.stage(name, &b, deadline, false, outcome)?);
             }
         }

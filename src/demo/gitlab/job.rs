@@ -192,6 +192,22 @@ impl Job {
         self
     }
 
+    /// Makes the cache and artifacts `when: always`: the `_on_failure` stages get the same
+    /// calls as the `_on_success` ones (`CacheWhen.ShouldCache`, `ArtifactWhen.OnFailure` in
+    /// `common/spec`).
+    pub fn when_always(mut self) -> Job {
+        for (from, to) in [
+            ("archive_cache", "archive_cache_on_failure"),
+            ("upload_artifacts_on_success", "upload_artifacts_on_failure"),
+        ] {
+            if let Some(at) = self.stages.iter().position(|(s, _)| s == from) {
+                let body = self.stages[at].1.clone();
+                self.stages.insert(at + 1, (to.to_string(), body));
+            }
+        }
+        self
+    }
+
     /// A job shaped like one GitLab sends: `commands` as the script, about a hundred predefined
     /// variables (the names of GitLab's predefined CI/CD variables), a commit message and a
     /// certificate bundle as a file variable, so that every stage script is over 100 KB, as a
