@@ -1,7 +1,8 @@
 //! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
 //!
 //! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
-//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md), not
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md; the source
+//! files cited are gitlab-runner v18.3.0-1857-gd79f3e7b8), not
 //! through shortcuts: a per-attempt temporary directory as working directory, stdin from
 //! `/dev/null`, each executable leading its own process group, the fixed variables
 //! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,

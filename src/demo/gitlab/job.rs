@@ -1,4 +1,5 @@
-//! The job the stand-in runs: its payload, variables and stage bodies.
+//! The job the stand-in runs: its payload, variables and stage bodies, as gitlab-runner
+//! v18.3.0-1857-gd79f3e7b8 writes them (the files named below are of that version).
 
 use std::time::Duration;
 
