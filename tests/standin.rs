@@ -212,12 +212,16 @@ fn fake_driver(dir: &Path, config_json: &str) -> Executables {
         prepare: write("prepare", "exit 0"),
         run: write(
             "run",
-            "case \"$2\" in get_sources) n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count;; esac\n\
+            "[ -n \"$FAKE_RUN_IGNORES_TERM\" ] && trap '' TERM\n\
+             case \"$2\" in get_sources) n=$(cat count 2>/dev/null || echo 0); echo $((n+1)) > count;; esac\n\
              [ \"$2\" = get_sources ] && [ \"$(cat count)\" -le \"${FAKE_SOURCES_FAILURES:-0}\" ] && { echo 'fetch failed'; exit 1; }\n\
              [ \"$2\" = build_script ] && [ -n \"$FAKE_EXIT\" ] && exit \"$FAKE_EXIT\"\n\
              bash \"$1\"; code=$?\n[ $code = 0 ] && exit 0\necho $code > \"$BUILD_EXIT_CODE_FILE\"; exit 1",
         ),
-        cleanup: write("cleanup", "echo CLEANUP"),
+        cleanup: write(
+            "cleanup",
+            "[ -n \"$FAKE_MARKER\" ] && pgrep -f \"$FAKE_MARKER\" >/dev/null && echo 'RUN STILL ALIVE'\necho CLEANUP",
+        ),
         args: Vec::new(),
     }
 }
@@ -312,4 +316,43 @@ fn the_job_timeout_terminates_then_kills_the_stage_and_skips_the_rest() {
         show(&out)
     );
     assert_eq!(out.cleanup, Some(Exit::Code(0)), "cleanup still runs: {}", show(&out));
+}
+
+#[test]
+fn after_the_job_timeout_cleanup_overlaps_a_run_that_is_still_dying() {
+    let dir = crate::private_tempdir();
+    let exes = fake_driver(dir.path(), "{}");
+    let marker = format!("standin-dying-{}", std::process::id());
+    let job = Job::new(
+        42,
+        8008,
+        &dir.path().join("b").display().to_string(),
+        &format!("exec -a {marker} sleep 60"),
+    );
+    let env = base_env(&[("FAKE_RUN_IGNORES_TERM", "1"), ("FAKE_MARKER", &marker)]);
+    let mut attempt = Attempt::new(exes, env, &job).unwrap();
+    attempt.timeouts = Timeouts {
+        job: Duration::from_secs(3),
+        graceful_kill: Duration::from_secs(6),
+        wait_for_build_finish: Duration::from_secs(1),
+        ..attempt.timeouts.clone()
+    };
+    let out = attempt.run_job(&job).unwrap();
+    assert_eq!(out.failure, Some(Failure::Timedout), "{}", show(&out));
+    assert!(
+        out.job_log.lines().any(|l| l == "WARNING: Timed out waiting for the build to finish"),
+        "{}",
+        show(&out)
+    );
+    assert!(
+        out.runner_log.lines().any(|l| l == "RUN STILL ALIVE"),
+        "cleanup overlapped the dying run: {}",
+        show(&out)
+    );
+    // The kill sequence goes on: SIGKILL after the grace period ends the stage.
+    let gone = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !std::process::Command::new("pgrep").args(["-f", &marker]).status().unwrap().success()
+    });
+    assert!(gone, "the stage outlived SIGKILL");
 }

@@ -33,6 +33,9 @@ pub struct Timeouts {
     pub job: Duration,
     /// `RUNNER_AFTER_SCRIPT_TIMEOUT` (default five minutes, `AfterScriptTimeout`).
     pub after_script: Duration,
+    /// How long a stopped build is waited for before `cleanup_exec` runs anyway (five
+    /// minutes, `WaitForBuildFinishTimeout`).
+    pub wait_for_build_finish: Duration,
 }
 
 impl Timeouts {
@@ -55,6 +58,7 @@ impl Timeouts {
             force_kill: Duration::from_secs(10),
             job: if job.timeout.is_zero() { Duration::from_secs(7200) } else { job.timeout },
             after_script,
+            wait_for_build_finish: Duration::from_secs(300),
         }
     }
 }
@@ -143,6 +147,17 @@ fn classify(stage: &str, exit: &Exit, exit_code_file: &std::path::Path) -> Optio
     }
 }
 
+/// Whether a cancel reaches a stage, and what it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cancel {
+    /// Not at all (after the user steps the cancel function is the script's, already done).
+    Ignored,
+    /// The user steps: the script context, after which after_script and the rest run.
+    Script,
+    /// The stages before them: the whole build.
+    Job,
+}
+
 /// The `*_ATTEMPTS` variable `name`, clamped to 1..=10 (default 1).
 fn attempts(attempt: &Attempt, name: &str) -> usize {
     let key = format!("CUSTOM_ENV_{name}");
@@ -158,7 +173,7 @@ impl Attempt {
         name: &str,
         body: &str,
         deadline: Instant,
-        cancellable: bool,
+        cancel: Cancel,
         outcome: &mut JobOutcome,
     ) -> Result<Option<Failure>> {
         if Instant::now() >= deadline {
@@ -166,9 +181,37 @@ impl Attempt {
             return Ok(Some(Failure::Timedout));
         }
         let running = self.start_stage(name, body)?;
-        let cancel = self.cancel.clone();
-        let (exit, stop) =
-            running.wait_until(Some(deadline), cancellable.then_some(&*cancel), &self.timeouts)?;
+        let flag = (cancel != Cancel::Ignored).then(|| self.cancel.clone());
+        let timeouts = self.timeouts.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(running.wait_until(Some(deadline), flag.as_deref(), &timeouts));
+        });
+        // When the whole build stops (the job timeout, or a cancel before the user steps),
+        // `Build.run` waits `WaitForBuildFinishTimeout` for the stage and then goes on to
+        // `cleanup_exec` while the stage may still be dying (`common/build.go`, `run`,
+        // `waitForBuildFinish`); a cancel of the user steps or an after_script timeout waits
+        // for the whole kill sequence (`command.Run`).
+        let mut build_stopped: Option<Instant> = None;
+        let (exit, stop) = loop {
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(r) => break r?,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("the waiter of stage `{name}` ended without a result")
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let canceled = cancel == Cancel::Job && self.cancel.load(std::sync::atomic::Ordering::SeqCst);
+            if canceled || Instant::now() >= self.job_deadline {
+                let since = *build_stopped.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.timeouts.wait_for_build_finish {
+                    self.log.push("WARNING: Timed out waiting for the build to finish\n");
+                    let stop = if canceled { Stop::Canceled } else { Stop::Deadline };
+                    // Still dying: its exit is not known.
+                    break (Exit::Signal(libc::SIGTERM), Some(stop));
+                }
+            }
+        };
         if exit == Exit::Code(1) && outcome.build_exit_code.is_none() {
             // gitlab-runner reads the file right after the stage that failed.
             outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
@@ -203,7 +246,7 @@ impl Attempt {
             }
             last = match before(self, attempt, outcome)? {
                 Some(f) => Some(f),
-                None => self.stage(name, body, deadline, true, outcome)?,
+                None => self.stage(name, body, deadline, Cancel::Job, outcome)?,
             };
             match &last {
                 None => return Ok(None),
@@ -231,12 +274,13 @@ impl Attempt {
     pub(super) fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
         // A test may shorten `timeouts.job` after creating the attempt.
         let deadline = self.job_deadline.min(Instant::now() + self.timeouts.job);
+        self.job_deadline = deadline;
         let body = |name: &str| job.stages.iter().find(|(s, _)| s == name).map(|(_, b)| b.clone());
         let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
         let end = |outcome: &mut JobOutcome, f: Option<Failure>| outcome.failure = f;
 
         if let Some(b) = body("prepare_script") {
-            if let Some(f) = self.stage("prepare_script", &b, deadline, true, outcome)? {
+            if let Some(f) = self.stage("prepare_script", &b, deadline, Cancel::Job, outcome)? {
                 end(outcome, Some(f));
                 return Ok(());
             }
@@ -248,7 +292,7 @@ impl Attempt {
             err =
                 self.stage_with_attempts("get_sources", &b, tries, deadline, outcome, |a, attempt, o| {
                     if attempt == 1 {
-                        return a.stage("clear_worktree", &clear, deadline, true, o);
+                        return a.stage("clear_worktree", &clear, deadline, Cancel::Job, o);
                     }
                     Ok(None)
                 })?;
@@ -268,7 +312,7 @@ impl Attempt {
         }
         if err.is_none() {
             for (name, b) in job.stages.iter().filter(|(s, _)| is_user(s)) {
-                err = self.stage(name, b, deadline, true, outcome)?;
+                err = self.stage(name, b, deadline, Cancel::Script, outcome)?;
                 if err.is_some() {
                     break;
                 }
@@ -293,7 +337,7 @@ impl Attempt {
             };
             if let Some(b) = after {
                 let after_deadline = deadline.min(Instant::now() + self.timeouts.after_script);
-                let after_err = self.stage("after_script", &b, after_deadline, false, outcome)?;
+                let after_err = self.stage("after_script", &b, after_deadline, Cancel::Ignored, outcome)?;
                 if after_err == Some(Failure::Timedout) && Instant::now() >= deadline {
                     end(outcome, Some(Failure::Timedout));
                     return Ok(());
@@ -308,7 +352,7 @@ impl Attempt {
         let mut later = Vec::new();
         for name in [cache, upload] {
             if let Some(b) = body(name) {
-                later.push(self.stage(name, &b, deadline, false, outcome)?);
+                later.push(self.stage(name, &b, deadline, Cancel::Ignored, outcome)?);
             }
         }
         // `pickPriorityError`: the job's error, else the cache's, else the artifacts'.
@@ -319,7 +363,7 @@ impl Attempt {
         }
         if let Some(b) = body("cleanup_file_variables") {
             // `removeFileBasedVariables`: a failure is only logged.
-            self.stage("cleanup_file_variables", &b, deadline, false, outcome)?;
+            self.stage("cleanup_file_variables", &b, deadline, Cancel::Ignored, outcome)?;
         }
         end(outcome, err);
         Ok(())
