@@ -356,3 +356,21 @@ fn after_the_job_timeout_cleanup_overlaps_a_run_that_is_still_dying() {
     });
     assert!(gone, "the stage outlived SIGKILL");
 }
+
+#[test]
+fn runner_script_timeout_stops_the_script_and_after_script_sees_timedout() {
+    let dir = crate::private_tempdir();
+    let exes = fake_driver(dir.path(), "{}");
+    let mut job = Job::new(42, 8009, &dir.path().join("b").display().to_string(), "sleep 60; echo SURVIVED");
+    job.variables.push(("RUNNER_SCRIPT_TIMEOUT".into(), "2s".into()));
+    job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".into());
+    let out = Attempt::new(exes, base_env(&[]), &job).unwrap().run_job(&job).unwrap();
+    assert_eq!(out.failure, Some(Failure::Timedout), "{}", show(&out));
+    assert!(out.job_log.lines().any(|l| l == "after_script: job status timedout"), "{}", show(&out));
+    assert!(!out.job_log.lines().any(|l| l == "SURVIVED"), "{}", show(&out));
+    let names: Vec<&str> = out.stages.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        names,
+        ["prepare_script", "get_sources", "build_script", "after_script", "cleanup_file_variables"]
+    );
+}

@@ -33,6 +33,8 @@ pub struct Timeouts {
     pub job: Duration,
     /// `RUNNER_AFTER_SCRIPT_TIMEOUT` (default five minutes, `AfterScriptTimeout`).
     pub after_script: Duration,
+    /// `RUNNER_SCRIPT_TIMEOUT` for the user steps together (none by default: the job's).
+    pub script: Option<Duration>,
     /// How long a stopped build is waited for before `cleanup_exec` runs anyway (five
     /// minutes, `WaitForBuildFinishTimeout`).
     pub wait_for_build_finish: Duration,
@@ -41,14 +43,12 @@ pub struct Timeouts {
 impl Timeouts {
     /// gitlab-runner's defaults, with the job's timeout and its `RUNNER_AFTER_SCRIPT_TIMEOUT`.
     pub fn for_job(job: &Job) -> Timeouts {
-        let after_script = job
-            .variables
-            .iter()
-            .rev()
-            .find(|(k, _)| k == "RUNNER_AFTER_SCRIPT_TIMEOUT")
-            .and_then(|(_, v)| go_duration(v))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(300));
+        // `getStageTimeoutContexts`: a positive Go duration replaces the default.
+        let stage_timeout = |name: &str| {
+            let value = job.variables.iter().rev().find(|(k, _)| k == name);
+            value.and_then(|(_, v)| go_duration(v)).filter(|d| !d.is_zero())
+        };
+        let after_script = stage_timeout("RUNNER_AFTER_SCRIPT_TIMEOUT").unwrap_or(Duration::from_secs(300));
         let hour = Duration::from_secs(3600);
         Timeouts {
             config_exec: hour,
@@ -58,6 +58,7 @@ impl Timeouts {
             force_kill: Duration::from_secs(10),
             job: if job.timeout.is_zero() { Duration::from_secs(7200) } else { job.timeout },
             after_script,
+            script: stage_timeout("RUNNER_SCRIPT_TIMEOUT"),
             wait_for_build_finish: Duration::from_secs(300),
         }
     }
@@ -311,8 +312,9 @@ impl Attempt {
             return Ok(());
         }
         if err.is_none() {
+            let script_deadline = self.timeouts.script.map_or(deadline, |t| deadline.min(Instant::now() + t));
             for (name, b) in job.stages.iter().filter(|(s, _)| is_user(s)) {
-                err = self.stage(name, b, deadline, Cancel::Script, outcome)?;
+                err = self.stage(name, b, script_deadline, Cancel::Script, outcome)?;
                 if err.is_some() {
                     break;
                 }
@@ -321,13 +323,16 @@ impl Attempt {
                 // `executeUserScripts`: "script canceled externally (UI, API)".
                 self.log.push("WARNING: script canceled externally (UI, API)\n");
             }
-            if err == Some(Failure::Timedout) {
+            // The job timeout ends the build; `RUNNER_SCRIPT_TIMEOUT` ends only the script, and
+            // after_script sees `timedout` (`runtimeStateAndError` on `ErrJobScriptTimeout`).
+            if err == Some(Failure::Timedout) && Instant::now() >= deadline {
                 end(outcome, err);
                 return Ok(());
             }
             let status = match err {
                 None => "success",
                 Some(Failure::Canceled) => "canceled",
+                Some(Failure::Timedout) => "timedout",
                 Some(_) => "failed",
             };
             self.set_job_variable("CI_JOB_STATUS", status);
@@ -357,7 +362,7 @@ impl Attempt {
         }
         // `pickPriorityError`: the job's error, else the cache's, else the artifacts'.
         let err = err.or(later.into_iter().flatten().next());
-        if err == Some(Failure::Timedout) {
+        if err == Some(Failure::Timedout) && Instant::now() >= deadline {
             end(outcome, err);
             return Ok(());
         }
