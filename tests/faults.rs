@@ -799,7 +799,16 @@ fn twenty_concurrent_jobs_under_throttling_all_pass_without_duplicates() {
             .map(|id| {
                 let bed = &bed;
                 s.spawn(move || {
-                    let job = bed.job(id, &format!("echo CONCURRENT-{id}"));
+                    // Each job in a project of its own: the emulated instances share this
+                    // machine's disk, where real ones each have their own.
+                    let builds = bed.dir.path().join("builds").display().to_string();
+                    let job = Job::in_project(
+                        42,
+                        &format!("group/p{id}"),
+                        id.parse().unwrap(),
+                        &builds,
+                        &format!("echo CONCURRENT-{id}"),
+                    );
                     (id.clone(), bed.attempt(&job).run_job(&job).unwrap())
                 })
             })

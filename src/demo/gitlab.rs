@@ -176,6 +176,8 @@ pub struct Attempt {
     default_builds_dir: String,
     /// The project directory of the stage scripts (`Build.FullProjectDir`).
     project_dir: String,
+    /// The project's path under the builds directory.
+    project_path: String,
     /// `hostname` from config's JSON (`Build.Hostname`).
     hostname: String,
     /// `shell` from config's JSON, `bash` otherwise (the custom executor's default shell).
@@ -232,6 +234,11 @@ impl Attempt {
             files: job.files.clone(),
             default_builds_dir: var("CI_BUILDS_DIR"),
             project_dir: var("CI_PROJECT_DIR"),
+            project_path: if job.project_path.is_empty() {
+                "group/project".into()
+            } else {
+                job.project_path.clone()
+            },
             hostname: String::new(),
             shell: "bash".into(),
             scripts: Mutex::new(Vec::new()),
@@ -335,7 +342,7 @@ impl Attempt {
         let field =
             |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|v| v.as_str()).map(str::to_string);
         let builds_dir = field("builds_dir").unwrap_or_else(|| self.default_builds_dir.clone());
-        self.project_dir = format!("{}/group/project", builds_dir.trim_end_matches('/'));
+        self.project_dir = format!("{}/{}", builds_dir.trim_end_matches('/'), self.project_path);
         self.set_job_variable("CI_BUILDS_DIR", &builds_dir);
         let project_dir = self.project_dir.clone();
         self.set_job_variable("CI_PROJECT_DIR", &project_dir);

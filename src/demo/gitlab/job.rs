@@ -23,6 +23,8 @@ pub struct Job {
     pub stages: Vec<(String, String)>,
     /// The `after_script` body: run after the user steps, whether they passed or failed.
     pub after_script: Option<String>,
+    /// The project's path (`job_info.project_full_path`, the repository's path).
+    pub project_path: String,
     /// File-type variables `(key, content)`: each script writes the content under
     /// `<CI_PROJECT_DIR>.tmp/` and exports the variable as that file's path.
     pub files: Vec<(String, String)>,
@@ -35,11 +37,26 @@ impl Job {
     /// Job `job_id` of project `project_id` running `script`, with the CI variables
     /// gitlab-runner sets, the standard stages and a token unique to the job.
     pub fn new(project_id: u64, job_id: u64, builds_dir: &str, script: &str) -> Job {
+        Job::in_project(project_id, "group/project", job_id, builds_dir, script)
+    }
+
+    /// [`Job::new`] for the project at `project_path` (its repository's path): the project
+    /// directory is `<builds_dir>/<project_path>` (`ProjectUniqueDir` in `common/build.go`).
+    pub fn in_project(
+        project_id: u64,
+        project_path: &str,
+        job_id: u64,
+        builds_dir: &str,
+        script: &str,
+    ) -> Job {
         let token = format!("glcbt-64_job{job_id}tokenNEVERPRINTED");
         let mut variables = Job::ci_variables("7", &project_id.to_string(), &job_id.to_string(), builds_dir);
         for (k, v) in &mut variables {
-            if k == "CI_JOB_TOKEN" {
-                v.clone_from(&token);
+            match k.as_str() {
+                "CI_JOB_TOKEN" => v.clone_from(&token),
+                "CI_PROJECT_PATH" => *v = project_path.to_string(),
+                "CI_PROJECT_DIR" => *v = format!("{builds_dir}/{project_path}"),
+                _ => {}
             }
         }
         Job {
@@ -47,8 +64,9 @@ impl Job {
             project_id,
             token,
             variables,
-            stages: Job::standard_stages(&format!("{builds_dir}/group/project"), script),
+            stages: Job::standard_stages(&format!("{builds_dir}/{project_path}"), script),
             after_script: None,
+            project_path: project_path.to_string(),
             files: Vec::new(),
             timeout: Duration::from_secs(3600),
         }
@@ -67,11 +85,11 @@ impl Job {
                 "stage": "test",
                 "project_id": self.project_id,
                 "project_name": "project",
-                "project_full_path": "group/project",
+                "project_full_path": self.project_path,
                 // `CI_PIPELINE_ID` as [`Job::ci_variables`] sets it.
                 "pipeline_id": format!("9{}", self.id).parse::<u64>().unwrap_or_default(),
             },
-            "git_info": { "repo_url": "https://gitlab.example.com/group/project.git", "ref": "main" },
+            "git_info": { "repo_url": format!("https://gitlab.example.com/{}.git", self.project_path), "ref": "main" },
             "runner_info": { "timeout": self.timeout.as_secs() },
             "variables": self.variables.iter().map(|(k, v)| serde_json::json!({
                 "key": k, "value": v, "public": k != "CI_JOB_TOKEN", "masked": k == "CI_JOB_TOKEN",
