@@ -18,6 +18,7 @@ mod options;
 mod safety;
 mod selection_live;
 mod ssh;
+mod standin;
 
 /// A fresh private directory (0700) for one test under cargo's `target/tmp` of this checkout,
 /// never directly in the shared `/tmp`: the driver's state, cache and ledger belong in a

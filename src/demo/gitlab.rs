@@ -1,7 +1,8 @@
 //! A stand-in for gitlab-runner's custom executor, driving the real stage binaries.
 //!
 //! Why it exists: `aliyun-spot demo` and the integration tests must call `config`, `prepare`,
-//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md), not
+//! `run` and `cleanup` exactly as gitlab-runner 18.x does (docs/gitlab-runner.md; the source
+//! files cited are gitlab-runner v18.3.0-1857-gd79f3e7b8), not
 //! through shortcuts: a per-attempt temporary directory as working directory, stdin from
 //! `/dev/null`, each executable leading its own process group, the fixed variables
 //! (`BUILD_FAILURE_EXIT_CODE`, `SYSTEM_FAILURE_EXIT_CODE`, `BUILD_EXIT_CODE_FILE`,
@@ -20,11 +21,20 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+use crate::demo::shell::{BashWriter, Variable};
+
+mod flow;
+mod job;
+
+pub use flow::{Failure, Stop, Timeouts};
+pub use job::Job;
 
 /// The four executables gitlab-runner is configured with (`config_exec` … `cleanup_exec`).
 #[derive(Debug, Clone)]
@@ -115,120 +125,6 @@ pub const PREPARATION_RETRIES: usize = 3;
 /// [`Attempt::with_retry_interval`]).
 pub const PREPARATION_RETRY_INTERVAL: Duration = Duration::from_secs(3);
 
-/// A job as GitLab hands it to the runner: its ids and token (the payload), variables and the
-/// stage bodies to run.
-#[derive(Debug, Clone, Default)]
-pub struct Job {
-    /// The job id (the payload's `id`).
-    pub id: u64,
-    /// The project id (the payload's `job_info.project_id`).
-    pub project_id: u64,
-    /// The job token (the payload's `token`, also `CI_JOB_TOKEN`).
-    pub token: String,
-    /// Job variables; each reaches the driver as `CUSTOM_ENV_<key>`. A job may override the
-    /// predefined ones (push a forged `CI_JOB_ID` after them): the payload keeps the truth.
-    pub variables: Vec<(String, String)>,
-    /// `(stage name, bash body)` in execution order, as gitlab-runner would generate them;
-    /// see [`Job::standard_stages`].
-    pub stages: Vec<(String, String)>,
-    /// The `after_script` body: run after the user steps, whether they passed or failed.
-    pub after_script: Option<String>,
-}
-
-impl Job {
-    /// Job `job_id` of project `project_id` running `script`, with the CI variables
-    /// gitlab-runner sets, the standard stages and a token unique to the job.
-    pub fn new(project_id: u64, job_id: u64, builds_dir: &str, script: &str) -> Job {
-        let token = format!("glcbt-64_job{job_id}tokenNEVERPRINTED");
-        let mut variables = Job::ci_variables("7", &project_id.to_string(), &job_id.to_string(), builds_dir);
-        for (k, v) in &mut variables {
-            if k == "CI_JOB_TOKEN" {
-                v.clone_from(&token);
-            }
-        }
-        Job {
-            id: job_id,
-            project_id,
-            token,
-            variables,
-            stages: Job::standard_stages(&format!("{builds_dir}/group/project"), script),
-            after_script: None,
-        }
-    }
-
-    /// The job payload gitlab-runner writes to `JOB_RESPONSE_FILE`: its `common.JobResponse`
-    /// (`common/network.go`, v18.3.0; `spec.Job` in `common/spec/spec.go` on main), JSON-encoded
-    /// by `createJobResponseFile` in `executors/custom/custom.go`. The fields a driver may read.
-    pub fn payload(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "token": self.token,
-            "allow_git_fetch": true,
-            "job_info": {
-                "name": self.variables.iter().find(|(n, _)| n == "CI_JOB_NAME").map(|(_, v)| v.clone()).unwrap_or_default(),
-                "stage": "test",
-                "project_id": self.project_id,
-                "project_name": "project",
-                "project_full_path": "group/project",
-                // `CI_PIPELINE_ID` as [`Job::ci_variables`] sets it.
-                "pipeline_id": format!("9{}", self.id).parse::<u64>().unwrap_or_default(),
-            },
-            "git_info": { "repo_url": "https://gitlab.example.com/group/project.git", "ref": "main" },
-            "runner_info": { "timeout": 3600 },
-            "variables": self.variables.iter().map(|(k, v)| serde_json::json!({
-                "key": k, "value": v, "public": k != "CI_JOB_TOKEN", "masked": k == "CI_JOB_TOKEN",
-                "file": false, "raw": false,
-            })).collect::<Vec<_>>(),
-        })
-    }
-
-    /// The CI variables gitlab-runner always sets, for a job with these ids.
-    pub fn ci_variables(
-        runner_id: &str,
-        project_id: &str,
-        job_id: &str,
-        builds_dir: &str,
-    ) -> Vec<(String, String)> {
-        let project_dir = format!("{builds_dir}/group/project");
-        [
-            ("CI_RUNNER_ID", runner_id.to_string()),
-            ("CI_RUNNER_SHORT_TOKEN", format!("t{runner_id}short")),
-            ("CI_PROJECT_ID", project_id.to_string()),
-            ("CI_PROJECT_PATH", "group/project".to_string()),
-            ("CI_PROJECT_NAME", "project".to_string()),
-            ("CI_JOB_ID", job_id.to_string()),
-            ("CI_JOB_NAME", "build".to_string()),
-            ("CI_PIPELINE_ID", format!("9{job_id}")),
-            ("CI_CONCURRENT_ID", "0".to_string()),
-            ("CI_CONCURRENT_PROJECT_ID", "0".to_string()),
-            ("CI_BUILDS_DIR", builds_dir.to_string()),
-            ("CI_PROJECT_DIR", project_dir),
-            ("CI_SERVER", "yes".to_string()),
-            ("CI_JOB_STATUS", "running".to_string()),
-            ("CI_JOB_TIMEOUT", "3600".to_string()),
-            ("CI_JOB_TOKEN", "glcbt-64_jobtokenNEVERPRINTED".to_string()),
-            ("CI_SHARED_ENVIRONMENT", "true".to_string()),
-            ("CI_JOB_SERVICES", String::new()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-    }
-
-    /// The stages gitlab-runner runs for a plain job with this `script` body.
-    pub fn standard_stages(project_dir: &str, script: &str) -> Vec<(String, String)> {
-        vec![
-            ("prepare_script".into(), "echo \"Running on $(hostname) via aliyun-spot-executor...\"".into()),
-            (
-                "get_sources".into(),
-                format!("mkdir -p '{project_dir}' && cd '{project_dir}' && echo 'Fetching changes...'"),
-            ),
-            ("build_script".into(), format!("cd '{project_dir}'\n{script}")),
-            ("cleanup_file_variables".into(), format!("rm -rf '{project_dir}.tmp'")),
-        ]
-    }
-}
-
 /// The result of a whole job.
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
@@ -250,6 +146,10 @@ pub struct JobOutcome {
     pub config_json: Option<serde_json::Value>,
     /// How many preparation attempts (config + prepare) ran.
     pub preparations: usize,
+    /// Why the job failed, as gitlab-runner would report it (None when it passed).
+    pub failure: Option<Failure>,
+    /// Each stage script handed to `run`: stage name and size in bytes.
+    pub scripts: Vec<(String, usize)>,
 }
 
 impl JobOutcome {
@@ -259,6 +159,7 @@ impl JobOutcome {
             && self.prepare.as_ref().is_some_and(Exit::success)
             && self.stages.iter().all(|(_, e)| e.success())
             && self.cleanup.as_ref().is_some_and(Exit::success)
+            && self.failure.is_none()
     }
 }
 
@@ -270,6 +171,28 @@ pub struct Attempt {
     configured: bool,
     job_env: BTreeMap<String, String>,
     custom_env: Vec<(String, String)>,
+    /// File-type variables of the job.
+    files: Vec<(String, String)>,
+    /// `CI_BUILDS_DIR` as the runner's own configuration has it (the job's value), used when
+    /// `config` names no `builds_dir`.
+    default_builds_dir: String,
+    /// The project directory of the stage scripts (`Build.FullProjectDir`).
+    project_dir: String,
+    /// The project's path under the builds directory.
+    project_path: String,
+    /// `hostname` from config's JSON (`Build.Hostname`).
+    hostname: String,
+    /// `shell` from config's JSON, `bash` otherwise (the custom executor's default shell).
+    shell: String,
+    /// Each script written: stage name and size.
+    scripts: Mutex<Vec<(String, usize)>>,
+    /// gitlab-runner's timeouts for this attempt's executables.
+    pub timeouts: Timeouts,
+    /// Set to cancel the job (as from GitLab's UI); see [`Attempt::canceller`].
+    cancel: Arc<AtomicBool>,
+    /// When the job timeout ends: it counts from the attempt's creation, before `config`
+    /// (`Build.Run` in `common/build.go` sets it before preparing the executor).
+    job_deadline: Instant,
     /// The job log of this attempt.
     pub log: Log,
     /// The runner's own log (cleanup output).
@@ -297,13 +220,35 @@ impl Attempt {
             .context("failed to create `response.json`")?;
         std::io::Write::write_all(&mut file, format!("{response}\n").as_bytes())
             .context("failed to write `response.json`")?;
+        let var = |name: &str| {
+            job.variables.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+        };
+        let mut custom_env: Vec<(String, String)> =
+            job.variables.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())).collect();
+        // gitlab-runner passes file variables with their content (`prepareCommand` in
+        // `executors/custom/custom.go`).
+        custom_env.extend(job.files.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())));
         Ok(Attempt {
             exes,
             tmp,
             base_env,
             configured: false,
             job_env: BTreeMap::new(),
-            custom_env: job.variables.iter().map(|(k, v)| (format!("CUSTOM_ENV_{k}"), v.clone())).collect(),
+            custom_env,
+            files: job.files.clone(),
+            default_builds_dir: var("CI_BUILDS_DIR"),
+            project_dir: var("CI_PROJECT_DIR"),
+            project_path: if job.project_path.is_empty() {
+                "group/project".into()
+            } else {
+                job.project_path.clone()
+            },
+            hostname: String::new(),
+            shell: "bash".into(),
+            scripts: Mutex::new(Vec::new()),
+            timeouts: Timeouts::for_job(job),
+            cancel: Arc::new(AtomicBool::new(false)),
+            job_deadline: Instant::now() + Timeouts::for_job(job).job,
             log: Log::default(),
             runner_log: Log::default(),
             retry_interval: PREPARATION_RETRY_INTERVAL,
@@ -320,6 +265,17 @@ impl Attempt {
     /// The attempt's temporary directory (the executables' working directory).
     pub fn dir(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// A handle that cancels the job as GitLab's "Cancel" button does; it takes effect in
+    /// [`Attempt::run_job`].
+    pub fn canceller(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
+    /// The project directory the stage scripts use.
+    pub fn project_dir(&self) -> &str {
+        &self.project_dir
     }
 
     /// `BUILD_EXIT_CODE_FILE`'s path.
@@ -368,33 +324,52 @@ impl Attempt {
         Ok(Running { child, readers: readers.into_iter().collect() })
     }
 
-    /// `config_exec`: stdout is parsed as JSON, stderr goes to the job log; `job_env` is kept.
+    /// `config_exec` under `config_exec_timeout`: stdout is parsed as JSON, stderr goes to the
+    /// job log. `CI_BUILDS_DIR` and `CI_PROJECT_DIR` are empty while it runs (the build has no
+    /// directory yet: `dynamicConfig` runs before `PrepareBuildAndShell`, `custom.go`); its
+    /// `builds_dir` then sets them (`StartBuild`, `ProjectUniqueDir` in `common/build.go`:
+    /// `<builds_dir>/<project path>` for a builds directory that is not shared), its
+    /// `hostname` the prepare message and its `shell` the scripts' shebang
+    /// (`ConfigExecOutput.InjectInto`); `job_env` is kept for every later executable.
     pub fn config(&mut self) -> Result<(Exit, Option<serde_json::Value>)> {
         self.configured = true;
-        let mut child = self.command(&self.exes.config, &[]).spawn().context("failed to start `config`")?;
-        let mut stdout_pipe = child.stdout.take().expect("piped stdout");
-        let err_reader = pump(child.stderr.take().expect("piped stderr"), self.log.clone());
-        let mut stdout = String::new();
-        stdout_pipe.read_to_string(&mut stdout).context("failed to read `config` stdout")?;
-        let status = child.wait()?;
-        let _ = err_reader.join();
-        let exit = exit_of(status);
-        if !exit.success() || stdout.is_empty() {
-            return Ok((exit, None));
-        }
-        let json: serde_json::Value = match serde_json::from_str(&stdout) {
-            Ok(v) => v,
-            Err(e) => {
-                self.log.push(&format!("error while parsing JSON output: {e}\n"));
-                return Ok((Exit::Code(-1), None));
+        self.set_job_variable("CI_BUILDS_DIR", "");
+        self.set_job_variable("CI_PROJECT_DIR", "");
+        let stdout = Log::default();
+        let running = self.spawn_split(&self.exes.config, &[], &stdout, &self.log)?;
+        let deadline = self.job_deadline.min(Instant::now() + self.timeouts.config_exec);
+        let (exit, _) = running.wait_until(Some(deadline), None, &self.timeouts)?;
+        let stdout = stdout.text();
+        let json = if exit.success() && !stdout.is_empty() {
+            match serde_json::from_str::<serde_json::Value>(&stdout) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.log.push(&format!("error while parsing JSON output: {e}\n"));
+                    return Ok((Exit::Code(-1), None));
+                }
             }
+        } else {
+            None
         };
-        if let Some(obj) = json.get("job_env").and_then(|v| v.as_object()) {
+        let field =
+            |k: &str| json.as_ref().and_then(|j| j.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+        let builds_dir = field("builds_dir").unwrap_or_else(|| self.default_builds_dir.clone());
+        self.project_dir = format!("{}/{}", builds_dir.trim_end_matches('/'), self.project_path);
+        self.set_job_variable("CI_BUILDS_DIR", &builds_dir);
+        let project_dir = self.project_dir.clone();
+        self.set_job_variable("CI_PROJECT_DIR", &project_dir);
+        if let Some(h) = field("hostname") {
+            self.hostname = h;
+        }
+        if let Some(sh) = field("shell") {
+            self.shell = sh;
+        }
+        if let Some(obj) = json.as_ref().and_then(|j| j.get("job_env")).and_then(|v| v.as_object()) {
             for (k, v) in obj {
                 self.job_env.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
             }
         }
-        Ok((exit, Some(json)))
+        Ok((exit, json))
     }
 
     /// gitlab-runner's `executor.Prepare` for this attempt: `config_exec` (unless this attempt
@@ -409,27 +384,75 @@ impl Attempt {
         self.prepare_exec()
     }
 
-    /// `prepare_exec` alone, to completion (whatever `config` did).
+    /// `prepare_exec` alone (whatever `config` did), under `prepare_exec_timeout`.
     pub fn prepare_exec(&self) -> Result<Exit> {
-        self.spawn(&self.exes.prepare, &[], &self.log)?.wait()
+        let deadline = self.job_deadline.min(Instant::now() + self.timeouts.prepare_exec);
+        Ok(self
+            .spawn(&self.exes.prepare, &[], &self.log)?
+            .wait_until(Some(deadline), None, &self.timeouts)?
+            .0)
     }
 
-    /// Writes a stage script as gitlab-runner does and starts `run <script> <stage>`.
+    /// Writes a stage script as gitlab-runner's bash shell does and starts
+    /// `run <script> <stage>` (`executor.Run` in `executors/custom/custom.go`). Before `body`,
+    /// the script has what gitlab-runner writes for that stage (`shells/abstract.go`,
+    /// `writeScript`): the hostname message and the removal of `GITLAB_ENV`'s file for
+    /// `prepare_script`, nothing for `clear_worktree`, every variable exported as paths only
+    /// for `cleanup_file_variables` followed by the removal of the variable files, and every
+    /// variable exported (file variables written to their files) for the others, with
+    /// `GIT_TERMINAL_PROMPT` and `GCM_INTERACTIVE` added for `get_sources`.
     pub fn start_stage(&self, stage: &str, body: &str) -> Result<Running> {
         let dir = tempfile::Builder::new().prefix("script").tempdir_in(self.tmp.path())?.keep();
         let script = dir.join("script");
-        // gitlab-runner's scripts export every job variable first (`shells/bash.go`, `Variable`),
-        // so the remote script sees them even though `run` forwards no environment.
-        let mut exports = String::new();
-        for (key, value) in &self.custom_env {
-            let name = key.strip_prefix("CUSTOM_ENV_").unwrap_or(key);
-            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if valid {
-                exports.push_str(&format!("export {name}={}\n", ansi_c_quote(value)));
+        let mut w = BashWriter::new(&self.project_dir);
+        let mut variables: Vec<Variable> = self
+            .custom_env
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("CUSTOM_ENV_").map(|k| (k, v)))
+            .filter(|(k, _)| !self.files.iter().any(|(f, _)| f == k))
+            .map(|(k, v)| Variable { key: k.to_string(), value: v.clone(), file: false })
+            .collect();
+        variables.extend(self.files.iter().map(|(k, v)| Variable {
+            key: k.clone(),
+            value: v.clone(),
+            file: true,
+        }));
+        match stage {
+            "prepare_script" => {
+                // `ensurePrepareStageHostnameMessage` in `shells/bash.go` (Go's `strconv.Quote`).
+                let message = if self.hostname.is_empty() {
+                    "Running on $(hostname)...".to_string()
+                } else {
+                    format!("Running on $(hostname) via {}...", self.hostname)
+                };
+                w.line(&format!("echo {}", serde_json::Value::String(message)));
+                w.rm_file(&w.tmp_file(crate::demo::shell::GITLAB_ENV_FILE));
+                w.rm_file(&w.tmp_file("masking.db"));
+            }
+            "clear_worktree" => {}
+            "cleanup_file_variables" => {
+                w.export_variables(&variables, true);
+                w.rm_file(&w.tmp_file(crate::demo::shell::GITLAB_ENV_FILE));
+                w.rm_file(&w.tmp_file("masking.db"));
+                for (key, _) in &self.files {
+                    w.rm_file(&w.tmp_file(key));
+                }
+            }
+            _ => {
+                w.export_variables(&variables, false);
+                if stage == "get_sources" {
+                    for (k, v) in [("GIT_TERMINAL_PROMPT", "0"), ("GCM_INTERACTIVE", "Never")] {
+                        w.variable(&Variable { key: k.into(), value: v.into(), file: false });
+                    }
+                }
             }
         }
-        std::fs::write(&script, bash_script(&format!("{exports}{body}")))?;
+        for line in body.lines() {
+            w.line(line);
+        }
+        let text = w.finish(&self.shell);
+        self.scripts.lock().unwrap_or_else(|e| e.into_inner()).push((stage.to_string(), text.len()));
+        std::fs::write(&script, text)?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
         self.spawn(&self.exes.run, &[script.display().to_string(), stage.to_string()], &self.log)
     }
@@ -439,63 +462,26 @@ impl Attempt {
         self.start_stage(stage, body)?.wait()
     }
 
-    /// `cleanup_exec`, output to the runner log.
+    /// `cleanup_exec` under `cleanup_exec_timeout`, output to the runner log.
     pub fn cleanup(&self) -> Result<Exit> {
-        self.spawn(&self.exes.cleanup, &[], &self.runner_log)?.wait()
+        let deadline = Instant::now() + self.timeouts.cleanup_exec;
+        Ok(self
+            .spawn(&self.exes.cleanup, &[], &self.runner_log)?
+            .wait_until(Some(deadline), None, &self.timeouts)?
+            .0)
     }
 
-    /// The stages after prepare, with gitlab-runner's branches (docs/gitlab-runner.md, "Stages"):
-    /// a failed `prepare_script` ends the job; a failed source, cache or artifact stage skips
-    /// the user steps and `after_script`; a failed user step skips the remaining steps;
-    /// `after_script` runs after the user steps whether they passed or not; cache and artifact
-    /// stages switch to their `_on_failure` variants after a failure; `cleanup_file_variables`
-    /// always runs last.
-    fn run_stages(&mut self, job: &Job, outcome: &mut JobOutcome) -> Result<()> {
-        let is_user = |s: &str| s == "build_script" || s.starts_with("step_");
-        let is_post = |s: &str| s.starts_with("archive_cache") || s.starts_with("upload_artifacts");
-        let mut pre_failed = false;
-        let mut failed = false;
-        let mut after_done = job.after_script.is_none();
-        for (stage, body) in &job.stages {
-            let mut stage = stage.clone();
-            if (is_post(&stage) || stage == "cleanup_file_variables") && !after_done {
-                after_done = true;
-                // gitlab-runner rewrites CI_JOB_STATUS for after_script and keeps it for the
-                // stages after it (`common/build.go`, `executeAfterScript`).
-                self.set_job_variable("CI_JOB_STATUS", if failed { "failed" } else { "success" });
-                if !pre_failed {
-                    let after = job.after_script.as_deref().unwrap_or_default();
-                    let exit = self.run_stage("after_script", after)?;
-                    // after_script errors are ignored (AFTER_SCRIPT_IGNORE_ERRORS defaults to true).
-                    outcome.stages.push(("after_script".into(), exit));
-                }
-            }
-            if failed && (is_user(&stage) || !(is_post(&stage) || stage == "cleanup_file_variables")) {
-                continue;
-            }
-            if failed && is_post(&stage) {
-                stage = match stage.as_str() {
-                    "archive_cache" => "archive_cache_on_failure".into(),
-                    "upload_artifacts_on_success" => "upload_artifacts_on_failure".into(),
-                    other => other.into(),
-                };
-            }
-            let exit = self.run_stage(&stage, body)?;
-            if exit == Exit::Code(1) && outcome.build_exit_code.is_none() {
-                // gitlab-runner reads the file right after the stage that failed.
-                outcome.build_exit_code = std::fs::read_to_string(self.build_exit_code_file()).ok();
-            }
-            let ok = exit.success();
-            outcome.stages.push((stage.clone(), exit));
-            if !ok && stage != "cleanup_file_variables" {
-                if stage == "prepare_script" {
-                    break;
-                }
-                failed = true;
-                pre_failed |= !is_user(&stage) && !is_post(&stage);
-            }
-        }
-        Ok(())
+    /// Starts an executable with stdout to `out` and stderr to `err`.
+    fn spawn_split(&self, exe: &Path, extra: &[String], out: &Log, err: &Log) -> Result<Running> {
+        let mut child = self
+            .command(exe, extra)
+            .spawn()
+            .with_context(|| format!("failed to start `{}`", exe.display()))?;
+        let readers = vec![
+            pump(child.stdout.take().expect("piped stdout"), out.clone()),
+            pump(child.stderr.take().expect("piped stderr"), err.clone()),
+        ];
+        Ok(Running { child, readers })
     }
 
     /// Sets a job variable (`CUSTOM_ENV_<name>`) for the stages that follow.
@@ -524,6 +510,8 @@ impl Attempt {
             build_exit_code: None,
             config_json: None,
             preparations: 0,
+            failure: None,
+            scripts: Vec::new(),
         };
         loop {
             outcome.preparations += 1;
@@ -559,6 +547,7 @@ impl Attempt {
         }
         outcome.job_log = log.text();
         outcome.runner_log = runner_log.text();
+        outcome.scripts = attempt.scripts.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Ok(outcome)
     }
 }
@@ -610,6 +599,57 @@ impl Running {
         Ok(exit_of(status))
     }
 
+    /// Waits for the executable as `command.Run` does (`executors/custom/command/command.go`):
+    /// when `deadline` passes or `cancel` is set first, gitlab-runner's `KillAndWait`
+    /// (`helpers/process/killer.go`, `killer_unix.go`): SIGTERM to the process group, up to
+    /// `graceful_kill`, SIGKILL, up to `force_kill`; after that gitlab-runner stops waiting
+    /// and goes on while the process may still be dying, and so does this (a thread reaps it).
+    pub fn wait_until(
+        mut self,
+        deadline: Option<Instant>,
+        cancel: Option<&AtomicBool>,
+        timeouts: &Timeouts,
+    ) -> Result<(Exit, Option<Stop>)> {
+        // Done means exited with both pipes closed, as Go's `exec.Cmd.Wait` waits for both.
+        let mut status = None;
+        let mut done = |r: &mut Running| -> Result<Option<std::process::ExitStatus>> {
+            if status.is_none() {
+                status = r.child.try_wait()?;
+            }
+            Ok(status.filter(|_| r.readers.iter().all(|t| t.is_finished())))
+        };
+        let stop = loop {
+            if let Some(status) = done(&mut self)? {
+                return Ok((exit_of(status), None));
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                break Stop::Canceled;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break Stop::Deadline;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        self.signal_group(libc::SIGTERM);
+        for (limit, next) in [(timeouts.graceful_kill, Some(libc::SIGKILL)), (timeouts.force_kill, None)] {
+            let until = Instant::now() + limit;
+            while Instant::now() < until {
+                if let Some(status) = done(&mut self)? {
+                    return Ok((exit_of(status), Some(stop)));
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if let Some(sig) = next {
+                self.signal_group(sig);
+            }
+        }
+        // `KillProcessError`: the process is left to die on its own.
+        thread::spawn(move || {
+            let _ = self.wait();
+        });
+        Ok((Exit::Signal(libc::SIGKILL), Some(stop)))
+    }
+
     /// gitlab-runner's kill sequence: SIGTERM to the group, up to `grace`, then SIGKILL.
     pub fn terminate(mut self, grace: Duration) -> Result<Exit> {
         self.signal_group(libc::SIGTERM);
@@ -650,44 +690,25 @@ fn exit_of(status: std::process::ExitStatus) -> Exit {
     }
 }
 
-/// A stage script shaped like gitlab-runner's bash output (`shells/bash.go`, `BashWriter.Finish`;
-/// docs/gitlab-runner.md, "Stage scripts").
-pub fn bash_script(body: &str) -> String {
-    format!(
-        "#!/usr/bin/env bash\n\ntrap 'exit 1' TERM\n\nif set -o | grep pipefail > /dev/null; then set -o pipefail; fi; set -o errexit\nset +o noclobber\n(trap 'exit 1' TERM; eval {}) < /dev/null\nexit 0\n",
-        ansi_c_quote(&format!("{body}\n"))
-    )
-}
-
-/// Bash `$'…'` quoting, as gitlab-runner's shell writer does.
-fn ansi_c_quote(s: &str) -> String {
-    let mut out = String::from("$'");
-    for ch in s.chars() {
-        match ch {
-            '\\' => out.push_str("\\\\"),
-            '\'' => out.push_str("\\'"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-    out.push('\'');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn bash_script_round_trips_quotes() {
+    fn stage_scripts_round_trip_quotes_and_stop_at_the_first_error() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, bash_script("echo 'a \\ b' \"$((1+2))\"\necho done")).unwrap();
+        let script = |body: &str| {
+            let mut w = BashWriter::new("/nonexistent");
+            for l in body.lines() {
+                w.line(l);
+            }
+            w.finish("bash")
+        };
+        std::fs::write(&p, script("echo 'a \\ b' \"$((1+2))\"\necho done")).unwrap();
         let out = Command::new("bash").arg(&p).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "a \\ b 3\ndone\n");
-        std::fs::write(&p, bash_script("false\necho unreachable")).unwrap();
+        std::fs::write(&p, script("false\necho unreachable")).unwrap();
         let out = Command::new("bash").arg(&p).output().unwrap();
         assert_eq!(out.status.code(), Some(1));
         assert!(out.stdout.is_empty());

@@ -6,6 +6,7 @@
 //! anything failed or any instance was left running, so it doubles as a smoke test.
 
 pub mod gitlab;
+pub mod shell;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -88,7 +89,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     println!("Configuration: {}", config.display());
 
     let builds = dir.path().join("builds").display().to_string();
-    let mut job = Job::new(100, 4242, &builds, args.script.as_deref().unwrap_or(SAMPLE));
+    // The sample runs as a job GitLab would send, a hundred predefined variables and all, so
+    // its stage scripts are as big as a real runner's; a `--script` is one command.
+    let mut job = match args.script.as_deref() {
+        Some(script) => Job::new(100, 4242, &builds, script),
+        None => Job::realistic(100, 4242, &builds, &SAMPLE.lines().collect::<Vec<_>>()),
+    };
     job.after_script = Some("echo \"after_script: job status $CI_JOB_STATUS\"".to_string());
     job.variables.push(("ALIYUN_SPOT_ARCH".to_string(), args.arch.clone()));
     let exes = Executables { args: vec!["--config".into(), config.display().to_string()], ..exes };
