@@ -124,8 +124,9 @@ fn passing_job_runs_on_a_spot_instance_and_releases_it() {
     let job = w.job("1001", "echo hello from $(hostname)\nuname -s");
     let out = w.attempt(&job).run_job(&job).unwrap();
     assert!(out.passed(), "{}", show(&out));
-    // Output lines, not the `$ command` line that echoes the command.
-    assert!(out.job_log.lines().any(|l| l.starts_with("hello from iZ")), "{}", show(&out));
+    // Output lines, not the `$ command` line that echoes the command; ECS names the host after
+    // the instance (`HostName`).
+    assert!(out.job_log.lines().any(|l| l.starts_with("hello from ci-runner-amd64-spot-")), "{}", show(&out));
     assert!(out.job_log.contains("Linux"), "{}", show(&out));
     assert!(out.job_log.contains("Created spot instance i-"), "{}", show(&out));
     assert!(out.job_log.contains("CNY so far"), "the cost reaches the job log: {}", show(&out));

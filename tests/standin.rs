@@ -78,7 +78,7 @@ fn a_job_whose_scripts_are_over_100_kb_passes_with_its_non_ascii_variables_intac
         format!("CA={ca_sum}"),
         format!("DIRS={}|{project}|{project}", w.builds_dir()),
         "after_script: job status success".to_string(),
-        "Running on iZ".to_string(),
+        "Running on ci-runner-amd64-spot-".to_string(),
         notice("$ mkdir -p dist && echo built > dist/out.txt"),
         notice("Successfully extracted cache"),
         notice("Created cache"),
