@@ -49,9 +49,12 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     let mut failures = Vec::new();
     for id in &ids {
+        // "Not found" is "not visible yet" only for an instance ECS may not show yet: one whose
+        // creation this job recorded but never saw running. Once prepare saw it ready (ECS
+        // listed it as Running), "not found" means gone, and cleanup need not wait the grace out.
         let created = state
             .as_ref()
-            .filter(|s| s.instance_id.as_deref() == Some(id.as_str()))
+            .filter(|s| s.instance_id.as_deref() == Some(id.as_str()) && s.phase != Phase::Ready)
             .and_then(|s| s.instance_created_at);
         match delete_instance(ctx, id, created) {
             Ok(()) => p.line(format!("Released instance {id}")),
