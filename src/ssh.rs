@@ -5,9 +5,10 @@
 //!   [`crate::keys`]), so the key the server presents must be exactly that one; anything else is
 //!   [`SshError::HostKeyMismatch`] with both fingerprints. There is no "accept anything" mode
 //!   (the reference custom executor's biggest weakness).
-//! - **The script never travels on the job's stdin.** It is uploaded first into a private
-//!   `mktemp -d` directory over its own channel, then run as `<interpreter> <file> </dev/null`,
-//!   so a job step that reads stdin sees EOF instead of the rest of its own script.
+//! - **The script never travels on the job's stdin.** One channel stores it (arriving on the
+//!   channel's stdin) in a private directory, checks its size and only then runs it as
+//!   `<interpreter> <file> </dev/null`, so a job step that reads stdin sees EOF instead of the
+//!   rest of its own script, and a cut connection never runs half a script.
 //! - **Output streams live.** The session is non-blocking; stdout and stderr are polled together
 //!   and every chunk is written and flushed to the job log as it arrives.
 //! - **Cancel stops the remote work.** The script runs under `setsid` in its own process group
@@ -380,36 +381,39 @@ pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Uploads the script into a fresh private directory; returns the directory.
-fn upload(c: &Connection, script: &[u8]) -> Result<String, SshError> {
-    let command = "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/aliyun-spot.XXXXXXXXXX\") && \
-                   cat > \"$d/script\" && chmod 700 \"$d/script\" && printf '%s\\n' \"$d\"";
-    let (status, out, err) = exec_blocking(c, command, script).map_err(|e| SshError::Lost {
-        addr: c.addr.clone(),
-        message: format!("uploading the script: {e}"),
-    })?;
-    let dir = out.trim();
-    if status != 0 || !dir.starts_with('/') || dir.contains(['\n', '\'']) {
-        return Err(SshError::Io {
-            addr: c.addr.clone(),
-            message: format!("uploading the script failed (status {status}): {}", err.trim()),
-        });
-    }
-    Ok(dir.to_string())
+/// The byte the wrapper writes on stdout once the script is stored whole, before anything of
+/// the script runs; it is not part of the job's output.
+const STORED: u8 = b'+';
+
+/// A new private directory name for one stage's script, as a shell expression: a random name
+/// in the instance's temporary directory, so that a canceller can find it without being told.
+fn script_dir() -> String {
+    format!("\"${{TMPDIR:-/tmp}}/aliyun-spot.{:032x}\"", rand::random::<u128>())
 }
 
-/// The command that runs the uploaded script in its own session and process group.
+/// The command that stores the script arriving on its stdin in `dir` and runs it in its own
+/// session and process group, all in one channel.
 ///
-/// `setsid -w` makes the script a session (and process group) leader; it writes its own pid —
-/// the group id — to `pgid` before `exec`ing the interpreter, so a canceller can signal the
-/// whole group. The wrapper waits, removes the directory and exits with the script's status.
-fn wrapper_command(dir: &str, interpreter: &str, hooks: &StageHooks) -> String {
+/// The directory is made with `mkdir` (which fails rather than reuse anything already there)
+/// under umask 077, the script is read from the channel's stdin with `cat`, and its size is
+/// checked against `len`, so a connection cut during the upload never runs half a script.
+/// Only then does the wrapper write [`STORED`] and start the script with stdin from
+/// `/dev/null`: the job never reads its own script. `setsid -w` makes the script a session
+/// (and process group) leader; it writes its own pid — the group id — to `pgid` before
+/// `exec`ing the interpreter, so a canceller can signal the whole group. A canceller that came
+/// before the script started leaves `cancel`, and the script does not start. The wrapper
+/// waits, removes the directory and exits with the script's status.
+fn wrapper_command(dir: &str, len: usize, interpreter: &str, hooks: &StageHooks) -> String {
     let before = if hooks.before.is_empty() { String::new() } else { format!("{}; ", hooks.before) };
     let after = if hooks.after.is_empty() { String::new() } else { format!("{}; ", hooks.after) };
     format!(
-        "{before}d={d}; setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
+        "d={dir}; (umask 077 && mkdir \"$d\") || exit 1; \
+         (umask 077 && cat > \"$d/script\" && chmod 700 \"$d/script\") && [ \"$(wc -c < \"$d/script\")\" -eq {len} ] \
+         || {{ rm -rf \"$d\"; echo 'the stage script did not arrive whole' >&2; exit 1; }}; \
+         [ -e \"$d/cancel\" ] && {{ rm -rf \"$d\"; exit 1; }}; printf '{stored}'; \
+         {before}setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
          wait $!; rc=$?; rm -rf \"$d\"; {after}exit $rc",
-        d = sh_quote(dir),
+        stored = STORED as char,
         i = sh_quote(interpreter)
     )
 }
@@ -520,14 +524,18 @@ pub struct StageHooks {
 }
 
 /// The command that terminates the script's process group: TERM, then KILL after the grace.
+///
+/// It waits a few seconds for the group id to be written; while it waits it leaves `cancel` in
+/// the directory, so a script that has not started yet never starts. A directory that does not
+/// appear within two seconds means the script is over (or never came).
 fn kill_command(dir: &str) -> String {
     format!(
-        "d={d}; i=0; while [ ! -s \"$d/pgid\" ]; do [ -d \"$d\" ] || exit 0; [ $i -ge 50 ] && exit 0; \
-         sleep 0.1; i=$((i+1)); done; p=$(cat \"$d/pgid\") || exit 0; \
+        "d={dir}; i=0; while [ ! -s \"$d/pgid\" ]; do \
+         if [ -d \"$d\" ]; then : > \"$d/cancel\" 2>/dev/null; elif [ $i -ge 20 ]; then exit 0; fi; \
+         [ $i -ge 50 ] && exit 0; sleep 0.1; i=$((i+1)); done; p=$(cat \"$d/pgid\") || exit 0; \
          kill -TERM -- -\"$p\" 2>/dev/null || exit 0; i=0; \
          while [ $i -lt {grace} ]; do kill -0 -- -\"$p\" 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; \
          kill -KILL -- -\"$p\" 2>/dev/null; exit 0",
-        d = sh_quote(dir),
         grace = CANCEL_GRACE_TENTHS
     )
 }
@@ -554,38 +562,32 @@ fn wait_socket(c: &Connection, timeout: Duration) {
     }
 }
 
-/// Copies what one stream has ready to `sink` (flushed); true when something was copied.
-fn pump(
-    stream: &mut ssh2::Stream,
-    sink: &mut dyn Write,
-    buf: &mut [u8],
-    addr: &str,
-) -> Result<bool, SshError> {
+/// Reads what one stream has ready into `buf`; 0 when nothing is.
+fn read_some(stream: &mut ssh2::Stream, buf: &mut [u8], addr: &str) -> Result<usize, SshError> {
     match stream.read(buf) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
-            match sink.write_all(&buf[..n]).and_then(|()| sink.flush()) {
-                Ok(()) => {}
-                // Nobody reads the job log any more (a closed pipe): the script still runs to
-                // its end, so its status decides the stage and nothing is left behind.
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                Err(e) => {
-                    return Err(SshError::Io {
-                        addr: addr.to_string(),
-                        message: format!("writing output: {e}"),
-                    })
-                }
-            }
-            Ok(true)
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(SshError::Lost { addr: addr.to_string(), message: format!("reading output: {e}") }),
+    }
+}
+
+/// Writes `data` to `sink` and flushes it, so the job log shows it at once.
+fn deliver(sink: &mut dyn Write, data: &[u8], addr: &str) -> Result<(), SshError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match sink.write_all(data).and_then(|()| sink.flush()) {
+        Ok(()) => Ok(()),
+        // Nobody reads the job log any more (a closed pipe): the script still runs to its end,
+        // so its status decides the stage and nothing is left behind.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(SshError::Io { addr: addr.to_string(), message: format!("writing output: {e}") }),
     }
 }
 
 /// Runs one stage script on the instance and streams its output.
 ///
-/// The script is uploaded to a private temporary directory (never fed to the job's stdin), run
+/// The script is stored in a private temporary directory (never fed to the job's stdin), run
 /// as `<interpreter> <file> </dev/null` in its own process group, and its stdout and stderr are
 /// copied to `stdout` / `stderr` as they arrive, flushing after every chunk. When `cancel`
 /// becomes true the remote process group is sent TERM and, after a short grace, KILL; the
@@ -625,14 +627,16 @@ pub fn run_script_with(
     // Blocking steps after the handshake may take longer than a connect (a large script).
     c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
 
-    let dir = upload(&c, script)?;
     if cancel.load(Ordering::SeqCst) {
-        let _ = exec_blocking(&c, &format!("rm -rf {}", sh_quote(&dir)), b"");
         return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
     }
+    // One channel both stores the script (on its stdin) and runs it (`wrapper_command`).
+    let dir = script_dir();
     let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
-    ch.exec(&wrapper_command(&dir, interpreter, &options.hooks))
+    ch.exec(&wrapper_command(&dir, script.len(), interpreter, &options.hooks))
         .map_err(|e| lost("starting the script", &e))?;
+    ch.write_all(script)
+        .map_err(|e| SshError::Lost { addr: addr.clone(), message: format!("uploading the script: {e}") })?;
     ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
 
     // Keepalives only from here on: in blocking mode libssh2 waits at most until the next
@@ -647,6 +651,8 @@ pub fn run_script_with(
     let mut buf = vec![0u8; 32 * 1024];
     let mut killer: Option<thread::JoinHandle<Result<(), SshError>>> = None;
     let mut give_up_at: Option<Instant> = None;
+    let mut stored = false;
+    let mut held_err = Vec::new();
 
     let result = loop {
         // Checked first on every turn, so a script that floods output can still be cancelled.
@@ -664,17 +670,57 @@ pub fn run_script_with(
         if give_up_at.is_some_and(|g| Instant::now() >= g) {
             break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
         }
-        let progressed = match pump(&mut out_stream, stdout, &mut buf, &addr)
-            .and_then(|a| Ok(pump(&mut err_stream, stderr, &mut buf, &addr)? | a))
-        {
-            Ok(p) => p,
+        let n_out = match read_some(&mut out_stream, &mut buf, &addr) {
+            Ok(n) => n,
             Err(e) => break Err(e),
         };
-        if progressed {
+        if n_out > 0 {
+            let mut data = &buf[..n_out];
+            if !stored {
+                // The first output is the wrapper's [`STORED`]: the script runs from here on,
+                // and what came on stderr before it is the script's too.
+                stored = true;
+                data = data.strip_prefix(&[STORED]).unwrap_or(data);
+                if let Err(e) = deliver(stderr, &held_err, &addr) {
+                    break Err(e);
+                }
+                held_err = Vec::new();
+            }
+            if let Err(e) = deliver(stdout, data, &addr) {
+                break Err(e);
+            }
+        }
+        let n_err = match read_some(&mut err_stream, &mut buf, &addr) {
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        if n_err > 0 {
+            if stored {
+                if let Err(e) = deliver(stderr, &buf[..n_err], &addr) {
+                    break Err(e);
+                }
+            } else if held_err.len() < 64 * 1024 {
+                held_err.extend_from_slice(&buf[..n_err]);
+            }
+        }
+        if n_out + n_err > 0 {
             continue;
         }
         if ch.eof() {
             match ch.wait_close() {
+                Ok(()) if !stored && killer.is_some() => {
+                    break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
+                }
+                Ok(()) if !stored => {
+                    break Err(SshError::Io {
+                        addr: addr.clone(),
+                        message: format!(
+                            "storing the script on the instance failed (status {}): {}",
+                            ch.exit_status().unwrap_or(-1),
+                            String::from_utf8_lossy(&held_err).trim()
+                        ),
+                    });
+                }
                 Ok(()) => {
                     let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
                     let exit_status = match &signal {
@@ -731,6 +777,80 @@ pub fn run_script_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::{Command, Stdio};
+
+    /// Runs a wrapper with `sh` here, its temporary directory in `tmp`, feeding it `stdin`.
+    fn wrapper_here(tmp: &std::path::Path, len: usize, stdin: &[u8]) -> (i32, String, String, String) {
+        let dir = script_dir();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(wrapper_command(&dir, len, "sh", &StageHooks::default()))
+            .env("TMPDIR", tmp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), s(&out.stdout), s(&out.stderr), dir)
+    }
+
+    #[test]
+    fn the_wrapper_runs_a_whole_script_without_its_stdin_and_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let script =
+            b"read line && echo \"read: $line\"; echo \"mode $(stat -c %a \"$(dirname \"$0\")\")\"; exit 7\n";
+        let (status, out, err, _) = wrapper_here(tmp.path(), script.len(), script);
+        assert_eq!((status, err.as_str()), (7, ""));
+        assert_eq!(out, "+mode 700\n", "the stored marker, then the script's output; stdin is /dev/null");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "the directory is removed");
+    }
+
+    #[test]
+    fn the_wrapper_never_runs_half_a_script() {
+        let tmp = tempfile::tempdir().unwrap();
+        let script = b"echo first half\n";
+        // The connection was cut after these bytes: the rest never came.
+        let (status, out, err, _) = wrapper_here(tmp.path(), script.len() + 20, script);
+        assert_eq!(status, 1);
+        assert_eq!(out, "", "no marker, nothing ran");
+        assert_eq!(err, "the stage script did not arrive whole\n");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "the directory is removed");
+    }
+
+    #[test]
+    fn a_cancel_before_the_script_starts_keeps_it_from_starting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = script_dir();
+        let script = b"echo ran\n";
+        let mut wrapper = Command::new("sh")
+            .arg("-c")
+            .arg(wrapper_command(&dir, script.len(), "sh", &StageHooks::default()))
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The wrapper made its directory and waits for the script; the canceller comes now.
+        while std::fs::read_dir(tmp.path()).unwrap().count() == 0 {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut killer =
+            Command::new("sh").arg("-c").arg(kill_command(&dir)).env("TMPDIR", tmp.path()).spawn().unwrap();
+        let made = std::fs::read_dir(tmp.path()).unwrap().next().unwrap().unwrap().path();
+        while !made.join("cancel").exists() {
+            thread::sleep(Duration::from_millis(10));
+        }
+        wrapper.stdin.take().unwrap().write_all(script).unwrap();
+        let out = wrapper.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "", "the script never started");
+        assert!(killer.wait().unwrap().success());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "the directory is removed");
+    }
 
     #[test]
     fn quoting_survives_quotes() {
