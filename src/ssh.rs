@@ -48,6 +48,7 @@ const LIBSSH2_ERROR_AUTHENTICATION_FAILED: i32 = -18;
 const LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED: i32 = -19;
 const LIBSSH2_ERROR_METHOD_NOT_SUPPORTED: i32 = -33;
 const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
 
 /// Where and how to reach a job's instance.
 #[derive(Debug, Clone)]
@@ -202,26 +203,42 @@ fn is_auth_error(e: &ssh2::Error) -> bool {
     )
 }
 
-/// Best-effort TCP keepalive and user timeout, so a silent peer fails the socket.
-fn tune_socket(fd: RawFd) {
-    fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `value`.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+/// Sets an integer socket option, best effort.
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `value`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
+}
+
+/// Acknowledges what arrives at once instead of up to 40 ms later. SSH is a conversation of
+/// small packets, and a server that holds its next small packet until the last one is
+/// acknowledged (Nagle) would wait out every delayed ACK. Linux leaves quick-ACK mode again
+/// by itself, so this is re-armed before every wait.
+fn quick_ack(fd: RawFd) {
+    #[cfg(target_os = "linux")]
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+    #[cfg(not(target_os = "linux"))]
+    let _ = fd;
+}
+
+/// Best-effort TCP keepalive and user timeout, so a silent peer fails the socket; no Nagle
+/// delay on our small writes, and quick ACKs.
+fn tune_socket(fd: RawFd) {
+    let set = setsockopt_int;
     set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 15);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
     set(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS as libc::c_int);
     set(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    quick_ack(fd);
 }
 
 /// Connects, checks the pinned host key and authenticates (blocking, bounded by `timeout`).
@@ -256,7 +273,11 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     session.set_timeout(timeout.as_millis().min(u32::MAX as u128) as u32);
     session.set_tcp_stream(tcp);
     session.method_pref(MethodType::HostKey, &algorithm).map_err(handshake_err)?;
-    session.handshake().map_err(handshake_err)?;
+    // Handshake and authentication step by step, so every wait re-arms the quick ACKs.
+    session.set_blocking(false);
+    let deadline = Instant::now() + timeout;
+    let waiter = session.clone();
+    drive(&waiter, fd, deadline, || session.handshake()).map_err(handshake_err)?;
 
     let got = match session.host_key() {
         Some((blob, _)) => blob.to_vec(),
@@ -272,7 +293,11 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
         });
     }
 
-    if let Err(e) = session.userauth_pubkey_memory(&t.user, None, t.private_key.expose(), None) {
+    let auth = drive(&session, fd, deadline, || {
+        session.userauth_pubkey_memory(&t.user, None, t.private_key.expose(), None)
+    });
+    session.set_blocking(true);
+    if let Err(e) = auth {
         let message = msg(&e);
         return Err(if is_auth_error(&e) {
             SshError::Auth { addr, user: t.user.clone(), message }
@@ -549,17 +574,67 @@ fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
 }
 
 /// Waits until the socket is ready in the direction libssh2 needs, for at most `timeout`.
-fn wait_socket(c: &Connection, timeout: Duration) {
-    let events = match c.session.block_directions() {
+fn wait_socket(session: &Session, fd: RawFd, timeout: Duration) {
+    let events = match session.block_directions() {
         BlockDirections::Outbound => libc::POLLOUT,
         BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
         BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
     };
-    let mut pfd = libc::pollfd { fd: c.fd, events, revents: 0 };
+    quick_ack(fd);
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one valid pollfd; poll only writes its `revents`.
     unsafe {
-        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+        libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as libc::c_int);
     }
+}
+
+/// Runs one step of a non-blocking session to its end, waiting on the socket whenever libssh2
+/// would block, until `deadline` (then libssh2's own timeout error). libssh2's blocking mode
+/// waits inside the library, where the quick ACKs cannot be re-armed.
+fn drive<T>(
+    session: &Session,
+    fd: RawFd,
+    deadline: Instant,
+    mut step: impl FnMut() -> Result<T, ssh2::Error>,
+) -> Result<T, ssh2::Error> {
+    loop {
+        match step() {
+            Err(e) if is_eagain(&e) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ssh2::Error::new(
+                        ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
+                        "Timed out waiting on socket",
+                    ));
+                }
+                wait_socket(session, fd, left);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `data` to a non-blocking channel by `deadline`.
+fn write_all_by(
+    c: &Connection,
+    ch: &mut ssh2::Channel,
+    mut data: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match ch.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out writing"));
+                }
+                wait_socket(&c.session, c.fd, left);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Reads what one stream has ready into `buf`; 0 when nothing is.
@@ -624,28 +699,28 @@ pub fn run_script_with(
         addr: addr.clone(),
         message: format!("{what}: {}", msg(e)),
     };
-    // Blocking steps after the handshake may take longer than a connect (a large script).
-    c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
-
     if cancel.load(Ordering::SeqCst) {
         return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
     }
+    // The steps before the script runs may take longer than a connect (a large script).
+    let setup_deadline = Instant::now() + t.connect_timeout.max(Duration::from_secs(30));
+    c.session.set_blocking(false);
+    let step = |f: &mut dyn FnMut() -> Result<(), ssh2::Error>| drive(&c.session, c.fd, setup_deadline, f);
     // One channel both stores the script (on its stdin) and runs it (`wrapper_command`).
     let dir = script_dir();
-    let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
-    ch.exec(&wrapper_command(&dir, script.len(), interpreter, &options.hooks))
-        .map_err(|e| lost("starting the script", &e))?;
-    ch.write_all(script)
+    let command = wrapper_command(&dir, script.len(), interpreter, &options.hooks);
+    let mut ch = drive(&c.session, c.fd, setup_deadline, || c.session.channel_session())
+        .map_err(|e| lost("opening a channel", &e))?;
+    step(&mut || ch.exec(&command)).map_err(|e| lost("starting the script", &e))?;
+    write_all_by(&c, &mut ch, script, setup_deadline)
         .map_err(|e| SshError::Lost { addr: addr.clone(), message: format!("uploading the script: {e}") })?;
-    ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
+    step(&mut || ch.send_eof()).map_err(|e| lost("closing stdin", &e))?;
 
-    // Keepalives only from here on: in blocking mode libssh2 waits at most until the next
-    // keepalive is due and then fails with "Timed out waiting on socket", so configured before
-    // the upload they would cut the timeout above down to the keepalive interval.
-    // `want_reply`: a live sshd answers every keepalive, so its silence means it is gone.
+    // Keepalives only from here on, while the script runs: the steps above have their own
+    // deadline. `want_reply`: a live sshd answers every keepalive, so its silence means it is
+    // gone.
     c.session.set_keepalive(true, options.keepalive.interval_secs());
     let silence_limit = options.keepalive.silence_limit();
-    c.session.set_blocking(false);
     let mut out_stream = ch.stream(0);
     let mut err_stream = ch.stderr();
     let mut buf = vec![0u8; 32 * 1024];
@@ -756,7 +831,7 @@ pub fn run_script_with(
                 ),
             });
         }
-        wait_socket(&c, Duration::from_millis(100));
+        wait_socket(&c.session, c.fd, Duration::from_millis(100));
     };
 
     if let Some(k) = killer {
