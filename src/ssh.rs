@@ -37,6 +37,10 @@ use crate::secret::Secret;
 const TCP_USER_TIMEOUT_MS: u32 = 30_000;
 /// How long the remote process group gets between TERM and KILL on cancel.
 const CANCEL_GRACE_TENTHS: u32 = 50;
+/// Longest wait on a quiet connection while a script runs. Output and the exit status wake the
+/// wait at once, and so does SIGTERM (it interrupts `poll`); this bounds how late a cancel flag
+/// set by another thread is seen.
+const MAX_QUIET_WAIT: Duration = Duration::from_millis(500);
 /// Consecutive host-key or authentication failures tolerated while sshd may still be starting.
 const STRICT_FAILURES_TOLERATED: u32 = 3;
 /// Longest pause between readiness attempts.
@@ -808,12 +812,16 @@ pub fn run_script_with(
                 Err(e) => break Err(lost("waiting for the exit status", &e)),
             }
         }
+        // Nothing to read: wait on the socket until data comes (output, the exit status) or
+        // the next thing falls due: a keepalive, the silence limit, the cancel deadline.
+        let mut wait = MAX_QUIET_WAIT;
         match c.session.keepalive_send() {
-            Ok(_) => {}
+            Ok(secs) => wait = wait.min(Duration::from_secs(u64::from(secs.max(1)))),
             Err(e) if is_eagain(&e) => {}
             Err(e) => break Err(lost("sending a keepalive", &e)),
         }
-        if killer.is_none() && silent_for(c.fd).is_some_and(|s| s >= silence_limit) {
+        let silent = silent_for(c.fd);
+        if killer.is_none() && silent.is_some_and(|s| s >= silence_limit) {
             let k = options.keepalive;
             let stopped = match kill_remote(t, &dir) {
                 Ok(()) => "stopped the script's processes over a new connection".to_string(),
@@ -831,7 +839,13 @@ pub fn run_script_with(
                 ),
             });
         }
-        wait_socket(&c.session, c.fd, Duration::from_millis(100));
+        if let Some(s) = silent.filter(|_| killer.is_none()) {
+            wait = wait.min(silence_limit - s);
+        }
+        if let Some(g) = give_up_at {
+            wait = wait.min(g.saturating_duration_since(Instant::now()));
+        }
+        wait_socket(&c.session, c.fd, wait.max(Duration::from_millis(1)));
     };
 
     if let Some(k) = killer {
