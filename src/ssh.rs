@@ -316,23 +316,59 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     Ok(Connection { session, fd, addr })
 }
 
-/// Runs `command` to completion on a blocking session; returns (exit status, stdout, stderr).
+/// Runs `command` to completion; returns (exit status, stdout, stderr). Each step is bounded
+/// by the session's timeout, as libssh2's blocking calls are, but the waits are ours, so quick
+/// ACKs are re-armed before each (see [`quick_ack`]).
 fn exec_blocking(c: &Connection, command: &str, stdin: &[u8]) -> Result<(i32, String, String), String> {
+    let timeout = Duration::from_millis(u64::from(c.session.timeout().max(100)));
+    c.session.set_blocking(false);
+    let result = exec_steps(c, command, stdin, timeout);
+    c.session.set_blocking(true);
+    result
+}
+
+fn exec_steps(
+    c: &Connection,
+    command: &str,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<(i32, String, String), String> {
     let ssh = |e: ssh2::Error| msg(&e);
-    let io = |e: io::Error| e.to_string();
-    let mut ch = c.session.channel_session().map_err(ssh)?;
-    ch.exec(command).map_err(ssh)?;
-    if !stdin.is_empty() {
-        ch.write_all(stdin).map_err(io)?;
+    let by = || Instant::now() + timeout;
+    let mut ch = drive(&c.session, c.fd, by(), || c.session.channel_session()).map_err(ssh)?;
+    drive(&c.session, c.fd, by(), || ch.exec(command)).map_err(ssh)?;
+    write_all_by(c, &mut ch, stdin, by()).map_err(|e| e.to_string())?;
+    drive(&c.session, c.fd, by(), || ch.send_eof()).map_err(ssh)?;
+    // Small outputs only: stdout to its end, then stderr.
+    let out = read_to_end_by(c, &mut ch.stream(0), timeout)?;
+    let err = read_to_end_by(c, &mut ch.stderr(), timeout)?;
+    drive(&c.session, c.fd, by(), || ch.wait_close()).map_err(ssh)?;
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Ok((ch.exit_status().map_err(ssh)?, text(out), text(err)))
+}
+
+/// Reads a non-blocking stream to its end; fails when nothing comes for `timeout`.
+fn read_to_end_by(c: &Connection, stream: &mut ssh2::Stream, timeout: Duration) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                deadline = Instant::now() + timeout;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err("Timed out waiting on socket".to_string());
+                }
+                wait_socket(&c.session, c.fd, left);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
-    ch.send_eof().map_err(ssh)?;
-    let mut out = String::new();
-    let mut err = String::new();
-    // Small outputs only: read stdout to EOF, then stderr.
-    ch.read_to_string(&mut out).map_err(io)?;
-    ch.stderr().read_to_string(&mut err).map_err(io)?;
-    ch.wait_close().map_err(ssh)?;
-    Ok((ch.exit_status().map_err(ssh)?, out, err))
 }
 
 /// Runs one command on the instance over a fresh pinned session, feeding it `stdin`, and
