@@ -14,19 +14,19 @@
 //! 3. Emulator, the whole catalogue (a few hundred (type, zone) pairs across both
 //!    architectures): the live fetch over loopback HTTP, a warm cache read, and ranking.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aliyun_spot_executor::demo::gitlab::{Attempt, Executables, Job};
-use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions};
 use aliyun_spot_executor::env::Env;
 use aliyun_spot_executor::price_cache::{cache_key, PriceCache};
 use aliyun_spot_executor::selection::{
     fetch_catalogue, rank, rank_all, Arch, Catalogue, MemorySource, PricePoint, Ranking, Shape, TypeInfo,
     ZoneStock,
 };
+use common::{can_run_sshd, stage, Bed};
 use time::OffsetDateTime;
 
 const ZONES: [&str; 6] = ["b", "g", "h", "i", "j", "k"];
@@ -168,86 +168,15 @@ fn synthetic_section() {
     );
 }
 
-/// An emulator with a configuration for it (from `config/emulator.toml`) in a private directory.
-struct Bed {
-    emulator: Emulator,
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
-
-impl Bed {
-    fn start() -> Bed {
-        let emulator = Emulator::start(EmulatorOptions {
-            listen: "127.0.0.1:0".parse().expect("literal address"),
-            boot_delay: Duration::from_millis(300),
-            ssh_delay: Duration::from_millis(100),
-            ..EmulatorOptions::default()
-        })
-        .expect("the emulator starts");
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let config = dir.path().join("config.toml");
-        let text = aliyun_spot_executor::demo::config_for(
-            aliyun_spot_executor::demo::EMULATOR_TOML,
-            &emulator.endpoint(),
-            dir.path(),
-        )
-        .expect("emulator.toml adapts");
-        std::fs::write(&config, text).expect("configuration written");
-        Bed { emulator, dir, config }
-    }
-
-    /// Requests per action so far.
-    fn calls(&self) -> BTreeMap<String, usize> {
-        let mut m = BTreeMap::new();
-        for r in self.emulator.requests() {
-            *m.entry(r.action.unwrap_or_else(|| "(none)".into())).or_insert(0) += 1;
-        }
-        m
-    }
-}
-
-fn diff(after: &BTreeMap<String, usize>, before: &BTreeMap<String, usize>) -> BTreeMap<String, usize> {
-    after.iter().map(|(k, n)| (k.clone(), n - before.get(k).copied().unwrap_or(0))).collect()
-}
-
-fn attempt(bed: &Bed, job_id: &str) -> Attempt {
-    let exes = Executables {
-        config: PathBuf::from(env!("CARGO_BIN_EXE_config")),
-        prepare: PathBuf::from(env!("CARGO_BIN_EXE_prepare")),
-        run: PathBuf::from(env!("CARGO_BIN_EXE_run")),
-        cleanup: PathBuf::from(env!("CARGO_BIN_EXE_cleanup")),
-        args: vec!["--config".into(), bed.config.display().to_string()],
-    };
-    let builds = bed.dir.path().join("builds").display().to_string();
-    let job = Job::new(100, job_id.parse().expect("a numeric job id"), &builds, "true");
-    let mut env = BTreeMap::new();
-    env.insert(
-        "PATH".to_string(),
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-    );
-    env.insert("HOME".to_string(), bed.dir.path().display().to_string());
-    Attempt::new(exes, env, &job).expect("job directory")
-}
-
-/// One stage of one job: its calls per action, how long it took, and whether it passed.
-fn stage(bed: &Bed, what: impl FnOnce() -> bool) -> (BTreeMap<String, usize>, Duration, bool) {
-    let before = bed.calls();
-    let start = Instant::now();
-    let ok = what();
-    (diff(&bed.calls(), &before), start.elapsed(), ok)
-}
-
 fn job_calls_section() {
     println!("\n== API calls of one job against the emulator (real stage binaries) ==");
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/sbin/sshd").exists() {
-        println!("skipped: needs root and /usr/sbin/sshd (each emulated instance runs sshd on port 22)");
+    if !can_run_sshd() {
         return;
     }
     let bed = Bed::start();
     let mut columns = Vec::new();
     for (label, job_id) in [("cold", "5001"), ("warm", "5002")] {
-        let mut a = attempt(&bed, job_id);
+        let mut a = bed.attempt(job_id);
         assert!(a.config().expect("config runs").0.success(), "config failed: {}", a.log.text());
         let prepare = stage(&bed, || a.prepare().expect("prepare runs").success());
         let cleanup = stage(&bed, || a.cleanup().expect("cleanup runs").success());

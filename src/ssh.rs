@@ -5,9 +5,10 @@
 //!   [`crate::keys`]), so the key the server presents must be exactly that one; anything else is
 //!   [`SshError::HostKeyMismatch`] with both fingerprints. There is no "accept anything" mode
 //!   (the reference custom executor's biggest weakness).
-//! - **The script never travels on the job's stdin.** It is uploaded first into a private
-//!   `mktemp -d` directory over its own channel, then run as `<interpreter> <file> </dev/null`,
-//!   so a job step that reads stdin sees EOF instead of the rest of its own script.
+//! - **The script never travels on the job's stdin.** One channel stores it (arriving on the
+//!   channel's stdin) in a private directory, checks its size and only then runs it as
+//!   `<interpreter> <file> </dev/null`, so a job step that reads stdin sees EOF instead of the
+//!   rest of its own script, and a cut connection never runs half a script.
 //! - **Output streams live.** The session is non-blocking; stdout and stderr are polled together
 //!   and every chunk is written and flushed to the job log as it arrives.
 //! - **Cancel stops the remote work.** The script runs under `setsid` in its own process group
@@ -32,10 +33,17 @@ use ssh2::{BlockDirections, ErrorCode, MethodType, Session};
 use crate::keys::{fingerprint_sha256, fingerprint_sha256_of_blob, public_key_blob};
 use crate::secret::Secret;
 
+mod script;
+use script::{kill_command, script_dir, wrapper_command, STORED};
+
 /// Unacknowledged data older than this kills the TCP connection (`TCP_USER_TIMEOUT`).
 const TCP_USER_TIMEOUT_MS: u32 = 30_000;
 /// How long the remote process group gets between TERM and KILL on cancel.
 const CANCEL_GRACE_TENTHS: u32 = 50;
+/// Longest wait on a quiet connection while a script runs. Output and the exit status wake the
+/// wait at once, and so does SIGTERM (it interrupts `poll`); this bounds how late a cancel flag
+/// set by another thread is seen.
+const MAX_QUIET_WAIT: Duration = Duration::from_millis(500);
 /// Consecutive host-key or authentication failures tolerated while sshd may still be starting.
 const STRICT_FAILURES_TOLERATED: u32 = 3;
 /// Longest pause between readiness attempts.
@@ -47,6 +55,7 @@ const LIBSSH2_ERROR_AUTHENTICATION_FAILED: i32 = -18;
 const LIBSSH2_ERROR_PUBLICKEY_UNVERIFIED: i32 = -19;
 const LIBSSH2_ERROR_METHOD_NOT_SUPPORTED: i32 = -33;
 const LIBSSH2_ERROR_EAGAIN: i32 = -37;
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
 
 /// Where and how to reach a job's instance.
 #[derive(Debug, Clone)]
@@ -201,26 +210,42 @@ fn is_auth_error(e: &ssh2::Error) -> bool {
     )
 }
 
-/// Best-effort TCP keepalive and user timeout, so a silent peer fails the socket.
-fn tune_socket(fd: RawFd) {
-    fn set(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `value`.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+/// Sets an integer socket option, best effort.
+fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid pointer to `value`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
+}
+
+/// Acknowledges what arrives at once instead of up to 40 ms later. SSH is a conversation of
+/// small packets, and a server that holds its next small packet until the last one is
+/// acknowledged (Nagle) would wait out every delayed ACK. Linux leaves quick-ACK mode again
+/// by itself, so this is re-armed before every wait.
+fn quick_ack(fd: RawFd) {
+    #[cfg(target_os = "linux")]
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+    #[cfg(not(target_os = "linux"))]
+    let _ = fd;
+}
+
+/// Best-effort TCP keepalive and user timeout, so a silent peer fails the socket; no Nagle
+/// delay on our small writes, and quick ACKs.
+fn tune_socket(fd: RawFd) {
+    let set = setsockopt_int;
     set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 15);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
     set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
     set(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS as libc::c_int);
     set(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    quick_ack(fd);
 }
 
 /// Connects, checks the pinned host key and authenticates (blocking, bounded by `timeout`).
@@ -255,7 +280,11 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     session.set_timeout(timeout.as_millis().min(u32::MAX as u128) as u32);
     session.set_tcp_stream(tcp);
     session.method_pref(MethodType::HostKey, &algorithm).map_err(handshake_err)?;
-    session.handshake().map_err(handshake_err)?;
+    // Handshake and authentication step by step, so every wait re-arms the quick ACKs.
+    session.set_blocking(false);
+    let deadline = Instant::now() + timeout;
+    let waiter = session.clone();
+    drive(&waiter, fd, deadline, || session.handshake()).map_err(handshake_err)?;
 
     let got = match session.host_key() {
         Some((blob, _)) => blob.to_vec(),
@@ -271,7 +300,11 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
         });
     }
 
-    if let Err(e) = session.userauth_pubkey_memory(&t.user, None, t.private_key.expose(), None) {
+    let auth = drive(&session, fd, deadline, || {
+        session.userauth_pubkey_memory(&t.user, None, t.private_key.expose(), None)
+    });
+    session.set_blocking(true);
+    if let Err(e) = auth {
         let message = msg(&e);
         return Err(if is_auth_error(&e) {
             SshError::Auth { addr, user: t.user.clone(), message }
@@ -286,23 +319,59 @@ fn connect(t: &SshTarget, timeout: Duration) -> Result<Connection, SshError> {
     Ok(Connection { session, fd, addr })
 }
 
-/// Runs `command` to completion on a blocking session; returns (exit status, stdout, stderr).
+/// Runs `command` to completion; returns (exit status, stdout, stderr). Each step is bounded
+/// by the session's timeout, as libssh2's blocking calls are, but the waits are ours, so quick
+/// ACKs are re-armed before each (see [`quick_ack`]).
 fn exec_blocking(c: &Connection, command: &str, stdin: &[u8]) -> Result<(i32, String, String), String> {
+    let timeout = Duration::from_millis(u64::from(c.session.timeout().max(100)));
+    c.session.set_blocking(false);
+    let result = exec_steps(c, command, stdin, timeout);
+    c.session.set_blocking(true);
+    result
+}
+
+fn exec_steps(
+    c: &Connection,
+    command: &str,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<(i32, String, String), String> {
     let ssh = |e: ssh2::Error| msg(&e);
-    let io = |e: io::Error| e.to_string();
-    let mut ch = c.session.channel_session().map_err(ssh)?;
-    ch.exec(command).map_err(ssh)?;
-    if !stdin.is_empty() {
-        ch.write_all(stdin).map_err(io)?;
+    let by = || Instant::now() + timeout;
+    let mut ch = drive(&c.session, c.fd, by(), || c.session.channel_session()).map_err(ssh)?;
+    drive(&c.session, c.fd, by(), || ch.exec(command)).map_err(ssh)?;
+    write_all_by(c, &mut ch, stdin, by()).map_err(|e| e.to_string())?;
+    drive(&c.session, c.fd, by(), || ch.send_eof()).map_err(ssh)?;
+    // Small outputs only: stdout to its end, then stderr.
+    let out = read_to_end_by(c, &mut ch.stream(0), timeout)?;
+    let err = read_to_end_by(c, &mut ch.stderr(), timeout)?;
+    drive(&c.session, c.fd, by(), || ch.wait_close()).map_err(ssh)?;
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Ok((ch.exit_status().map_err(ssh)?, text(out), text(err)))
+}
+
+/// Reads a non-blocking stream to its end; fails when nothing comes for `timeout`.
+fn read_to_end_by(c: &Connection, stream: &mut ssh2::Stream, timeout: Duration) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                deadline = Instant::now() + timeout;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err("Timed out waiting on socket".to_string());
+                }
+                wait_socket(&c.session, c.fd, left);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
-    ch.send_eof().map_err(ssh)?;
-    let mut out = String::new();
-    let mut err = String::new();
-    // Small outputs only: read stdout to EOF, then stderr.
-    ch.read_to_string(&mut out).map_err(io)?;
-    ch.stderr().read_to_string(&mut err).map_err(io)?;
-    ch.wait_close().map_err(ssh)?;
-    Ok((ch.exit_status().map_err(ssh)?, out, err))
 }
 
 /// Runs one command on the instance over a fresh pinned session, feeding it `stdin`, and
@@ -378,40 +447,6 @@ pub fn wait_until_ready(
 /// Single-quotes `s` for a POSIX shell.
 pub fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Uploads the script into a fresh private directory; returns the directory.
-fn upload(c: &Connection, script: &[u8]) -> Result<String, SshError> {
-    let command = "umask 077 && d=$(mktemp -d \"${TMPDIR:-/tmp}/aliyun-spot.XXXXXXXXXX\") && \
-                   cat > \"$d/script\" && chmod 700 \"$d/script\" && printf '%s\\n' \"$d\"";
-    let (status, out, err) = exec_blocking(c, command, script).map_err(|e| SshError::Lost {
-        addr: c.addr.clone(),
-        message: format!("uploading the script: {e}"),
-    })?;
-    let dir = out.trim();
-    if status != 0 || !dir.starts_with('/') || dir.contains(['\n', '\'']) {
-        return Err(SshError::Io {
-            addr: c.addr.clone(),
-            message: format!("uploading the script failed (status {status}): {}", err.trim()),
-        });
-    }
-    Ok(dir.to_string())
-}
-
-/// The command that runs the uploaded script in its own session and process group.
-///
-/// `setsid -w` makes the script a session (and process group) leader; it writes its own pid —
-/// the group id — to `pgid` before `exec`ing the interpreter, so a canceller can signal the
-/// whole group. The wrapper waits, removes the directory and exits with the script's status.
-fn wrapper_command(dir: &str, interpreter: &str, hooks: &StageHooks) -> String {
-    let before = if hooks.before.is_empty() { String::new() } else { format!("{}; ", hooks.before) };
-    let after = if hooks.after.is_empty() { String::new() } else { format!("{}; ", hooks.after) };
-    format!(
-        "{before}d={d}; setsid -w sh -c 'echo $$ > \"$1/pgid\"; exec \"$2\" \"$1/script\"' sh \"$d\" {i} </dev/null & \
-         wait $!; rc=$?; rm -rf \"$d\"; {after}exit $rc",
-        d = sh_quote(dir),
-        i = sh_quote(interpreter)
-    )
 }
 
 /// Writes `content` to `path` on the instance, root-owned, mode 0600 in a 0700 directory,
@@ -519,19 +554,6 @@ pub struct StageHooks {
     pub after: String,
 }
 
-/// The command that terminates the script's process group: TERM, then KILL after the grace.
-fn kill_command(dir: &str) -> String {
-    format!(
-        "d={d}; i=0; while [ ! -s \"$d/pgid\" ]; do [ -d \"$d\" ] || exit 0; [ $i -ge 50 ] && exit 0; \
-         sleep 0.1; i=$((i+1)); done; p=$(cat \"$d/pgid\") || exit 0; \
-         kill -TERM -- -\"$p\" 2>/dev/null || exit 0; i=0; \
-         while [ $i -lt {grace} ]; do kill -0 -- -\"$p\" 2>/dev/null || exit 0; sleep 0.1; i=$((i+1)); done; \
-         kill -KILL -- -\"$p\" 2>/dev/null; exit 0",
-        d = sh_quote(dir),
-        grace = CANCEL_GRACE_TENTHS
-    )
-}
-
 fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
     let c = connect(t, t.connect_timeout)?;
     exec_blocking(&c, &kill_command(dir), b"")
@@ -541,51 +563,95 @@ fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
 }
 
 /// Waits until the socket is ready in the direction libssh2 needs, for at most `timeout`.
-fn wait_socket(c: &Connection, timeout: Duration) {
-    let events = match c.session.block_directions() {
+fn wait_socket(session: &Session, fd: RawFd, timeout: Duration) {
+    let events = match session.block_directions() {
         BlockDirections::Outbound => libc::POLLOUT,
         BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
         BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
     };
-    let mut pfd = libc::pollfd { fd: c.fd, events, revents: 0 };
+    quick_ack(fd);
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
     // SAFETY: one valid pollfd; poll only writes its `revents`.
     unsafe {
-        libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int);
+        libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as libc::c_int);
     }
 }
 
-/// Copies what one stream has ready to `sink` (flushed); true when something was copied.
-fn pump(
-    stream: &mut ssh2::Stream,
-    sink: &mut dyn Write,
-    buf: &mut [u8],
-    addr: &str,
-) -> Result<bool, SshError> {
-    match stream.read(buf) {
-        Ok(0) => Ok(false),
-        Ok(n) => {
-            match sink.write_all(&buf[..n]).and_then(|()| sink.flush()) {
-                Ok(()) => {}
-                // Nobody reads the job log any more (a closed pipe): the script still runs to
-                // its end, so its status decides the stage and nothing is left behind.
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                Err(e) => {
-                    return Err(SshError::Io {
-                        addr: addr.to_string(),
-                        message: format!("writing output: {e}"),
-                    })
+/// Runs one step of a non-blocking session to its end, waiting on the socket whenever libssh2
+/// would block, until `deadline` (then libssh2's own timeout error). libssh2's blocking mode
+/// waits inside the library, where the quick ACKs cannot be re-armed.
+fn drive<T>(
+    session: &Session,
+    fd: RawFd,
+    deadline: Instant,
+    mut step: impl FnMut() -> Result<T, ssh2::Error>,
+) -> Result<T, ssh2::Error> {
+    loop {
+        match step() {
+            Err(e) if is_eagain(&e) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ssh2::Error::new(
+                        ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT),
+                        "Timed out waiting on socket",
+                    ));
                 }
+                wait_socket(session, fd, left);
             }
-            Ok(true)
+            other => return other,
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+    }
+}
+
+/// Writes all of `data` to a non-blocking channel by `deadline`.
+fn write_all_by(
+    c: &Connection,
+    ch: &mut ssh2::Channel,
+    mut data: &[u8],
+    deadline: Instant,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match ch.write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out writing"));
+                }
+                wait_socket(&c.session, c.fd, left);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads what one stream has ready into `buf`; 0 when nothing is.
+fn read_some(stream: &mut ssh2::Stream, buf: &mut [u8], addr: &str) -> Result<usize, SshError> {
+    match stream.read(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(SshError::Lost { addr: addr.to_string(), message: format!("reading output: {e}") }),
+    }
+}
+
+/// Writes `data` to `sink` and flushes it, so the job log shows it at once.
+fn deliver(sink: &mut dyn Write, data: &[u8], addr: &str) -> Result<(), SshError> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match sink.write_all(data).and_then(|()| sink.flush()) {
+        Ok(()) => Ok(()),
+        // Nobody reads the job log any more (a closed pipe): the script still runs to its end,
+        // so its status decides the stage and nothing is left behind.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(SshError::Io { addr: addr.to_string(), message: format!("writing output: {e}") }),
     }
 }
 
 /// Runs one stage script on the instance and streams its output.
 ///
-/// The script is uploaded to a private temporary directory (never fed to the job's stdin), run
+/// The script is stored in a private temporary directory (never fed to the job's stdin), run
 /// as `<interpreter> <file> </dev/null` in its own process group, and its stdout and stderr are
 /// copied to `stdout` / `stderr` as they arrive, flushing after every chunk. When `cancel`
 /// becomes true the remote process group is sent TERM and, after a short grace, KILL; the
@@ -622,31 +688,35 @@ pub fn run_script_with(
         addr: addr.clone(),
         message: format!("{what}: {}", msg(e)),
     };
-    // Blocking steps after the handshake may take longer than a connect (a large script).
-    c.session.set_timeout(t.connect_timeout.max(Duration::from_secs(30)).as_millis() as u32);
-
-    let dir = upload(&c, script)?;
     if cancel.load(Ordering::SeqCst) {
-        let _ = exec_blocking(&c, &format!("rm -rf {}", sh_quote(&dir)), b"");
         return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
     }
-    let mut ch = c.session.channel_session().map_err(|e| lost("opening a channel", &e))?;
-    ch.exec(&wrapper_command(&dir, interpreter, &options.hooks))
-        .map_err(|e| lost("starting the script", &e))?;
-    ch.send_eof().map_err(|e| lost("closing stdin", &e))?;
+    // The steps before the script runs may take longer than a connect (a large script).
+    let setup_deadline = Instant::now() + t.connect_timeout.max(Duration::from_secs(30));
+    c.session.set_blocking(false);
+    let step = |f: &mut dyn FnMut() -> Result<(), ssh2::Error>| drive(&c.session, c.fd, setup_deadline, f);
+    // One channel both stores the script (on its stdin) and runs it (`wrapper_command`).
+    let dir = script_dir();
+    let command = wrapper_command(&dir, script.len(), interpreter, &options.hooks);
+    let mut ch = drive(&c.session, c.fd, setup_deadline, || c.session.channel_session())
+        .map_err(|e| lost("opening a channel", &e))?;
+    step(&mut || ch.exec(&command)).map_err(|e| lost("starting the script", &e))?;
+    write_all_by(&c, &mut ch, script, setup_deadline)
+        .map_err(|e| SshError::Lost { addr: addr.clone(), message: format!("uploading the script: {e}") })?;
+    step(&mut || ch.send_eof()).map_err(|e| lost("closing stdin", &e))?;
 
-    // Keepalives only from here on: in blocking mode libssh2 waits at most until the next
-    // keepalive is due and then fails with "Timed out waiting on socket", so configured before
-    // the upload they would cut the timeout above down to the keepalive interval.
-    // `want_reply`: a live sshd answers every keepalive, so its silence means it is gone.
+    // Keepalives only from here on, while the script runs: the steps above have their own
+    // deadline. `want_reply`: a live sshd answers every keepalive, so its silence means it is
+    // gone.
     c.session.set_keepalive(true, options.keepalive.interval_secs());
     let silence_limit = options.keepalive.silence_limit();
-    c.session.set_blocking(false);
     let mut out_stream = ch.stream(0);
     let mut err_stream = ch.stderr();
     let mut buf = vec![0u8; 32 * 1024];
     let mut killer: Option<thread::JoinHandle<Result<(), SshError>>> = None;
     let mut give_up_at: Option<Instant> = None;
+    let mut stored = false;
+    let mut held_err = Vec::new();
 
     let result = loop {
         // Checked first on every turn, so a script that floods output can still be cancelled.
@@ -664,17 +734,57 @@ pub fn run_script_with(
         if give_up_at.is_some_and(|g| Instant::now() >= g) {
             break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
         }
-        let progressed = match pump(&mut out_stream, stdout, &mut buf, &addr)
-            .and_then(|a| Ok(pump(&mut err_stream, stderr, &mut buf, &addr)? | a))
-        {
-            Ok(p) => p,
+        let n_out = match read_some(&mut out_stream, &mut buf, &addr) {
+            Ok(n) => n,
             Err(e) => break Err(e),
         };
-        if progressed {
+        if n_out > 0 {
+            let mut data = &buf[..n_out];
+            if !stored {
+                // The first output is the wrapper's [`STORED`]: the script runs from here on,
+                // and what came on stderr before it is the script's too.
+                stored = true;
+                data = data.strip_prefix(&[STORED]).unwrap_or(data);
+                if let Err(e) = deliver(stderr, &held_err, &addr) {
+                    break Err(e);
+                }
+                held_err = Vec::new();
+            }
+            if let Err(e) = deliver(stdout, data, &addr) {
+                break Err(e);
+            }
+        }
+        let n_err = match read_some(&mut err_stream, &mut buf, &addr) {
+            Ok(n) => n,
+            Err(e) => break Err(e),
+        };
+        if n_err > 0 {
+            if stored {
+                if let Err(e) = deliver(stderr, &buf[..n_err], &addr) {
+                    break Err(e);
+                }
+            } else if held_err.len() < 64 * 1024 {
+                held_err.extend_from_slice(&buf[..n_err]);
+            }
+        }
+        if n_out + n_err > 0 {
             continue;
         }
         if ch.eof() {
             match ch.wait_close() {
+                Ok(()) if !stored && killer.is_some() => {
+                    break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
+                }
+                Ok(()) if !stored => {
+                    break Err(SshError::Io {
+                        addr: addr.clone(),
+                        message: format!(
+                            "storing the script on the instance failed (status {}): {}",
+                            ch.exit_status().unwrap_or(-1),
+                            String::from_utf8_lossy(&held_err).trim()
+                        ),
+                    });
+                }
                 Ok(()) => {
                     let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
                     let exit_status = match &signal {
@@ -687,12 +797,16 @@ pub fn run_script_with(
                 Err(e) => break Err(lost("waiting for the exit status", &e)),
             }
         }
+        // Nothing to read: wait on the socket until data comes (output, the exit status) or
+        // the next thing falls due: a keepalive, the silence limit, the cancel deadline.
+        let mut wait = MAX_QUIET_WAIT;
         match c.session.keepalive_send() {
-            Ok(_) => {}
+            Ok(secs) => wait = wait.min(Duration::from_secs(u64::from(secs.max(1)))),
             Err(e) if is_eagain(&e) => {}
             Err(e) => break Err(lost("sending a keepalive", &e)),
         }
-        if killer.is_none() && silent_for(c.fd).is_some_and(|s| s >= silence_limit) {
+        let silent = silent_for(c.fd);
+        if killer.is_none() && silent.is_some_and(|s| s >= silence_limit) {
             let k = options.keepalive;
             let stopped = match kill_remote(t, &dir) {
                 Ok(()) => "stopped the script's processes over a new connection".to_string(),
@@ -710,7 +824,13 @@ pub fn run_script_with(
                 ),
             });
         }
-        wait_socket(&c, Duration::from_millis(100));
+        if let Some(s) = silent.filter(|_| killer.is_none()) {
+            wait = wait.min(silence_limit - s);
+        }
+        if let Some(g) = give_up_at {
+            wait = wait.min(g.saturating_duration_since(Instant::now()));
+        }
+        wait_socket(&c.session, c.fd, wait.max(Duration::from_millis(1)));
     };
 
     if let Some(k) = killer {

@@ -167,7 +167,7 @@ fn download_mode_fetches_the_runners_version_and_verifies_release_sha256() {
     let server = serve(release("17.11.4", &sums));
     let w = download_world(&server, &[]);
     let job =
-        w.job("7003", "stat -c 'MODE=%a' /usr/local/bin/gitlab-runner\ngitlab-runner --version | head -1");
+        w.job("7003", "stat -c 'MODE=%a' /usr/local/bin/gitlab-runner\ngitlab-runner --version | sed -n 1p");
     let dir = tempfile::tempdir().unwrap();
     let calls = dir.path().join("host-calls");
     // The runner host's gitlab-runner says 17.11.4: that is the version the instance fetches.

@@ -650,6 +650,31 @@ impl Running {
         Ok((Exit::Signal(libc::SIGKILL), Some(stop)))
     }
 
+    /// [`Running::wait`] that also returns the process's own resource usage from `wait4(2)`
+    /// (peak RSS, CPU time), for the benchmarks.
+    pub fn wait_with_usage(mut self) -> Result<(Exit, libc::rusage)> {
+        let pid = self.pid();
+        let mut status = 0;
+        // SAFETY: rusage is plain old data; wait4 writes the status and the usage of `pid`,
+        // which is our own unreaped child.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: as above; both pointers are valid for the call.
+            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            if rc == pid {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e).context("wait4 failed");
+            }
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        Ok((exit_of(std::process::ExitStatus::from_raw(status)), usage))
+    }
+
     /// gitlab-runner's kill sequence: SIGTERM to the group, up to `grace`, then SIGKILL.
     pub fn terminate(mut self, grace: Duration) -> Result<Exit> {
         self.signal_group(libc::SIGTERM);
