@@ -25,12 +25,14 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ssh2::{BlockDirections, ErrorCode, MethodType, Session};
 
 use crate::keys::{fingerprint_sha256, fingerprint_sha256_of_blob, public_key_blob};
+use crate::retry::{Backoff, RetryPolicy, SystemClock, Verdict};
 use crate::secret::Secret;
 
 mod script;
@@ -412,7 +414,14 @@ pub fn wait_until_ready(
     on_attempt: &mut dyn FnMut(Duration),
 ) -> Result<(), SshError> {
     let start = Instant::now();
-    let mut backoff = Duration::from_millis(250);
+    // 250 ms doubling up to MAX_BACKOFF, plus up to 20% jitter so many jobs started together
+    // do not knock in step, until the deadline (the crate's one retry policy).
+    let policy = RetryPolicy::within(
+        deadline.saturating_duration_since(start),
+        Backoff { first: Duration::from_millis(250), factor: 2, max: MAX_BACKOFF, jitter: (1.0, 1.2) },
+        Arc::new(SystemClock),
+    );
+    let mut retry = policy.start();
     let mut strict_failures = 0;
     loop {
         on_attempt(start.elapsed());
@@ -433,14 +442,16 @@ pub fn wait_until_ready(
                 return Err(err);
             }
         }
-        let now = Instant::now();
-        if now + backoff >= deadline {
-            return Err(SshError::NotReady { addr: t.addr(), waited: start.elapsed(), last: Box::new(err) });
+        match retry.after_failure() {
+            Verdict::RetryAfter(pause) => thread::sleep(pause),
+            Verdict::GiveUp => {
+                return Err(SshError::NotReady {
+                    addr: t.addr(),
+                    waited: start.elapsed(),
+                    last: Box::new(err),
+                })
+            }
         }
-        // Up to 20% jitter so many jobs started together do not knock in step.
-        let jitter = backoff.mul_f64(rand::random::<f64>() * 0.2);
-        thread::sleep(backoff + jitter);
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -50,7 +50,10 @@ const GREETING: &str = "héllo 中文 ✓ 'single' \"double\" $HOME `tick` \\ en
 #[test]
 fn a_job_whose_scripts_are_over_100_kb_passes_with_its_non_ascii_variables_intact() {
     let w = helper_world();
-    let calls = w.dir.path().join("helper-calls");
+    // The fake helper runs on the instance, whose /tmp, /root, /builds and /cache are its own:
+    // its record goes where both sides see the same directory, whatever the checkout's path.
+    let shared = tempfile::Builder::new().prefix("aliyun-spot-test-").tempdir_in("/var/tmp").unwrap();
+    let calls = shared.path().join("helper-calls");
     let mut job = Job::realistic(
         42,
         8001,
