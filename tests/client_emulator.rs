@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use aliyun_spot_executor::credentials::{provider_from_spec, CredentialSpec, Credentials, StaticProvider};
 use aliyun_spot_executor::ecs::{
     ClientConfig, DeleteOutcome, DescribeInstancesFilter, EcsClient, ErrorKind, RetryPolicy,
-    RunInstancesRequest, SpotStrategy,
+    RunInstancesRequest,
 };
 use aliyun_spot_executor::emulator::{
     Emulator, EmulatorOptions, Faults, DEFAULT_ACCESS_KEY_ID, DEFAULT_ACCESS_KEY_SECRET,
@@ -83,26 +83,10 @@ fn our_client_creates_an_instance_we_log_into_with_ssh2_and_delete() {
     .unwrap();
     let ids = api
         .run_instances(&RunInstancesRequest {
-            zone_id: "cn-hangzhou-j".into(),
-            instance_type: "ecs.c7.large".into(),
-            image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
-            security_group_id: "sg-bp1emulator0000000001".into(),
-            vswitch_id: "vsw-bp1emulatorzonej".into(),
-            instance_name: "ci-runner-amd64-spot-test".into(),
-            host_name: None,
-            spot_strategy: SpotStrategy::SpotAsPriceGo,
-            spot_price_limit: None,
-            spot_duration: Some(0),
-            internet_max_bandwidth_out: 10,
-            system_disk_category: Some("cloud_essd".into()),
-            system_disk_size: Some(40),
-            key_pair_name: None,
-            ram_role_name: None,
             user_data: Some(ud.text.clone()),
             tags: vec![("ci-spot-executor:job".into(), "77".into())],
             auto_release_time: Some(time::OffsetDateTime::now_utc() + time::Duration::hours(1)),
-            client_token: "client-emulator-test-1".into(),
-            dry_run: false,
+            ..crate::emulator_run_request("ci-runner-amd64-spot-test", "client-emulator-test-1")
         })
         .unwrap();
     assert_eq!(ids.len(), 1);

@@ -987,7 +987,6 @@ fn a_request_still_in_progress_is_sent_again_with_the_same_client_token() {
 
 #[test]
 fn a_booting_instance_is_deleted_once_ecs_allows_it() {
-    use aliyun_spot_executor::ecs::{RunInstancesRequest, SpotStrategy};
     let _seed = Seed::new("initializing");
     let bed = Bed::start(BedOptions {
         faults: Faults { initializing: Duration::from_secs(3), ..Faults::default() },
@@ -996,28 +995,10 @@ fn a_booting_instance_is_deleted_once_ecs_allows_it() {
     let cfg = bed.loaded_config();
     let client = aliyun_spot_executor::offers::client(&cfg).unwrap();
     let ids = client
-        .run_instances(&RunInstancesRequest {
-            zone_id: "cn-hangzhou-j".into(),
-            instance_type: "ecs.c7.large".into(),
-            image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
-            security_group_id: "sg-bp1emulator0000000001".into(),
-            vswitch_id: "vsw-bp1emulatorzonej".into(),
-            instance_name: "ci-runner-amd64-spot-initializing".into(),
-            host_name: None,
-            spot_strategy: SpotStrategy::SpotAsPriceGo,
-            spot_price_limit: None,
-            spot_duration: Some(0),
-            internet_max_bandwidth_out: 10,
-            system_disk_category: Some("cloud_essd".into()),
-            system_disk_size: Some(40),
-            key_pair_name: None,
-            ram_role_name: None,
-            user_data: None,
-            tags: Vec::new(),
-            auto_release_time: None,
-            client_token: "faults-initializing-1".into(),
-            dry_run: false,
-        })
+        .run_instances(&crate::emulator_run_request(
+            "ci-runner-amd64-spot-initializing",
+            "faults-initializing-1",
+        ))
         .unwrap();
     let created = time::OffsetDateTime::now_utc();
     // Right after RunInstances: ECS refuses while the instance initializes; the release waits.
@@ -1059,32 +1040,14 @@ fn not_found_right_after_creation_means_not_visible_yet() {
 
 #[test]
 fn the_emulator_rounds_auto_release_time_down_to_the_minute_before_checking_it() {
-    use aliyun_spot_executor::ecs::{RunInstancesRequest, SpotStrategy};
+    use aliyun_spot_executor::ecs::RunInstancesRequest;
     let bed = Bed::start(BedOptions::default());
     let client = aliyun_spot_executor::offers::client(&bed.loaded_config()).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let minute = now.replace_second(0).unwrap().replace_nanosecond(0).unwrap();
     let request = |at: time::OffsetDateTime, token: &str| RunInstancesRequest {
-        zone_id: "cn-hangzhou-j".into(),
-        instance_type: "ecs.c7.large".into(),
-        image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
-        security_group_id: "sg-bp1emulator0000000001".into(),
-        vswitch_id: "vsw-bp1emulatorzonej".into(),
-        instance_name: "ci-runner-amd64-spot-autorelease".into(),
-        host_name: None,
-        spot_strategy: SpotStrategy::SpotAsPriceGo,
-        spot_price_limit: None,
-        spot_duration: Some(0),
-        internet_max_bandwidth_out: 10,
-        system_disk_category: Some("cloud_essd".into()),
-        system_disk_size: Some(40),
-        key_pair_name: None,
-        ram_role_name: None,
-        user_data: None,
-        tags: Vec::new(),
         auto_release_time: Some(at),
-        client_token: token.into(),
-        dry_run: false,
+        ..crate::emulator_run_request("ci-runner-amd64-spot-autorelease", token)
     };
     // 30 min 59 s ahead of the current minute is more than 30 minutes ahead of now, but ECS
     // reads it as 30 minutes ahead of the current minute: less than 30 minutes from now.

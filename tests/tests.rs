@@ -34,3 +34,33 @@ pub fn private_tempdir() -> tempfile::TempDir {
 /// own tests set `PreparationRetryInterval = 0` (`common/build_test.go`), so a job whose
 /// preparation fails three times does not wait 6 s.
 pub const RETRY_INTERVAL: std::time::Duration = std::time::Duration::ZERO;
+
+/// A plain spot `RunInstances` for the emulator's catalogue (`ecs.c7.large` in zone j, no user
+/// data, tags or release time), for the tests that create an instance by hand.
+pub fn emulator_run_request(
+    name: &str,
+    client_token: &str,
+) -> aliyun_spot_executor::ecs::RunInstancesRequest {
+    aliyun_spot_executor::ecs::RunInstancesRequest {
+        zone_id: "cn-hangzhou-j".into(),
+        instance_type: "ecs.c7.large".into(),
+        image_id: "ubuntu_24_04_x64_20G_alibase_20250101.vhd".into(),
+        security_group_id: "sg-bp1emulator0000000001".into(),
+        vswitch_id: "vsw-bp1emulatorzonej".into(),
+        instance_name: name.into(),
+        host_name: None,
+        spot_strategy: aliyun_spot_executor::ecs::SpotStrategy::SpotAsPriceGo,
+        spot_price_limit: None,
+        spot_duration: Some(0),
+        internet_max_bandwidth_out: 10,
+        system_disk_category: Some("cloud_essd".into()),
+        system_disk_size: Some(40),
+        key_pair_name: None,
+        ram_role_name: None,
+        user_data: None,
+        tags: Vec::new(),
+        auto_release_time: None,
+        client_token: client_token.into(),
+        dry_run: false,
+    }
+}
