@@ -32,10 +32,12 @@
 
 use std::ffi::CString;
 use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
@@ -235,6 +237,68 @@ pub(crate) fn spawn(user_data: &str, sshd_pid: u32, dir: &Path) -> anyhow::Resul
     let child = cmd.spawn().context("failed to start the boot shell `/bin/sh`")?;
     drop((mnt, uts));
     Ok(child)
+}
+
+/// The mount namespace (`mnt:[…]`) of the process holding the TCP connection from `peer` to
+/// `local` (a connection accepted by this process), found through `/proc/net/tcp` (`proc(5)`)
+/// and the owners' `/proc/<pid>/fd`. Every process of a booting instance connects from
+/// `127.0.0.1` (Linux picks the loopback route's source address), so this is how the metadata
+/// service tells which instance asks, as ECS's does by the network interface.
+pub(crate) fn peer_mount_namespace(peer: SocketAddr, local: SocketAddr) -> Option<String> {
+    let (SocketAddr::V4(peer), SocketAddr::V4(local)) = (peer, local) else { return None };
+    let parse = |s: &str| -> Option<SocketAddrV4> {
+        let (ip, port) = s.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        // The kernel prints the address as the in-memory (network order) word.
+        Some(SocketAddrV4::new(Ipv4Addr::from(ip.to_ne_bytes()), u16::from_str_radix(port, 16).ok()?))
+    };
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 9 && parse(f[1])? == peer && parse(f[2])? == local).then(|| f[9].to_string())
+    })?;
+    let wanted = format!("socket:[{inode}]");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else { continue };
+        let owns = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str().as_bytes() == wanted.as_bytes())
+        });
+        if owns {
+            return mount_namespace(&e.file_name().to_string_lossy());
+        }
+    }
+    None
+}
+
+/// Where the file the instance sees at `path` is kept on the host when the instance wrote it
+/// (its private directories, the upper layers of its overlays), under the instance's work
+/// directory `dir`; `None` for a path the instance never wrote.
+pub(crate) fn written_file(dir: &Path, path: &str) -> Option<PathBuf> {
+    let path = Path::new(path);
+    if !path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return None;
+    }
+    for (target, name) in super::sshd::PRIVATE_DIRS {
+        if let Ok(rest) = path.strip_prefix(target) {
+            return Some(dir.join("fs").join(name).join(rest)).filter(|p| p.exists());
+        }
+    }
+    for target in BOOT_OVERLAYS {
+        if let Ok(rest) = path.strip_prefix(target) {
+            let name = target.trim_start_matches('/').replace('/', "-");
+            return Some(dir.join("fs").join("overlay").join(name).join("upper").join(rest))
+                .filter(|p| p.exists());
+        }
+    }
+    None
+}
+
+/// `mnt:[…]` of process `pid`.
+pub(crate) fn mount_namespace(pid: &str) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok().map(|p| p.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

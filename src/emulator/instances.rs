@@ -540,6 +540,11 @@ impl Core {
         super::boot::spawn(&text, sshd_pid, &self.instance_dir(&inst.id))
     }
 
+    /// A file as instance `id` wrote it (see [`super::boot::written_file`]).
+    pub fn instance_file(&self, id: &str, path: &str) -> Option<Vec<u8>> {
+        std::fs::read(super::boot::written_file(&self.instance_dir(id), path)?).ok()
+    }
+
     /// The boot log of instance `id` (empty until it boots).
     pub fn boot_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.instance_dir(id).join(super::boot::LOG_NAME)).unwrap_or_default()

@@ -370,6 +370,13 @@ impl Emulator {
         self.core.boot_log(id)
     }
 
+    /// A file instance `id` wrote at `path` (in its own `/tmp`, `/root`, … or, when it boots,
+    /// in its copies of `/etc`, `/var`, `/run`, …), while the emulator runs, even after the
+    /// instance is deleted; `None` when the instance never wrote it.
+    pub fn instance_file(&self, id: &str, path: &str) -> Option<Vec<u8>> {
+        self.core.instance_file(id, path)
+    }
+
     /// The GitHub fake's runners and request log, as `GET /_emulator/github` returns them.
     pub fn github(&self) -> serde_json::Value {
         self.github.snapshot()
