@@ -471,6 +471,8 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     let w = World::with(Faults { initializing: Duration::ZERO, ..Faults::default() }, true);
     // The "image"'s preinstalled runner: the fake runner, its job body and where the fake is.
     let runner = crate::private_tempdir();
+    // The launcher hands the runner's directory to the unprivileged runner user.
+    std::fs::set_permissions(runner.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-github-runner/run.sh");
     std::fs::copy(&fake, runner.path().join("run.sh")).unwrap();
     std::fs::write(runner.path().join("emulator-url"), w.emulator.endpoint()).unwrap();
@@ -478,7 +480,7 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     // busy while it runs; bounded, so a broken test cannot leave it waiting forever.
     std::fs::write(
         runner.path().join("job.sh"),
-        "echo \"JOB-MARKER on $(hostname)\"\n\
+        "echo \"JOB-MARKER on $(hostname) as $(id -un)\"\n\
          i=0; while [ ! -e /tmp/go ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n\
          echo JOB-DONE > /tmp/job-done\n",
     )
@@ -490,7 +492,6 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     let mut args = w.start_args();
     args.self_delete = true;
     args.runner_dir = runner.path().display().to_string();
-    args.runner_user = "root".into();
     let started = github::start(&config, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap();
     let id = started.instance_id.clone();
     let bound = Duration::from_secs(120);
@@ -511,7 +512,7 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     )
     .unwrap();
     let host_name = &rec.host_name;
-    assert!(log.lines().any(|l| l == format!("JOB-MARKER on {host_name}")), "{log}");
+    assert!(log.lines().any(|l| l == format!("JOB-MARKER on {host_name} as runner")), "{log}");
     assert!(log.contains("fake-runner: job succeeded\n"), "{log}");
     assert!(
         log.contains("aliyun-spot-github: deleting this instance: the runner exited (status 0)"),
