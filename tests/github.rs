@@ -523,13 +523,17 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     assert!(boot.contains("boot: runcmd exited with status 0"), "{boot}");
     assert!(!boot.contains(TOKEN) && !log.contains(TOKEN));
 
-    // The instance deleted itself, with its role's credentials, through the watchdog.
-    let deletes: Vec<_> = w
-        .emulator
-        .requests()
-        .into_iter()
-        .filter(|r| r.action.as_deref() == Some("DeleteInstance") && r.status == 200)
-        .collect();
+    // The instance deleted itself, with its role's credentials, through the watchdog (the
+    // request log gets its entry once the answer is made, just after the deletion).
+    let deletes = wait_for("the DeleteInstance request in the log", bound, || {
+        let d: Vec<_> = w
+            .emulator
+            .requests()
+            .into_iter()
+            .filter(|r| r.action.as_deref() == Some("DeleteInstance") && r.status == 200)
+            .collect();
+        (!d.is_empty()).then_some(d)
+    });
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert_eq!(deletes[0].role.as_deref(), Some("ci-spot-self-destruct"));
     assert_eq!(deletes[0].params.get("InstanceId"), Some(&id));
