@@ -34,7 +34,7 @@ fn start(faults: Faults) -> Emulator {
 }
 
 /// A minimal signed RPC client (GET or POST form), independent of the crate's ECS client.
-struct Api {
+pub(crate) struct Api {
     endpoint: String,
     id: String,
     secret: String,
@@ -42,7 +42,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(emu: &Emulator) -> Api {
+    pub(crate) fn new(emu: &Emulator) -> Api {
         Api {
             endpoint: emu.endpoint(),
             id: DEFAULT_ACCESS_KEY_ID.into(),
@@ -103,7 +103,7 @@ impl Api {
         self.send("GET", self.params(action, extra))
     }
 
-    fn ok(&self, action: &str, extra: &[(&str, &str)]) -> Value {
+    pub(crate) fn ok(&self, action: &str, extra: &[(&str, &str)]) -> Value {
         let (s, v) = self.call(action, extra);
         assert_eq!(s, 200, "{action} failed: {v}");
         v
@@ -125,7 +125,7 @@ fn timestamp(t: time::OffsetDateTime) -> String {
 }
 
 /// Polls `f` until it returns `Some` (safety deadline only; never a timing assertion).
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(v) = f() {
@@ -136,11 +136,11 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn record(emu: &Emulator, id: &str) -> InstanceRecord {
+pub(crate) fn record(emu: &Emulator, id: &str) -> InstanceRecord {
     emu.instances().into_iter().find(|r| r.id == id).expect("instance is recorded")
 }
 
-fn run(api: &Api, itype: &str, zone: &str, extra: &[(&str, &str)]) -> String {
+pub(crate) fn run(api: &Api, itype: &str, zone: &str, extra: &[(&str, &str)]) -> String {
     let vsw = format!("vsw-bp1emulatorzone{}", zone.rsplit('-').next().unwrap());
     let image = if itype.contains("8y") || itype.contains("8r") { ARM_IMAGE } else { X86_IMAGE };
     let mut p = vec![
@@ -157,7 +157,7 @@ fn run(api: &Api, itype: &str, zone: &str, extra: &[(&str, &str)]) -> String {
     v["InstanceIdSets"]["InstanceIdSet"][0].as_str().unwrap().to_string()
 }
 
-fn wait_sshd(emu: &Emulator, id: &str) -> (SocketAddr, i32) {
+pub(crate) fn wait_sshd(emu: &Emulator, id: &str) -> (SocketAddr, i32) {
     wait_for("sshd listening", || {
         let r = record(emu, id);
         let pid = r.sshd_pid?;
@@ -256,7 +256,7 @@ fn get_from(source: std::net::Ipv4Addr, server: SocketAddr, path: &str) -> Strin
     resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"),
         Err(_) => false,

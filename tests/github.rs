@@ -1,8 +1,8 @@
 //! `aliyun-spot github start|stop|sweep` against the emulator and its GitHub fake: what reached
 //! GitHub, what the instance received (user data, tags), what was printed, what is left.
 //!
-//! Not covered here: the instance booting its cloud-config and deleting itself when the runner
-//! exits; that needs cloud-init's `runcmd` executed inside emulated instances.
+//! The end-to-end run boots the instance's cloud-config inside it (`--boot-user-data`) with a
+//! fake runner (`tests/data/fake-github-runner/run.sh`) as the preinstalled one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,11 +33,17 @@ struct World {
 
 impl World {
     fn new(faults: Faults) -> World {
+        World::with(faults, false)
+    }
+
+    /// `boot_user_data`: instances run their cloud-config (`--boot-user-data`).
+    fn with(faults: Faults, boot_user_data: bool) -> World {
         let emulator = Emulator::start(EmulatorOptions {
             listen: "127.0.0.1:0".parse().unwrap(),
             boot_delay: Duration::from_millis(200),
             ssh_delay: Duration::from_millis(100),
             faults,
+            boot_user_data,
             ..EmulatorOptions::default()
         })
         .expect("emulator starts");
@@ -440,4 +446,98 @@ fn self_delete_is_an_opt_in_that_gives_the_instance_its_role() {
     );
     assert_eq!(w.emulator.instances().len(), 1);
     assert!(w.runners().iter().all(|r| r["deleted"] == true));
+}
+
+/// Polls `f` until it returns `Some`; the bound is a safety net, never a timing assertion.
+fn wait_for<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: booting instances needs root (namespaces)");
+        return;
+    }
+    // No refusal while initializing: the instance may delete itself within seconds.
+    let w = World::with(Faults { initializing: Duration::ZERO, ..Faults::default() }, true);
+    // The "image"'s preinstalled runner: the fake runner, its job body and where the fake is.
+    let runner = crate::private_tempdir();
+    // The launcher hands the runner's directory to the unprivileged runner user.
+    std::fs::set_permissions(runner.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-github-runner/run.sh");
+    std::fs::copy(&fake, runner.path().join("run.sh")).unwrap();
+    std::fs::write(runner.path().join("emulator-url"), w.emulator.endpoint()).unwrap();
+    // The job waits for the test's go (a file in the instance's own /tmp) so the runner is seen
+    // busy while it runs; bounded, so a broken test cannot leave it waiting forever.
+    std::fs::write(
+        runner.path().join("job.sh"),
+        "echo \"JOB-MARKER on $(hostname) as $(id -un)\"\n\
+         i=0; while [ ! -e /tmp/go ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo JOB-DONE > /tmp/job-done\n",
+    )
+    .unwrap();
+    let mut config = w.config.clone();
+    config.instance.ram_role_name = Some("ci-spot-self-destruct".into());
+    // The instance's watchdog asks the emulator's metadata service for the role's credentials.
+    config.credentials.metadata_endpoint = w.emulator.endpoint();
+    let mut args = w.start_args();
+    args.self_delete = true;
+    args.runner_dir = runner.path().display().to_string();
+    let started = github::start(&config, &w.client, &w.gh, &args, None, &AtomicBool::new(false)).unwrap();
+    let id = started.instance_id.clone();
+    let bound = Duration::from_secs(120);
+
+    let busy = wait_for("the runner to be busy", bound, || {
+        let r = w.runner(&started.runner_name);
+        (r["busy"] == true).then_some(r)
+    });
+    assert_eq!(busy["status"], "online", "{busy}");
+    let tmp = w.emulator.work_dir().join(&id).join("fs/tmp");
+    std::fs::write(tmp.join("go"), "").unwrap();
+
+    let rec = wait_for("the instance to delete itself", bound, || {
+        w.emulator.instances().into_iter().find(|r| r.id == id && !r.live)
+    });
+    let log = String::from_utf8(
+        w.emulator.instance_file(&id, "/var/log/aliyun-spot-github-runner.log").expect("the launcher's log"),
+    )
+    .unwrap();
+    let host_name = &rec.host_name;
+    assert!(log.lines().any(|l| l == format!("JOB-MARKER on {host_name} as runner")), "{log}");
+    assert!(log.contains("fake-runner: job succeeded\n"), "{log}");
+    assert!(
+        log.contains("aliyun-spot-github: deleting this instance: the runner exited (status 0)"),
+        "{log}"
+    );
+    assert_eq!(w.emulator.instance_file(&id, "/tmp/job-done").as_deref(), Some(&b"JOB-DONE\n"[..]));
+    let boot = w.emulator.boot_log(&id);
+    assert!(boot.contains("boot: runcmd exited with status 0"), "{boot}");
+    assert!(!boot.contains(TOKEN) && !log.contains(TOKEN));
+
+    // The instance deleted itself, with its role's credentials, through the watchdog (the
+    // request log gets its entry once the answer is made, just after the deletion).
+    let deletes = wait_for("the DeleteInstance request in the log", bound, || {
+        let d: Vec<_> = w
+            .emulator
+            .requests()
+            .into_iter()
+            .filter(|r| r.action.as_deref() == Some("DeleteInstance") && r.status == 200)
+            .collect();
+        (!d.is_empty()).then_some(d)
+    });
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert_eq!(deletes[0].role.as_deref(), Some("ci-spot-self-destruct"));
+    assert_eq!(deletes[0].params.get("InstanceId"), Some(&id));
+    assert_eq!(w.live(), 0);
+    let r = w.runner(&started.runner_name);
+    assert_eq!((r["busy"].clone(), r["deleted"].clone()), (json!(false), json!(true)), "{r}");
 }

@@ -96,3 +96,96 @@ fn tmp_and_usr_local_bin_are_private_to_each_instance() {
     assert!(b.cleanup().unwrap().success(), "{}", b.runner_log.text());
     w.assert_nothing_left();
 }
+
+/// An emulator whose instances boot their user data (`--boot-user-data`).
+pub(crate) fn booting_emulator() -> aliyun_spot_executor::emulator::Emulator {
+    use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions, Faults};
+    Emulator::start(EmulatorOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        faults: Faults { initializing: std::time::Duration::ZERO, ..Faults::default() },
+        boot_delay: std::time::Duration::from_millis(200),
+        ssh_delay: std::time::Duration::from_millis(100),
+        boot_user_data: true,
+        ..EmulatorOptions::default()
+    })
+    .expect("emulator starts")
+}
+
+#[test]
+fn user_data_boots_inside_the_instance_write_files_then_runcmd() {
+    use super::emulator::{process_alive, record, run, wait_for, Api};
+    use base64::Engine;
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: namespaces need root");
+        return;
+    }
+    let emu = booting_emulator();
+    let api = Api::new(&emu);
+    let name = format!("boot-probe-{}", std::process::id());
+    let doc = serde_json::json!({
+        "write_files": [
+            // Deferred: written after the others, still before runcmd.
+            { "path": format!("/tmp/{name}/late"), "content": "late\n", "defer": true },
+            { "path": format!("/tmp/{name}/hello"), "content": "hello from user data\n", "permissions": "0600" },
+            { "path": format!("/etc/{name}.conf"), "content": "a=1\n" },
+            { "path": format!("/tmp/{name}/b64"), "content": "aXQncyBiYXNlNjQK", "encoding": "b64" },
+        ],
+        "runcmd": [
+            format!("cat /tmp/{name}/hello /tmp/{name}/late /tmp/{name}/b64 /etc/{name}.conf > /tmp/{name}/seen"),
+            format!("hostname > /tmp/{name}/hostname; echo RUNCMD-MARKER; id -un"),
+            ["sh", "-c", "echo \"quoted: $1\"", "sh", "it's one word"],
+            "systemctl daemon-reload || echo SYSTEMCTL-REFUSED",
+            format!("nohup sleep 600 >/dev/null 2>&1 & echo $! > /tmp/{name}/sleeper"),
+        ],
+    });
+    let ud = base64::engine::general_purpose::STANDARD.encode(format!("#cloud-config\n{doc}\n"));
+    let id = run(&api, "ecs.c7.large", "cn-hangzhou-j", &[("UserData", ud.as_str())]);
+    let log = wait_for("the boot to finish", || {
+        let log = emu.boot_log(&id);
+        log.contains("boot: done").then_some(log)
+    });
+    let lines: Vec<&str> = log.lines().collect();
+    for expected in [
+        format!("boot: write_files: /tmp/{name}/hello"),
+        "RUNCMD-MARKER".to_string(),
+        "root".to_string(),
+        "quoted: it's one word".to_string(),
+        "SYSTEMCTL-REFUSED".to_string(),
+        "boot: runcmd exited with status 0".to_string(),
+    ] {
+        assert!(lines.contains(&expected.as_str()), "no line `{expected}` in:\n{log}");
+    }
+    let pos = |s: &str| log.find(s).unwrap_or_else(|| panic!("no `{s}` in:\n{log}"));
+    assert!(pos(&format!("write_files: /tmp/{name}/late")) < pos("boot: runcmd\n"), "{log}");
+
+    // The files are the instance's: in its own /tmp and its copy of /etc, not the host's.
+    assert!(
+        !std::path::Path::new(&format!("/tmp/{name}")).exists(),
+        "the instance's /tmp leaked to the host"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/etc/{name}.conf")).exists(),
+        "the instance's /etc leaked to the host"
+    );
+    let inst_dir = emu.work_dir().join(&id);
+    let tmp = inst_dir.join("fs/tmp").join(&name);
+    let read = |f: &str| std::fs::read_to_string(tmp.join(f)).unwrap();
+    assert_eq!(read("seen"), "hello from user data\nlate\nit's base64\na=1\n");
+    assert_eq!(std::fs::metadata(tmp.join("hello")).unwrap().permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::metadata(tmp.join("late")).unwrap().permissions().mode() & 0o7777, 0o644);
+    assert_eq!(read("hostname").trim(), record(&emu, &id).host_name);
+    assert!(inst_dir.join(format!("fs/overlay/etc/upper/{name}.conf")).exists());
+
+    // Deleting the instance kills what its boot started, detached or not.
+    let sleeper: i32 = read("sleeper").trim().parse().unwrap();
+    let boot_pid =
+        record(&emu, &id).events.iter().find(|e| e.event == "boot-started").map(|e| e.detail.clone());
+    let boot_pid: i32 = boot_pid.expect("a boot-started event").trim_start_matches("pid ").parse().unwrap();
+    assert!(process_alive(sleeper) && process_alive(boot_pid));
+    api.ok("DeleteInstance", &[("InstanceId", &id), ("Force", "true")]);
+    wait_for("the boot's processes gone", || {
+        (!process_alive(sleeper) && !process_alive(boot_pid)).then_some(())
+    });
+    emu.shutdown();
+}

@@ -4,7 +4,8 @@
 //! The driver writes cloud-config as JSON after the `#cloud-config` line (JSON is YAML, which
 //! cloud-init reads), so the emulator reads it with `serde_json`. A document that is not JSON
 //! (YAML written by another client) is treated as giving no keys, as are unknown shapes;
-//! malformed input never panics. Everything else (`write_files`, `runcmd`, …) is ignored.
+//! malformed input never panics. `write_files` and `runcmd` are kept as given for
+//! [`super::boot`] (read only when instances boot their user data); everything else is ignored.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,10 @@ pub(crate) struct CloudConfig {
     pub authorized_keys: Vec<String>,
     /// `ssh_keys` entries (`ed25519_private`, `ed25519_public`, …).
     pub ssh_keys: BTreeMap<String, Secret<String>>,
+    /// `write_files` entries, as given (interpreted by [`super::boot`]).
+    pub write_files: Vec<serde_json::Value>,
+    /// `runcmd` items, as given (interpreted by [`super::boot`]).
+    pub runcmd: Vec<serde_json::Value>,
 }
 
 impl CloudConfig {
@@ -28,13 +33,18 @@ impl CloudConfig {
     }
 }
 
-/// The keys cloud-init's `cc_ssh` module reads; other keys are ignored.
+/// The keys cloud-init's `cc_ssh`, `cc_write_files` and `cc_runcmd` modules read; other keys are
+/// ignored.
 #[derive(Deserialize)]
 struct Document {
     #[serde(default)]
     ssh_authorized_keys: Vec<String>,
     #[serde(default)]
     ssh_keys: BTreeMap<String, String>,
+    #[serde(default)]
+    write_files: Vec<serde_json::Value>,
+    #[serde(default)]
+    runcmd: Vec<serde_json::Value>,
 }
 
 /// Parses user data; `None` when it is not a `#cloud-config` document.
@@ -49,6 +59,8 @@ pub(crate) fn parse(user_data: &str) -> Option<CloudConfig> {
     Some(CloudConfig {
         authorized_keys: doc.ssh_authorized_keys.into_iter().filter(|k| !k.trim().is_empty()).collect(),
         ssh_keys: doc.ssh_keys.into_iter().map(|(k, v)| (k, Secret::new(v))).collect(),
+        write_files: doc.write_files,
+        runcmd: doc.runcmd,
     })
 }
 

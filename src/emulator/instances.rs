@@ -151,6 +151,8 @@ pub(crate) struct Instance {
     pub authorized_keys: Vec<String>,
     pub host_key: Option<Secret<String>>,
     pub sshd_pid: Option<u32>,
+    /// The boot process (`--boot-user-data`) while it runs.
+    pub boot_pid: Option<u32>,
     pub sshd_started: bool,
     pub events: Vec<EventRecord>,
     pub live: bool,
@@ -308,6 +310,7 @@ pub(crate) struct Core {
     pub nonces: Mutex<NonceSet>,
     pub shutdown: AtomicBool,
     is_root: bool,
+    boot_user_data: bool,
 }
 
 /// Locks a mutex, ignoring poisoning (a panicked worker must not take the emulator down).
@@ -364,6 +367,7 @@ impl Core {
             shutdown: AtomicBool::new(false),
             // SAFETY: geteuid has no preconditions.
             is_root: unsafe { libc::geteuid() } == 0,
+            boot_user_data: opts.boot_user_data,
         }
     }
 
@@ -491,6 +495,9 @@ impl Core {
         if let Some(pid) = inst.sshd_pid {
             kill_tree(pid as i32);
         }
+        if let Some(pid) = inst.boot_pid {
+            kill_tree(pid as i32);
+        }
         inst.live = false;
         inst.deleted = Some(now());
         inst.event(event, detail.to_string());
@@ -513,7 +520,34 @@ impl Core {
     /// Writes the instance's sshd files and starts sshd in its own namespaces when root
     /// (called by the supervisor only; see [`super::sshd`]).
     fn spawn_sshd(&self, inst: &Instance) -> anyhow::Result<Child> {
-        super::sshd::spawn(inst, &self.instance_dir(&inst.id), self.is_root)
+        super::sshd::spawn(inst, &self.instance_dir(&inst.id), self.is_root, self.boots())
+    }
+
+    /// Whether instances boot their user data: asked for, and possible (namespaces need root).
+    pub fn boots(&self) -> bool {
+        self.boot_user_data && self.is_root
+    }
+
+    /// Starts the boot of `inst`'s user data inside it (see [`super::boot`]).
+    fn spawn_boot(&self, inst: &Instance, sshd_pid: u32) -> anyhow::Result<Child> {
+        use base64::Engine;
+        let text = inst
+            .user_data
+            .as_ref()
+            .and_then(|u| base64::engine::general_purpose::STANDARD.decode(u.expose()).ok())
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .unwrap_or_default();
+        super::boot::spawn(&text, sshd_pid, &self.instance_dir(&inst.id))
+    }
+
+    /// A file as instance `id` wrote it (see [`super::boot::written_file`]).
+    pub fn instance_file(&self, id: &str, path: &str) -> Option<Vec<u8>> {
+        std::fs::read(super::boot::written_file(&self.instance_dir(id), path)?).ok()
+    }
+
+    /// The boot log of instance `id` (empty until it boots).
+    pub fn boot_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.instance_dir(id).join(super::boot::LOG_NAME)).unwrap_or_default()
     }
 }
 
@@ -610,14 +644,26 @@ const TICK: Duration = Duration::from_millis(20);
 /// The supervisor loop: advances lifecycles, spawns and reaps sshds, reclaims and releases.
 pub(crate) fn supervise(core: Arc<Core>) {
     let mut children: HashMap<String, Child> = HashMap::new();
+    let mut boots: HashMap<String, Child> = HashMap::new();
     loop {
         let stopping = core.shutdown.load(Ordering::SeqCst);
         {
             let mut st = lock(&core.state);
             if !stopping {
                 let reclaim_after = lock(&core.fault_state).faults.reclaim_after;
-                advance(&core, &mut st, &mut children, reclaim_after);
+                advance(&core, &mut st, &mut children, &mut boots, reclaim_after);
             }
+            boots.retain(|id, child| match child.try_wait() {
+                Ok(Some(status)) => {
+                    if let Some(inst) = st.instances.get_mut(id) {
+                        inst.boot_pid = None;
+                        inst.event("boot-exited", status.to_string());
+                    }
+                    false
+                }
+                Ok(None) => true,
+                Err(_) => false,
+            });
             // Reap under the state lock so a pid is never killed after it was reaped.
             children.retain(|id, child| match child.try_wait() {
                 Ok(Some(status)) => {
@@ -633,7 +679,7 @@ pub(crate) fn supervise(core: Arc<Core>) {
         }
         if stopping {
             // Everything was deleted; make sure every sshd is gone and reaped.
-            for (_, mut child) in children.drain() {
+            for (_, mut child) in children.drain().chain(boots.drain()) {
                 kill_tree(child.id() as i32);
                 let _ = child.wait();
             }
@@ -647,6 +693,7 @@ fn advance(
     core: &Core,
     st: &mut State,
     children: &mut HashMap<String, Child>,
+    boots: &mut HashMap<String, Child>,
     reclaim_after: Option<Duration>,
 ) {
     let t = now();
@@ -684,14 +731,25 @@ fn advance(
                                 "sshd-started",
                                 format!("pid {} on {}:{}", child.id(), inst.ip, inst.ssh_port),
                             );
+                            let pid = child.id();
                             children.insert(inst.id.clone(), child);
+                            if core.boots() {
+                                match core.spawn_boot(inst, pid) {
+                                    Ok(boot) => {
+                                        inst.boot_pid = Some(boot.id());
+                                        inst.event("boot-started", format!("pid {}", boot.id()));
+                                        boots.insert(inst.id.clone(), boot);
+                                    }
+                                    Err(e) => inst.event("boot-failed", format!("{e:#}")),
+                                }
+                            }
                         }
                         Err(e) => inst.event("sshd-failed", format!("{e:#}")),
                     }
                 }
             }
             if inst.status != Status::Stopped && inst.termination_time.is_some_and(|tt| t >= tt) {
-                if let Some(pid) = inst.sshd_pid {
+                for pid in [inst.sshd_pid, inst.boot_pid].into_iter().flatten() {
                     kill_tree(pid as i32);
                 }
                 inst.status = Status::Stopped;

@@ -16,6 +16,7 @@
 
 mod api;
 mod auth;
+mod boot;
 mod catalogue;
 mod cloudconfig;
 mod faults;
@@ -189,6 +190,9 @@ pub struct EmulatorOptions {
     pub host_ram_role: Option<String>,
     /// Where instance files (sshd config, keys, logs) go; a temporary directory when `None`.
     pub work_dir: Option<PathBuf>,
+    /// Instances boot their `#cloud-config` user data (`write_files`, then `runcmd`) inside
+    /// themselves once sshd is up, as cloud-init would (needs root; off by default).
+    pub boot_user_data: bool,
 }
 
 impl Default for EmulatorOptions {
@@ -204,6 +208,7 @@ impl Default for EmulatorOptions {
             ssh_delay: Duration::from_millis(500),
             host_ram_role: None,
             work_dir: None,
+            boot_user_data: false,
         }
     }
 }
@@ -357,6 +362,19 @@ impl Emulator {
     /// (tests of expiry).
     pub fn issue_sts_credentials(&self, role: &str, ttl: Duration) -> StsCredentials {
         self.core.issue_sts("runner-host", role, ttl, false)
+    }
+
+    /// The boot log of instance `id` (`--boot-user-data`): what its `write_files` and
+    /// `runcmd` printed; empty before it boots or when booting is off.
+    pub fn boot_log(&self, id: &str) -> String {
+        self.core.boot_log(id)
+    }
+
+    /// A file instance `id` wrote at `path` (in its own `/tmp`, `/root`, … or, when it boots,
+    /// in its copies of `/etc`, `/var`, `/run`, …), while the emulator runs, even after the
+    /// instance is deleted; `None` when the instance never wrote it.
+    pub fn instance_file(&self, id: &str, path: &str) -> Option<Vec<u8>> {
+        self.core.instance_file(id, path)
     }
 
     /// The GitHub fake's runners and request log, as `GET /_emulator/github` returns them.
@@ -518,6 +536,10 @@ pub struct EmulatorArgs {
     /// The account's currency: CNY (China site, the default) or USD (international site).
     #[arg(long, value_name = "CODE", value_parser = ["CNY", "USD"])]
     pub currency: Option<String>,
+    /// Instances run their `#cloud-config` user data (`write_files`, then `runcmd`) inside
+    /// themselves once sshd is up, as cloud-init would (needs root).
+    #[arg(long)]
+    pub boot_user_data: bool,
 }
 
 impl EmulatorArgs {
@@ -542,6 +564,7 @@ impl EmulatorArgs {
             ssh_delay: self.ssh_delay,
             host_ram_role: self.host_ram_role.clone(),
             work_dir: self.work_dir.clone(),
+            boot_user_data: self.boot_user_data,
             ..EmulatorOptions::default()
         };
         if !self.access_key.is_empty() {

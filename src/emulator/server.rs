@@ -258,11 +258,27 @@ enum Subject {
 impl Subject {
     fn from_source(core: &Core, source: Option<SocketAddr>) -> Subject {
         let Some(IpAddr::V4(ip)) = source.map(|s| s.ip()) else { return Subject::Host };
-        let st = lock(&core.state);
-        match st.instances.values().find(|i| i.live && i.ip == ip) {
-            Some(i) => Subject::Instance(i.id.clone()),
-            None => Subject::Host,
+        {
+            let st = lock(&core.state);
+            if let Some(i) = st.instances.values().find(|i| i.live && i.ip == ip) {
+                return Subject::Instance(i.id.clone());
+            }
         }
+        // A process inside a booting instance connects from 127.0.0.1: known by its namespace.
+        if core.boots() {
+            if let Some(ns) = source.and_then(|s| super::boot::peer_mount_namespace(s, core.listen)) {
+                let st = lock(&core.state);
+                let own = |i: &&super::instances::Instance| {
+                    i.live
+                        && i.sshd_pid.and_then(|p| super::boot::mount_namespace(&p.to_string())).as_ref()
+                            == Some(&ns)
+                };
+                if let Some(i) = st.instances.values().find(own) {
+                    return Subject::Instance(i.id.clone());
+                }
+            }
+        }
+        Subject::Host
     }
 }
 

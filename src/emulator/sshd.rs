@@ -45,9 +45,10 @@ pub(crate) const PRIVATE_DIRS: &[(&str, &str)] = &[
 ];
 
 /// Writes the instance's sshd files under `dir` and starts sshd; `isolate` puts it into its
-/// own namespaces (needs root). Called by the supervisor thread only (see
+/// own namespaces (needs root), `boot` adds the copy-on-write views of a booting instance
+/// ([`super::boot::BOOT_OVERLAYS`]). Called by the supervisor thread only (see
 /// [`super::instances`] for why).
-pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool) -> anyhow::Result<Child> {
+pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool, boot: bool) -> anyhow::Result<Child> {
     let etc = dir.join("etc-ssh");
     std::fs::create_dir_all(&etc).with_context(|| format!("failed to create `{}`", etc.display()))?;
     // The same paths inside the namespace as outside (see `Mounts::prepare`).
@@ -78,7 +79,7 @@ pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool) -> anyhow::Resul
     write_private(&cfg_path, cfg.as_bytes())?;
     let cfg_seen = seen.join("sshd_config");
 
-    let mounts = if isolate { Some(Mounts::prepare(inst, dir, &etc)?) } else { None };
+    let mounts = if isolate { Some(Mounts::prepare(inst, dir, &etc, boot)?) } else { None };
     if isolate {
         let run = Path::new("/run/sshd");
         if !run.exists() {
@@ -147,14 +148,17 @@ pub fn sshd_config(listen: SocketAddr, host_key: &Path, authorized_keys: &Path, 
 
 /// Everything the child needs to become its own machine, as C strings made before the fork.
 struct Mounts {
+    /// (target, options) overlay mounts, applied before the bind mounts.
+    overlays: Vec<(CString, CString)>,
     /// (source, target) bind mounts, in the order to apply them.
     binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
 }
 
 impl Mounts {
-    fn prepare(inst: &Instance, dir: &Path, etc: &Path) -> anyhow::Result<Mounts> {
+    fn prepare(inst: &Instance, dir: &Path, etc: &Path, boot: bool) -> anyhow::Result<Mounts> {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+        let overlays = if boot { overlays(dir)? } else { Vec::new() };
         let mut binds = Vec::new();
         // A target that contains the work directory hides every later source: apply it last,
         // recursively, carrying the sshd files mounted into it at their own path.
@@ -186,7 +190,7 @@ impl Mounts {
         binds.extend(last);
         // HOST_NAME_MAX is 64.
         let hostname = inst.host_name.as_bytes().iter().copied().take(64).collect();
-        Ok(Mounts { binds, hostname })
+        Ok(Mounts { overlays, binds, hostname })
     }
 
     /// Runs in the child between fork and exec: async-signal-safe system calls only.
@@ -202,6 +206,15 @@ impl Mounts {
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
             ))?;
+            for (target, options) in &self.overlays {
+                check(libc::mount(
+                    c"overlay".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    0,
+                    options.as_ptr().cast(),
+                ))?;
+            }
             for (source, target) in &self.binds {
                 check(libc::mount(
                     source.as_ptr(),
@@ -215,6 +228,47 @@ impl Mounts {
         }
         Ok(())
     }
+}
+
+/// The overlay mounts of a booting instance: (target, mount options). A directory that holds
+/// the work directory is left shared (the instance's files must stay the host's), as is one
+/// that does not exist. Files the host bind-mounts over files in an overlaid directory (a
+/// container's `/etc/hosts` and `/etc/resolv.conf`) are hidden by the overlay, so their
+/// current contents are copied into its upper layer.
+fn overlays(dir: &Path) -> anyhow::Result<Vec<(CString, CString)>> {
+    let mut out = Vec::new();
+    for target in super::boot::BOOT_OVERLAYS {
+        let target = Path::new(target);
+        if !target.is_dir() || dir.starts_with(target) {
+            continue;
+        }
+        let name = target.to_string_lossy().trim_start_matches('/').replace('/', "-");
+        let base = dir.join("fs").join("overlay").join(name);
+        let (upper, work) = (base.join("upper"), base.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).with_context(|| format!("failed to create `{}`", d.display()))?;
+        }
+        if target == Path::new("/etc") {
+            for f in ["hosts", "resolv.conf", "hostname"] {
+                if let Ok(text) = std::fs::read(target.join(f)) {
+                    let _ = std::fs::write(upper.join(f), text);
+                }
+            }
+        }
+        if base.to_string_lossy().contains([',', ':']) {
+            anyhow::bail!(
+                "the work directory `{}` has a `,` or `:`, which overlayfs options cannot carry",
+                dir.display()
+            );
+        }
+        let options =
+            format!("lowerdir={},upperdir={},workdir={}", target.display(), upper.display(), work.display());
+        out.push((
+            CString::new(target.as_os_str().as_bytes()).context("a path with a NUL byte")?,
+            CString::new(options).context("a path with a NUL byte")?,
+        ));
+    }
+    Ok(out)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -406,6 +406,7 @@ fn create(core: &Core, p: &Params, l: &Launch) -> ApiResult {
             authorized_keys: l.authorized_keys.clone(),
             host_key: l.host_key.clone(),
             sshd_pid: None,
+            boot_pid: None,
             sshd_started: false,
             events: Vec::new(),
             live: true,
