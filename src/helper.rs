@@ -22,7 +22,7 @@ use crate::ssh::{self, sh_quote, SshTarget};
 use crate::stages::{Context, Progress};
 
 /// Where the helper is installed on the instance: on root's PATH, where gitlab-runner's own
-/// install instructions put it (`docs/install/linux-manually.md`).
+/// install instructions put it (its repository's `docs/install/linux-manually.md`).
 pub const INSTALL_PATH: &str = "/usr/local/bin/gitlab-runner";
 
 /// Checks or installs the helper on a ready instance, as `helper.install` says.

@@ -11,7 +11,7 @@
 //!   (`src/Runner.Listener/Runner.cs`, `GetJitConfig`); a JIT runner takes one job and exits.
 //! - `ACTIONS_RUNNER_HOOK_JOB_STARTED` / `ACTIONS_RUNNER_HOOK_JOB_COMPLETED` name scripts the
 //!   runner runs synchronously (as the runner user, `bash -e FILE`) before and after each job;
-//!   a non-zero exit fails the job (`docs/adrs/1751-runner-job-hooks.md`). So the completed
+//!   a non-zero exit fails the job (actions/runner `docs/adrs/1751-runner-job-hooks.md`). So the completed
 //!   hook only schedules the deletion in the background and exits 0.
 //! - After the job the worker kills the processes that carry its `RUNNER_TRACKING_ID`
 //!   (`src/Runner.Worker/JobExtension.cs`, orphan process cleanup): the hook's background
