@@ -470,7 +470,9 @@ fn the_runner_runs_its_job_on_the_booted_instance_which_then_deletes_itself() {
     // No refusal while initializing: the instance may delete itself within seconds.
     let w = World::with(Faults { initializing: Duration::ZERO, ..Faults::default() }, true);
     // The "image"'s preinstalled runner: the fake runner, its job body and where the fake is.
-    let runner = crate::private_tempdir();
+    // The instance's /tmp, /root, /builds and /cache are its own, so the directory goes where
+    // the instance sees the host's files whatever the checkout's path.
+    let runner = tempfile::Builder::new().prefix("aliyun-spot-test-").tempdir_in("/var/tmp").unwrap();
     // The launcher hands the runner's directory to the unprivileged runner user.
     std::fs::set_permissions(runner.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let fake = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake-github-runner/run.sh");
