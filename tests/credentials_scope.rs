@@ -9,25 +9,12 @@ use std::path::PathBuf;
 
 use aliyun_spot_executor::config;
 use aliyun_spot_executor::ecs::{ClientConfig, DescribeInstancesFilter, EcsClient, EcsError};
-use aliyun_spot_executor::emulator::Emulator;
 use aliyun_spot_executor::env::Env;
 use aliyun_spot_executor::{sts, watchdog};
 use serde_json::Value;
 
 use crate::executor::World;
-
-fn is_live(emulator: &Emulator, id: &str) -> bool {
-    emulator.instances().iter().any(|i| i.id == id && i.live)
-}
-
-fn job_instance(emulator: &Emulator, job: &str) -> String {
-    emulator
-        .instances()
-        .into_iter()
-        .find(|i| i.tags.get("ci-spot-executor:job").map(String::as_str) == Some(job))
-        .unwrap_or_else(|| panic!("no instance for job {job}"))
-        .id
-}
+use crate::safety::{is_live, job_instance};
 
 /// Removes the instances' handed-over credentials files (emulated instances share this
 /// machine's filesystem) at the end of a test.

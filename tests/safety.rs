@@ -83,7 +83,8 @@ fn deletes_of<'a>(requests: &'a [RequestRecord], id: &str) -> Vec<&'a RequestRec
         .collect()
 }
 
-fn is_live(emulator: &Emulator, id: &str) -> bool {
+/// Whether the emulator still runs instance `id`.
+pub(crate) fn is_live(emulator: &Emulator, id: &str) -> bool {
     emulator.instances().iter().any(|i| i.id == id && i.live)
 }
 
@@ -342,7 +343,8 @@ fn sweep(w: &World, args: &[&str]) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
 
-fn job_instance(emulator: &Emulator, job: &str) -> String {
+/// The id of the instance tagged with job `job`.
+pub(crate) fn job_instance(emulator: &Emulator, job: &str) -> String {
     emulator
         .instances()
         .into_iter()
