@@ -24,7 +24,6 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -36,7 +35,12 @@ use crate::retry::{Backoff, RetryPolicy, SystemClock, Verdict};
 use crate::secret::Secret;
 
 mod script;
-use script::{kill_command, script_dir, wrapper_command, STORED};
+mod stage;
+use script::kill_command;
+pub use stage::{
+    finish_over_new_connection, new_script_token, run_script, run_script_with, RunOptions, StageControl,
+    StageEnd, StageHooks,
+};
 
 /// Unacknowledged data older than this kills the TCP connection (`TCP_USER_TIMEOUT`).
 const TCP_USER_TIMEOUT_MS: u32 = 30_000;
@@ -546,25 +550,7 @@ fn silent_for(_: RawFd) -> Option<Duration> {
     None
 }
 
-/// How [`run_script_with`] runs a stage script.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Commands around the script.
-    pub hooks: StageHooks,
-    /// When a silent server counts as gone.
-    pub keepalive: Keepalive,
-}
-
-/// Shell commands run on the instance around a stage script (by the wrapper shell, whose pid
-/// is `$$`), e.g. the markers the self-destruct watchdog reads. They must not fail the stage.
-#[derive(Debug, Clone, Default)]
-pub struct StageHooks {
-    /// Runs before the script starts.
-    pub before: String,
-    /// Runs after it ends, before the wrapper exits with the script's status.
-    pub after: String,
-}
-
+/// Stops the script in `dir` over a new connection (the session it ran on is gone).
 fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
     let c = connect(t, t.connect_timeout)?;
     exec_blocking(&c, &kill_command(dir), b"")
@@ -575,17 +561,37 @@ fn kill_remote(t: &SshTarget, dir: &str) -> Result<(), SshError> {
 
 /// Waits until the socket is ready in the direction libssh2 needs, for at most `timeout`.
 fn wait_socket(session: &Session, fd: RawFd, timeout: Duration) {
+    wait_socket_or(session, fd, &[], timeout)
+}
+
+/// [`wait_socket`], also ending when one of `also` becomes readable (or hangs up).
+fn wait_socket_or(session: &Session, fd: RawFd, also: &[RawFd], timeout: Duration) {
     let events = match session.block_directions() {
         BlockDirections::Outbound => libc::POLLOUT,
         BlockDirections::Both => libc::POLLIN | libc::POLLOUT,
         BlockDirections::Inbound | BlockDirections::None => libc::POLLIN,
     };
     quick_ack(fd);
-    let mut pfd = libc::pollfd { fd, events, revents: 0 };
-    // SAFETY: one valid pollfd; poll only writes its `revents`.
+    let mut fds = vec![libc::pollfd { fd, events, revents: 0 }];
+    fds.extend(also.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+    // SAFETY: valid pollfds, as many as we pass; poll only writes their `revents`.
     unsafe {
-        libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as libc::c_int);
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis().min(i32::MAX as u128) as libc::c_int,
+        );
     }
+}
+
+/// Starts the canceller ([`kill_command`]) for the script in `dir` in a new channel of the
+/// session `c`, without waiting for it to finish.
+fn start_canceller(c: &Connection, dir: &str) -> Result<ssh2::Channel, ssh2::Error> {
+    let by = || Instant::now() + Duration::from_millis(u64::from(c.session.timeout().max(100)));
+    let mut ch = drive(&c.session, c.fd, by(), || c.session.channel_session())?;
+    drive(&c.session, c.fd, by(), || ch.exec(&kill_command(dir)))?;
+    drive(&c.session, c.fd, by(), || ch.send_eof())?;
+    Ok(ch)
 }
 
 /// Runs one step of a non-blocking session to its end, waiting on the socket whenever libssh2
@@ -635,228 +641,6 @@ fn write_all_by(
         }
     }
     Ok(())
-}
-
-/// Reads what one stream has ready into `buf`; 0 when nothing is.
-fn read_some(stream: &mut ssh2::Stream, buf: &mut [u8], addr: &str) -> Result<usize, SshError> {
-    match stream.read(buf) {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(SshError::Lost { addr: addr.to_string(), message: format!("reading output: {e}") }),
-    }
-}
-
-/// Writes `data` to `sink` and flushes it, so the job log shows it at once.
-fn deliver(sink: &mut dyn Write, data: &[u8], addr: &str) -> Result<(), SshError> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    match sink.write_all(data).and_then(|()| sink.flush()) {
-        Ok(()) => Ok(()),
-        // Nobody reads the job log any more (a closed pipe): the script still runs to its end,
-        // so its status decides the stage and nothing is left behind.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(SshError::Io { addr: addr.to_string(), message: format!("writing output: {e}") }),
-    }
-}
-
-/// Runs one stage script on the instance and streams its output.
-///
-/// The script is stored in a private temporary directory (never fed to the job's stdin), run
-/// as `<interpreter> <file> </dev/null` in its own process group, and its stdout and stderr are
-/// copied to `stdout` / `stderr` as they arrive, flushing after every chunk. When `cancel`
-/// becomes true the remote process group is sent TERM and, after a short grace, KILL; the
-/// outcome then has `cancelled: true`. A connection that breaks before the exit status arrives
-/// is [`SshError::Lost`].
-pub fn run_script(
-    t: &SshTarget,
-    script: &[u8],
-    interpreter: &str,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-    cancel: &AtomicBool,
-) -> Result<RunOutcome, SshError> {
-    run_script_with(t, script, interpreter, &RunOptions::default(), stdout, stderr, cancel)
-}
-
-/// [`run_script`] with [`StageHooks`] around the script and the given [`Keepalive`].
-///
-/// When the server stays silent past [`Keepalive::silence_limit`], the connection is
-/// [`SshError::Lost`] and stopping the script's processes is attempted over a new connection
-/// (bounded by the connect timeout); the error says whether that worked.
-pub fn run_script_with(
-    t: &SshTarget,
-    script: &[u8],
-    interpreter: &str,
-    options: &RunOptions,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-    cancel: &AtomicBool,
-) -> Result<RunOutcome, SshError> {
-    let c = connect(t, t.connect_timeout)?;
-    let addr = c.addr.clone();
-    let lost = |what: &str, e: &ssh2::Error| SshError::Lost {
-        addr: addr.clone(),
-        message: format!("{what}: {}", msg(e)),
-    };
-    if cancel.load(Ordering::SeqCst) {
-        return Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
-    }
-    // The steps before the script runs may take longer than a connect (a large script).
-    let setup_deadline = Instant::now() + t.connect_timeout.max(Duration::from_secs(30));
-    c.session.set_blocking(false);
-    let step = |f: &mut dyn FnMut() -> Result<(), ssh2::Error>| drive(&c.session, c.fd, setup_deadline, f);
-    // One channel both stores the script (on its stdin) and runs it (`wrapper_command`).
-    let dir = script_dir();
-    let command = wrapper_command(&dir, script.len(), interpreter, &options.hooks);
-    let mut ch = drive(&c.session, c.fd, setup_deadline, || c.session.channel_session())
-        .map_err(|e| lost("opening a channel", &e))?;
-    step(&mut || ch.exec(&command)).map_err(|e| lost("starting the script", &e))?;
-    write_all_by(&c, &mut ch, script, setup_deadline)
-        .map_err(|e| SshError::Lost { addr: addr.clone(), message: format!("uploading the script: {e}") })?;
-    step(&mut || ch.send_eof()).map_err(|e| lost("closing stdin", &e))?;
-
-    // Keepalives only from here on, while the script runs: the steps above have their own
-    // deadline. `want_reply`: a live sshd answers every keepalive, so its silence means it is
-    // gone.
-    c.session.set_keepalive(true, options.keepalive.interval_secs());
-    let silence_limit = options.keepalive.silence_limit();
-    let mut out_stream = ch.stream(0);
-    let mut err_stream = ch.stderr();
-    let mut buf = vec![0u8; 32 * 1024];
-    let mut killer: Option<thread::JoinHandle<Result<(), SshError>>> = None;
-    let mut give_up_at: Option<Instant> = None;
-    let mut stored = false;
-    let mut held_err = Vec::new();
-
-    let result = loop {
-        // Checked first on every turn, so a script that floods output can still be cancelled.
-        if killer.is_none() && cancel.load(Ordering::SeqCst) {
-            log::debug!("cancelling the script on {addr}");
-            let (t2, dir2) = (t.clone(), dir.clone());
-            killer = Some(thread::spawn(move || kill_remote(&t2, &dir2)));
-            give_up_at = Some(
-                Instant::now()
-                    + t.connect_timeout
-                    + Duration::from_millis(u64::from(CANCEL_GRACE_TENTHS) * 100)
-                    + Duration::from_secs(10),
-            );
-        }
-        if give_up_at.is_some_and(|g| Instant::now() >= g) {
-            break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
-        }
-        let n_out = match read_some(&mut out_stream, &mut buf, &addr) {
-            Ok(n) => n,
-            Err(e) => break Err(e),
-        };
-        if n_out > 0 {
-            let mut data = &buf[..n_out];
-            if !stored {
-                // The first output is the wrapper's [`STORED`]: the script runs from here on,
-                // and what came on stderr before it is the script's too.
-                stored = true;
-                data = data.strip_prefix(&[STORED]).unwrap_or(data);
-                if let Err(e) = deliver(stderr, &held_err, &addr) {
-                    break Err(e);
-                }
-                held_err = Vec::new();
-            }
-            if let Err(e) = deliver(stdout, data, &addr) {
-                break Err(e);
-            }
-        }
-        let n_err = match read_some(&mut err_stream, &mut buf, &addr) {
-            Ok(n) => n,
-            Err(e) => break Err(e),
-        };
-        if n_err > 0 {
-            if stored {
-                if let Err(e) = deliver(stderr, &buf[..n_err], &addr) {
-                    break Err(e);
-                }
-            } else if held_err.len() < 64 * 1024 {
-                held_err.extend_from_slice(&buf[..n_err]);
-            }
-        }
-        if n_out + n_err > 0 {
-            continue;
-        }
-        if ch.eof() {
-            match ch.wait_close() {
-                Ok(()) if !stored && killer.is_some() => {
-                    break Ok(RunOutcome { exit_status: None, signal: None, cancelled: true });
-                }
-                Ok(()) if !stored => {
-                    break Err(SshError::Io {
-                        addr: addr.clone(),
-                        message: format!(
-                            "storing the script on the instance failed (status {}): {}",
-                            ch.exit_status().unwrap_or(-1),
-                            String::from_utf8_lossy(&held_err).trim()
-                        ),
-                    });
-                }
-                Ok(()) => {
-                    let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
-                    let exit_status = match &signal {
-                        Some(_) => None,
-                        None => ch.exit_status().ok(),
-                    };
-                    break Ok(RunOutcome { exit_status, signal, cancelled: killer.is_some() });
-                }
-                Err(e) if is_eagain(&e) => {}
-                Err(e) => break Err(lost("waiting for the exit status", &e)),
-            }
-        }
-        // Nothing to read: wait on the socket until data comes (output, the exit status) or
-        // the next thing falls due: a keepalive, the silence limit, the cancel deadline.
-        let mut wait = MAX_QUIET_WAIT;
-        match c.session.keepalive_send() {
-            Ok(secs) => wait = wait.min(Duration::from_secs(u64::from(secs.max(1)))),
-            Err(e) if is_eagain(&e) => {}
-            Err(e) => break Err(lost("sending a keepalive", &e)),
-        }
-        let silent = silent_for(c.fd);
-        if killer.is_none() && silent.is_some_and(|s| s >= silence_limit) {
-            let k = options.keepalive;
-            let stopped = match kill_remote(t, &dir) {
-                Ok(()) => "stopped the script's processes over a new connection".to_string(),
-                Err(e) => format!("stopping the script's processes failed too ({e})"),
-            };
-            break Err(SshError::Lost {
-                addr: addr.clone(),
-                message: format!(
-                    "the server answered none of {} keepalives in {}s (`ssh.keepalive_interval` = {}s, \
-                     `ssh.keepalive_count_max` = {}); {stopped}",
-                    k.count_max,
-                    silence_limit.as_secs(),
-                    k.interval_secs(),
-                    k.count_max
-                ),
-            });
-        }
-        if let Some(s) = silent.filter(|_| killer.is_none()) {
-            wait = wait.min(silence_limit - s);
-        }
-        if let Some(g) = give_up_at {
-            wait = wait.min(g.saturating_duration_since(Instant::now()));
-        }
-        wait_socket(&c.session, c.fd, wait.max(Duration::from_millis(1)));
-    };
-
-    if let Some(k) = killer {
-        match k.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => log::warn!("stopping the remote script failed: {e}"),
-            Err(_) => log::warn!("stopping the remote script failed"),
-        }
-    }
-    if result.is_ok() {
-        c.session.set_blocking(true);
-        c.session.set_timeout(2000);
-        let _ = c.session.disconnect(None, "done", None);
-    }
-    result
 }
 
 #[cfg(test)]

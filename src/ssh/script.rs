@@ -9,10 +9,11 @@ use super::{sh_quote, StageHooks, CANCEL_GRACE_TENTHS};
 /// the script runs; it is not part of the job's output.
 pub(super) const STORED: u8 = b'+';
 
-/// A new private directory name for one stage's script, as a shell expression: a random name
-/// in the instance's temporary directory, so that a canceller can find it without being told.
-pub(super) fn script_dir() -> String {
-    format!("\"${{TMPDIR:-/tmp}}/aliyun-spot.{:032x}\"", rand::random::<u128>())
+/// The private directory of one stage's script, as a shell expression: a name made of a
+/// random `token` in the instance's temporary directory, so that a canceller given the token
+/// finds it (a token, not a path, is what crosses the session keeper's socket).
+pub(super) fn script_dir(token: u128) -> String {
+    format!("\"${{TMPDIR:-/tmp}}/aliyun-spot.{token:032x}\"")
 }
 
 /// The command that stores the script arriving on its stdin in `dir` and runs it in its own
@@ -69,7 +70,7 @@ mod tests {
 
     /// Runs a wrapper with `sh` here, its temporary directory in `tmp`, feeding it `stdin`.
     fn wrapper_here(tmp: &std::path::Path, len: usize, stdin: &[u8]) -> (i32, String, String, String) {
-        let dir = script_dir();
+        let dir = script_dir(rand::random());
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(wrapper_command(&dir, len, "sh", &StageHooks::default()))
@@ -111,7 +112,7 @@ mod tests {
     #[test]
     fn a_cancel_before_the_script_starts_keeps_it_from_starting() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = script_dir();
+        let dir = script_dir(rand::random());
         let script = b"echo ran\n";
         let mut wrapper = Command::new("sh")
             .arg("-c")
