@@ -45,6 +45,7 @@ pub mod fsutil;
 pub mod github;
 pub mod helper;
 pub mod identity;
+pub mod keeper;
 pub mod keys;
 pub mod launch;
 pub mod logging;

@@ -34,8 +34,10 @@ use crate::keys::{fingerprint_sha256, fingerprint_sha256_of_blob, public_key_blo
 use crate::retry::{Backoff, RetryPolicy, SystemClock, Verdict};
 use crate::secret::Secret;
 
+mod kept;
 mod script;
 mod stage;
+pub use kept::{Health, KeptSession};
 use script::kill_command;
 pub use stage::{
     finish_over_new_connection, new_script_token, run_script, run_script_with, RunOptions, StageControl,

@@ -13,7 +13,7 @@ fn doctor(config_text: &str) -> (Option<i32>, String, Emulator, tempfile::TempDi
     })
     .unwrap();
     let dir = crate::private_tempdir();
-    let text = aliyun_spot_executor::demo::config_for(config_text, &emu.endpoint(), dir.path()).unwrap();
+    let text = crate::emulator_config(config_text, &emu.endpoint(), dir.path());
     let config = dir.path().join("config.toml");
     std::fs::write(&config, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))

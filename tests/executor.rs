@@ -105,7 +105,7 @@ impl World {
 /// A configuration for the emulator with everything in `dir`.
 pub fn config_text(endpoint: &str, dir: &Path) -> String {
     let base = include_str!("../config/emulator.toml");
-    aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts")
+    crate::emulator_config(base, endpoint, dir)
 }
 
 /// The line every stage but `config` prints when it runs without `config`'s secret.

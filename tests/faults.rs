@@ -208,7 +208,7 @@ impl Bed {
 /// `config/emulator.toml` for an emulator at `endpoint`, paths under `dir`, plus overrides.
 fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> String {
     let base = include_str!("../config/emulator.toml");
-    let text = aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts");
+    let text = crate::emulator_config(base, endpoint, dir);
     let mut doc: toml::Table = text.parse().unwrap();
     for (table, key, value) in overrides {
         let t = doc

@@ -14,6 +14,7 @@ mod helper;
 mod host_files;
 mod identity;
 mod isolation;
+mod keeper;
 mod options;
 mod safety;
 mod selection_live;
@@ -28,6 +29,21 @@ pub fn private_tempdir() -> tempfile::TempDir {
         .prefix("t")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("a private directory under target/tmp")
+}
+
+/// [`aliyun_spot_executor::demo::config_for`] (`base` for an emulator at `endpoint`, every path
+/// under `dir`), with `ssh.keep_session` set from `ALIYUN_SPOT_TEST_KEEP_SESSION` when it is
+/// given: `.ci/run` runs the suite once with the per-job session keeper (the default) and once
+/// with `false`, so every stage test holds both ways.
+#[allow(clippy::disallowed_methods)] // the suite's own switch, not the driver's environment
+pub fn emulator_config(base: &str, endpoint: &str, dir: &std::path::Path) -> String {
+    let text = aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts");
+    let Some(keep) = std::env::var("ALIYUN_SPOT_TEST_KEEP_SESSION").ok() else { return text };
+    let keep: bool = keep.parse().expect("ALIYUN_SPOT_TEST_KEEP_SESSION is `true` or `false`");
+    let mut doc: toml::Table = text.parse().expect("valid TOML");
+    let ssh = doc.entry("ssh").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    ssh.as_table_mut().expect("a table").insert("keep_session".into(), toml::Value::Boolean(keep));
+    toml::to_string(&doc).expect("serializable")
 }
 
 /// gitlab-runner's pause between preparation attempts in the tests: none, as gitlab-runner's

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use aliyun_spot_executor::admin::{self, sweep};
-use aliyun_spot_executor::{demo, emulator, exit, github};
+use aliyun_spot_executor::{demo, emulator, exit, github, keeper};
 
 /// Administer aliyun-spot-executor: spot prices, managed instances, leak sweeping, checks, and
 /// the local ECS emulator.
@@ -55,6 +55,10 @@ enum Command {
     /// Ephemeral GitHub Actions runners on spot instances (docs/github-actions.md).
     #[command(subcommand)]
     Github(GithubCommand),
+    /// The per-job SSH session keeper that `prepare` starts (internal; reads its settings on
+    /// stdin).
+    #[command(name = "keep-session", hide = true)]
+    KeepSession,
 }
 
 #[derive(Subcommand)]
@@ -83,6 +87,7 @@ fn main() {
         Command::Github(GithubCommand::Start(args)) => github::start_cli(config, &args),
         Command::Github(GithubCommand::Stop(args)) => github::stop_cli(config, &args),
         Command::Github(GithubCommand::Sweep(args)) => github::sweep_cli(config, &args),
+        Command::KeepSession => keeper::serve(),
     };
     if let Err(e) = result {
         eprintln!("aliyun-spot: {}", exit::one_line(&e));

@@ -124,6 +124,7 @@ pub(super) struct RawSsh {
     pub(super) private_key_file: Option<PathBuf>,
     pub(super) keepalive_interval: Option<Dur>,
     pub(super) keepalive_count_max: Option<u32>,
+    pub(super) keep_session: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

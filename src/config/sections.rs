@@ -110,6 +110,8 @@ pub struct SshConfig {
     pub private_key_file: Option<PathBuf>,
     /// When a silent sshd counts as a lost connection during `run` (default 10s × 3).
     pub keepalive: crate::ssh::Keepalive,
+    /// Keep one SSH session per job open across the stages ([`crate::keeper`]; default true).
+    pub keep_session: bool,
 }
 
 impl SshConfig {

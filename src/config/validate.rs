@@ -680,6 +680,7 @@ impl<'a> Validator<'a> {
             key_pair_name,
             private_key_file,
             keepalive,
+            keep_session: raw.keep_session.unwrap_or(true),
         })
     }
 

@@ -348,6 +348,10 @@ pub(crate) fn run_on(
         }
         wait_socket_or(&c.session, c.fd, &control.wake_fds(), wait.max(Duration::from_millis(1)));
     };
+    if stored && matches!(result, Err(SshError::Io { .. })) {
+        // The output had nowhere to go: the script may still run.
+        stop_remote = true;
+    }
     if let Some(mut k) = canceller {
         // Its own grace loop ends by itself on the instance; closing our end is all we owe.
         let _ = k.close();

@@ -23,6 +23,8 @@ use crate::state::Phase;
 pub fn run(ctx: &Context) -> Result<(), StageError> {
     let p = Progress;
     let _lock = ctx.lock_job()?;
+    // The session keeper first, while its instance is still there to say goodbye to.
+    crate::keeper::stop(&ctx.store.job_dir(&ctx.key));
     let state = match ctx.store.load(&ctx.key) {
         Ok(s) => s,
         Err(e) => {

@@ -145,10 +145,15 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
 
     // gitlab-runner's helper is checked or installed once, over the pinned session
     // (`crate::helper`); failing that releases the instance like any failed prepare.
-    let ready = wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline)
-        .and_then(|target| crate::helper::prepare_instance(ctx, &target));
+    let ready = wait_until_ready(ctx, &mut state, &id, &ssh_keys, started, deadline).and_then(|target| {
+        crate::helper::prepare_instance(ctx, &target)?;
+        Ok(target)
+    });
     match ready {
-        Ok(()) => {
+        Ok(target) => {
+            if ctx.config.ssh.keep_session {
+                start_keeper(ctx, &target);
+            }
             p.line(format!(
                 "Instance {id} is ready after {}s: {}@{}:{}",
                 started.elapsed().as_secs(),
@@ -172,6 +177,24 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
             }
             Err(e)
         }
+    }
+}
+
+/// Starts the job's session keeper ([`crate::keeper`]), the `aliyun-spot` next to this
+/// executable. Without it every stage connects on its own, so a failure is a warning.
+fn start_keeper(ctx: &Context, target: &SshTarget) {
+    let exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("aliyun-spot")));
+    let started = match exe {
+        Some(exe) => {
+            crate::keeper::start(&exe, &ctx.store.job_dir(&ctx.key), target, ctx.config.ssh.keepalive)
+        }
+        None => Err(anyhow!("cannot find this executable's directory")),
+    };
+    if let Err(e) = started {
+        Progress.line(format!(
+            "WARNING: could not keep an SSH session for the stages ({}); each stage connects on its own",
+            crate::exit::one_line(&e)
+        ));
     }
 }
 

@@ -54,15 +54,29 @@ pub fn run(ctx: &Context, script_path: &Path, stage: &str) -> Result<(), StageEr
     let (before, after) = crate::watchdog::stage_markers(crate::identity::checked_instance_id(&id)?);
     let options =
         ssh::RunOptions { hooks: ssh::StageHooks { before, after }, keepalive: ctx.config.ssh.keepalive };
-    let outcome = ssh::run_script_with(
-        &target,
-        &script,
-        &ctx.config.runner.shell,
-        &options,
-        &mut stdout,
-        &mut stderr,
-        &cancel,
-    );
+    let shell = &ctx.config.runner.shell;
+    // Over the job's kept session when its keeper runs; otherwise (or when it did not take the
+    // stage, so nothing ran) over a connection of our own.
+    let kept = match ctx.config.ssh.keep_session {
+        true => {
+            let dir = ctx.store.job_dir(&ctx.key);
+            crate::keeper::run_stage(
+                &dir,
+                &target,
+                &script,
+                shell,
+                &options,
+                &mut stdout,
+                &mut stderr,
+                &cancel,
+            )
+        }
+        false => None,
+    };
+    let outcome = match kept {
+        Some(outcome) => outcome,
+        None => ssh::run_script_with(&target, &script, shell, &options, &mut stdout, &mut stderr, &cancel),
+    };
     let _ = stdout.flush();
 
     let result = match outcome {

@@ -1,0 +1,312 @@
+//! The per-job session keeper, driven through the real stage binaries: stages share one SSH
+//! session, a keeper that is gone (killed between stages, killed mid-stage, never started) costs
+//! no job its output or its result, and it never outlives its job.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use aliyun_spot_executor::demo::gitlab::{Attempt, Exit};
+use aliyun_spot_executor::emulator::Faults;
+
+use crate::executor::World;
+
+/// A world whose configuration keeps sessions (or not), whatever the suite's default.
+fn world(keep: bool) -> World {
+    World::with(Faults::default(), &[("ssh", "keep_session", toml::Value::Boolean(keep))])
+}
+
+/// Live keeper processes started for `world` (their working directory is a job's state
+/// directory under the world's), by pid.
+fn keepers(world: &World) -> Vec<i32> {
+    let root = world.dir.path().display().to_string();
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = fs::read(entry.path().join("cmdline")) else { continue };
+        if !cmd.ends_with(b"\0keep-session\0") {
+            continue;
+        }
+        let cwd = fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+        if cwd.display().to_string().starts_with(&root) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits (bounded) until `world` has no keeper left, then asserts it.
+fn assert_no_keeper(world: &World) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !keepers(world).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(keepers(world), Vec::<i32>::new(), "keeper processes left");
+}
+
+/// Live processes whose command line contains `needle` (a job's `sleep` with a unique length).
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if entry.file_name().to_string_lossy() == me {
+            continue;
+        }
+        let Ok(raw) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+/// The job's state directory (the one directory under the runner's).
+fn job_dir(world: &World) -> PathBuf {
+    let runner = world.dir.path().join("state").join(crate::executor::RUNNER_ID);
+    let dirs: Vec<PathBuf> = fs::read_dir(&runner).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+/// `config` and `prepare` of a job, which must pass.
+fn prepared(world: &World, job_id: &str) -> Attempt {
+    let job = world.job(job_id, "true");
+    let mut attempt = world.attempt(&job);
+    let (exit, _) = attempt.config().unwrap();
+    assert!(exit.success(), "{}", attempt.log.text());
+    assert!(attempt.prepare().unwrap().success(), "{}", attempt.log.text());
+    attempt
+}
+
+/// The `SSH_CONNECTION` each stage saw (client address and port, server address and port), in
+/// stage order.
+fn connections(log: &str) -> Vec<String> {
+    log.lines().filter_map(|l| l.strip_prefix("conn=")).map(str::to_string).collect()
+}
+
+const SHOW_CONNECTION: &str = "echo \"conn=$SSH_CONNECTION\"";
+
+#[test]
+fn stages_share_one_kept_session_and_the_keeper_ends_with_the_job() {
+    let w = world(true);
+    let attempt = prepared(&w, "3101");
+    let socket = job_dir(&w).join("keeper.sock");
+    let meta = fs::symlink_metadata(&socket).expect("the keeper listens in the job's state directory");
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(keepers(&w).len(), 1);
+    for stage in ["get_sources", "build_script", "after_script"] {
+        assert!(attempt.run_stage(stage, SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
+    }
+    let conns = connections(&attempt.log.text());
+    assert_eq!(conns.len(), 3, "{}", attempt.log.text());
+    assert!(conns.iter().all(|c| *c == conns[0]), "one session for every stage: {conns:?}");
+    assert!(!attempt.log.text().contains("could not keep an SSH session"), "{}", attempt.log.text());
+
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
+#[test]
+fn with_keep_session_off_every_stage_connects_on_its_own() {
+    let w = world(false);
+    let attempt = prepared(&w, "3102");
+    assert!(!job_dir(&w).join("keeper.sock").exists());
+    assert_eq!(keepers(&w), Vec::<i32>::new());
+    for stage in ["build_script", "after_script"] {
+        assert!(attempt.run_stage(stage, SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
+    }
+    let conns = connections(&attempt.log.text());
+    assert_eq!(conns.len(), 2, "{}", attempt.log.text());
+    assert_ne!(conns[0], conns[1], "a connection per stage");
+    assert!(attempt.cleanup().unwrap().success());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_keeper_killed_between_stages_is_replaced_by_direct_connections() {
+    let w = world(true);
+    let attempt = prepared(&w, "3103");
+    assert!(attempt.run_stage("get_sources", SHOW_CONNECTION).unwrap().success());
+    for pid in keepers(&w) {
+        // SAFETY: plain syscall on a keeper of this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert_no_keeper(&w);
+    assert!(job_dir(&w).join("keeper.sock").exists(), "a killed keeper leaves its socket behind");
+    for stage in ["build_script", "after_script"] {
+        assert!(attempt.run_stage(stage, SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
+    }
+    let conns = connections(&attempt.log.text());
+    assert_eq!(conns.len(), 3, "{}", attempt.log.text());
+    assert!(conns[1] != conns[0] && conns[2] != conns[1], "direct connections after the keeper: {conns:?}");
+    assert!(!attempt.log.text().contains("keeper"), "no noise for a missing keeper: {}", attempt.log.text());
+    assert!(attempt.cleanup().unwrap().success());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_keeper_killed_mid_stage_loses_no_output_and_leaves_nothing_running() {
+    let w = world(true);
+    let attempt = prepared(&w, "3104");
+    let script =
+        "for i in $(seq 1 300); do echo \"line-$i\"; done\necho all-written\nsleep 3104.5\necho NEVER";
+    let running = attempt.start_stage("build_script", script).unwrap();
+    assert!(attempt.log.wait_for("all-written", Duration::from_secs(30)), "{}", attempt.log.text());
+    for pid in keepers(&w) {
+        // SAFETY: plain syscall on a keeper of this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let exit = running.wait().unwrap();
+    let log = attempt.log.text();
+    assert_eq!(exit, Exit::Code(2), "a system failure, as for any lost connection: {log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("line-")).collect();
+    let expected: Vec<String> = (1..=300).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, expected, "every line the keeper relayed reached the job log, in order");
+    assert!(!log.contains("NEVER"), "{log}");
+    assert!(
+        log.contains(
+            "the session keeper stopped during the stage; stopped the script's processes over a new connection"
+        ),
+        "{log}"
+    );
+    assert_eq!(processes_with("sleep 3104.5"), Vec::<String>::new(), "the stage's processes were stopped");
+    assert!(attempt.cleanup().unwrap().success());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_cancelled_stage_over_the_keeper_stops_its_processes_and_the_keeper_serves_on() {
+    let w = world(true);
+    let attempt = prepared(&w, "3105");
+    let running = attempt.start_stage("build_script", "echo started\nsleep 3105.5\necho NEVER").unwrap();
+    assert!(attempt.log.wait_for("started", Duration::from_secs(30)), "{}", attempt.log.text());
+    // gitlab-runner's cancel: SIGTERM to the group, then SIGKILL after the grace.
+    let exit = running.terminate(Duration::from_secs(30)).unwrap();
+    assert_eq!(exit, Exit::Code(2), "{}", attempt.log.text());
+    assert!(attempt.log.text().contains("was cancelled"), "{}", attempt.log.text());
+    assert_eq!(processes_with("sleep 3105.5"), Vec::<String>::new());
+    assert_eq!(keepers(&w).len(), 1, "the keeper still serves the job");
+    assert!(attempt.run_stage("after_script", SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
+    assert!(attempt.cleanup().unwrap().success());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_run_killed_mid_stage_counts_as_a_cancel_for_the_keeper() {
+    let w = world(true);
+    let attempt = prepared(&w, "3106");
+    let running = attempt.start_stage("build_script", "echo started\nsleep 3106.5").unwrap();
+    assert!(attempt.log.wait_for("started", Duration::from_secs(30)), "{}", attempt.log.text());
+    running.signal_group(libc::SIGKILL);
+    let _ = running.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !processes_with("sleep 3106.5").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(processes_with("sleep 3106.5"), Vec::<String>::new(), "the keeper stopped the orphaned stage");
+    assert!(attempt.run_stage("after_script", "echo after").unwrap().success(), "{}", attempt.log.text());
+    assert!(attempt.cleanup().unwrap().success());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
+#[test]
+fn the_keeper_exits_when_the_state_directory_is_removed() {
+    let w = world(true);
+    let attempt = prepared(&w, "3107");
+    assert_eq!(keepers(&w).len(), 1);
+    fs::remove_dir_all(job_dir(&w)).unwrap();
+    assert_no_keeper(&w);
+    // Cleanup still finds the instance by its tags.
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn a_socket_others_could_use_is_not_trusted_and_stages_go_direct() {
+    let w = world(true);
+    let attempt = prepared(&w, "3108");
+    let socket = job_dir(&w).join("keeper.sock");
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(attempt.run_stage("build_script", "echo ran").unwrap().success(), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    assert!(log.lines().any(|l| l == "ran"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "`{}` is not a socket of this user with mode 0600; remove it (stages connect directly meanwhile)",
+            socket.display()
+        )),
+        "{log}"
+    );
+    assert!(attempt.cleanup().unwrap().success());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
+/// Kills the keeper at a random moment of a job's stages, job after job: every job either
+/// passes or fails its stage as a system failure naming the keeper, no output comes twice or
+/// out of order, and nothing is left running.
+#[test]
+fn chaos_keepers_killed_at_random_moments() {
+    let w = world(true);
+    let mut killed_mid_stage = 0;
+    for round in 0..6u32 {
+        let job_id = format!("{}", 3200 + round);
+        let body = "for i in 1 2 3 4 5; do echo \"tick-$i\"; sleep 0.$((RANDOM % 3)); done\nsleep 0.3200";
+        let job = w.job(&job_id, body);
+        let attempt = w.attempt(&job);
+        let log = attempt.log.clone();
+        let delay = Duration::from_millis(200 + u64::from(rand::random::<u16>() % 2500));
+        let world_dir = w.dir.path().to_path_buf();
+        let killer = std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < delay {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            kill_keepers_under(&world_dir)
+        });
+        let out = attempt.run_job(&job).unwrap();
+        let killed = killer.join().unwrap();
+        let ticks: Vec<&str> = out.job_log.lines().filter(|l| l.starts_with("tick-")).collect();
+        for pair in ticks.windows(2) {
+            assert!(pair[0] < pair[1], "output out of order or twice: {ticks:?}\n{}", out.job_log);
+        }
+        if !out.passed() {
+            assert!(killed, "only a killed keeper may fail the job:\n{}", out.job_log);
+            assert!(
+                out.job_log.contains("the session keeper stopped during the stage"),
+                "round {round}: {}\n{}",
+                log.text(),
+                out.runner_log
+            );
+            killed_mid_stage += 1;
+        }
+        assert_eq!(out.cleanup, Some(Exit::Code(0)), "{}", out.runner_log);
+        assert_no_keeper(&w);
+        assert_eq!(processes_with("sleep 0.3200"), Vec::<String>::new());
+        w.assert_nothing_left();
+    }
+    eprintln!("{killed_mid_stage} of 6 jobs lost their keeper mid-stage");
+}
+
+/// SIGKILLs every keeper whose working directory is under `root`; whether there was one.
+fn kill_keepers_under(root: &Path) -> bool {
+    let root = root.display().to_string();
+    let mut any = false;
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cwd = fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+        if cmd.ends_with(b"\0keep-session\0") && cwd.display().to_string().starts_with(&root) {
+            // SAFETY: plain syscall on a keeper of this test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            any = true;
+        }
+    }
+    any
+}
