@@ -11,13 +11,16 @@
 //!
 //! One job is prepared with the real stage binaries, then each round runs, one after the other:
 //! 1. `run <script> step_script` of an empty stage, as gitlab-runner calls it (a bash script
-//!    shaped like gitlab-runner's, exporting the job's variables);
-//! 2. `ssh -i <job key> -o UserKnownHostsFile=<pinned key> root@<ip> true`, a fresh OpenSSH
+//!    shaped like gitlab-runner's, exporting the job's variables), over the job's kept session
+//!    (`ssh.keep_session = true`, the default);
+//! 2. the same with `ssh.keep_session = false`: `run` connects on its own (the configuration
+//!    file is switched before and after, outside the measured time);
+//! 3. `ssh -i <job key> -o UserKnownHostsFile=<pinned key> root@<ip> true`, a fresh OpenSSH
 //!    connection;
-//! 3. the same command over an OpenSSH master connection (`ControlMaster`), i.e. one more
+//! 4. the same command over an OpenSSH master connection (`ControlMaster`), i.e. one more
 //!    channel on a session that is already open.
 //!
-//! Interleaving the three keeps a shared machine's load from favouring one of them. Wall time
+//! Interleaving the four keeps a shared machine's load from favouring one of them. Wall time
 //! is what a job waits for; the CPU time and the voluntary context switches (each a wait for
 //! the network or a timer) come from `wait4(2)` and depend much less on the machine's load.
 
@@ -110,6 +113,20 @@ fn ssh_options(state: &JobState, key: &Path, known_hosts: &Path) -> Vec<String> 
     .collect()
 }
 
+/// The peak RSS (`VmHWM`) of the session keeper working in a job directory under `root`.
+fn keeper_peak_rss_kib(root: &Path) -> Option<u64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+        if cmd.ends_with(b"\0keep-session\0") && cwd.starts_with(root) {
+            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+            let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+            return hwm.trim().trim_end_matches("kB").trim().parse().ok();
+        }
+    }
+    None
+}
+
 fn main() {
     let rounds =
         std::env::args().skip(1).find_map(|a| a.parse::<usize>().ok()).unwrap_or(DEFAULT_ROUNDS).max(1);
@@ -179,14 +196,31 @@ fn main() {
         v
     };
 
+    // The configuration as prepared (keeping sessions), and the same with each stage on its own.
+    let kept_config = std::fs::read_to_string(&bed.config).expect("configuration");
+    let mut doc: toml::Table = kept_config.parse().expect("TOML");
+    let ssh_table = doc.entry("ssh").or_insert_with(|| toml::Value::Table(Default::default()));
+    ssh_table.as_table_mut().expect("a table").insert("keep_session".into(), toml::Value::Boolean(false));
+    let direct_config = toml::to_string(&doc).expect("TOML");
     type Method<'a> = (&'a str, Box<dyn Fn() -> Sample + 'a>);
     let methods: Vec<Method> = vec![
         (
-            "run, empty stage",
+            "run, kept session",
             Box::new(|| {
                 let start = Instant::now();
                 let r = a.start_stage("step_script", ":").expect("run starts");
                 measure(r, start, "run", &a.log)
+            }),
+        ),
+        (
+            "run, own connection",
+            Box::new(|| {
+                std::fs::write(&bed.config, &direct_config).expect("configuration");
+                let start = Instant::now();
+                let r = a.start_stage("step_script", ":").expect("run starts");
+                let sample = measure(r, start, "run", &a.log);
+                std::fs::write(&bed.config, &kept_config).expect("configuration");
+                sample
             }),
         ),
         (
@@ -223,7 +257,7 @@ fn main() {
     let _ = plain.spawn(ssh, &control_args(&["-O", "exit"]), &Log::default()).and_then(|r| r.wait());
     let _ = master.terminate(Duration::from_secs(2));
 
-    let fresh_median = median(samples[1].iter().map(|s| s.wall).collect());
+    let fresh_median = median(samples[2].iter().map(|s| s.wall).collect());
     println!(
         "{:<28} {:>9} {:>8} {:>8} {:>10} {:>8} {:>7} {:>10}",
         "per stage", "median ms", "p10 ms", "p90 ms", "vs fresh", "CPU ms", "waits", "RSS KiB"
@@ -250,6 +284,11 @@ fn main() {
         after_running.map_or("?".to_string(), |d| format!("{:.0}", ms(d))),
         prepare.max_rss_kib
     );
+
+    match keeper_peak_rss_kib(bed.dir.path()) {
+        Some(kib) => println!("session keeper: peak RSS {kib} KiB after {} stages", rounds * 2 + 2),
+        None => println!("session keeper: not found"),
+    }
 
     let cleanup = stage(&bed, || a.cleanup().expect("cleanup runs").success());
     assert!(cleanup.2, "cleanup failed: {}", a.runner_log.text());

@@ -779,3 +779,11 @@ fn ssh_keepalive_defaults_and_bounds() {
         "`ssh.keepalive_count_max` = `0` in `/etc/spot.toml` is out of range; set 1 to 100 (default 3)"
     );
 }
+
+#[test]
+fn ssh_keep_session_is_on_unless_turned_off() {
+    assert!(parse("", &no_env()).unwrap().ssh.keep_session);
+    assert!(!parse("[ssh]\nkeep_session = false\n", &no_env()).unwrap().ssh.keep_session);
+    let e = err("[ssh]\nkeep_session = \"no\"\n", &no_env());
+    assert!(e.contains("keep_session") && e.contains("expected a boolean"), "{e}");
+}

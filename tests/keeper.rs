@@ -95,7 +95,13 @@ fn stages_share_one_kept_session_and_the_keeper_ends_with_the_job() {
     let socket = job_dir(&w).join("keeper.sock");
     let meta = fs::symlink_metadata(&socket).expect("the keeper listens in the job's state directory");
     assert_eq!(meta.mode() & 0o777, 0o600);
-    assert_eq!(keepers(&w).len(), 1);
+    let pids = keepers(&w);
+    assert_eq!(pids.len(), 1);
+    // It holds the session and nothing else: no job variable, no key in its environment or
+    // arguments.
+    assert_eq!(fs::read(format!("/proc/{}/environ", pids[0])).unwrap(), b"", "an empty environment");
+    let cmdline = fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    assert!(cmdline.ends_with(b"aliyun-spot\0keep-session\0"), "{cmdline:?}");
     for stage in ["get_sources", "build_script", "after_script"] {
         assert!(attempt.run_stage(stage, SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
     }
@@ -223,6 +229,21 @@ fn the_keeper_exits_when_the_state_directory_is_removed() {
     fs::remove_dir_all(job_dir(&w)).unwrap();
     assert_no_keeper(&w);
     // Cleanup still finds the instance by its tags.
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    w.assert_nothing_left();
+}
+
+#[test]
+fn the_keeper_exits_when_its_instance_is_gone() {
+    let w = world(true);
+    let attempt = prepared(&w, "3109");
+    assert_eq!(keepers(&w).len(), 1);
+    let id = w.emulator.instances()[0].id.clone();
+    assert!(w.emulator.reclaim(&id));
+    assert_no_keeper(&w);
+    let log = fs::read_to_string(job_dir(&w).join("keeper.log")).unwrap();
+    assert!(log.starts_with("session keeper: exiting: the "), "{log}");
+    assert!(log.contains("is gone") || log.contains("was closed"), "{log}");
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     w.assert_nothing_left();
 }
