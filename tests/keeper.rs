@@ -249,6 +249,35 @@ fn the_keeper_exits_when_its_instance_is_gone() {
 }
 
 #[test]
+fn an_idle_keeper_exits_on_its_own() {
+    use aliyun_spot_executor::ssh::{Keepalive, SshTarget};
+    use aliyun_spot_executor::state::StateStore;
+    let w = world(false);
+    let attempt = prepared(&w, "3110");
+    // A keeper for the prepared instance, as prepare starts it, with a one-second idle timeout.
+    let store = StateStore::new(w.dir.path().join("state"));
+    let state = store.list().unwrap().remove(0).state.unwrap();
+    let target = SshTarget {
+        host: state.ip.clone().unwrap(),
+        port: state.ssh_port,
+        user: state.ssh_user.clone(),
+        private_key: store.load_private_key(&state.key()).unwrap().unwrap(),
+        host_key: state.host_public_key.clone(),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let dir = job_dir(&w);
+    let exe = Path::new(env!("CARGO_BIN_EXE_aliyun-spot"));
+    aliyun_spot_executor::keeper::start(exe, &dir, &target, Keepalive::default(), Duration::from_secs(1)).unwrap();
+    assert!(dir.join("keeper.sock").exists());
+    assert_no_keeper(&w);
+    assert_eq!(fs::read_to_string(dir.join("keeper.log")).unwrap(), "session keeper: exiting: no stage for 1s\n");
+    assert!(!dir.join("keeper.sock").exists(), "it removes its socket");
+    assert!(attempt.run_stage("build_script", "echo direct").unwrap().success(), "{}", attempt.log.text());
+    assert!(attempt.cleanup().unwrap().success());
+    w.assert_nothing_left();
+}
+
+#[test]
 fn a_socket_others_could_use_is_not_trusted_and_stages_go_direct() {
     let w = world(true);
     let attempt = prepared(&w, "3108");

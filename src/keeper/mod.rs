@@ -78,8 +78,15 @@ struct StartRequest {
 /// Starts the keeper of the job whose state directory is `job_dir`, from the `aliyun-spot`
 /// executable `exe`, and waits until its session is open and its socket listens (bounded by
 /// the connect timeout). The keeper is detached (a session of its own, so the runner's signals
-/// to `prepare`'s process group do not reach it) and keeps no descriptor of ours.
-pub fn start(exe: &Path, job_dir: &Path, target: &SshTarget, keepalive: Keepalive) -> anyhow::Result<()> {
+/// to `prepare`'s process group do not reach it) and keeps no descriptor of ours. It exits
+/// after `idle_timeout` without a stage ([`IDLE_TIMEOUT`] for a job).
+pub fn start(
+    exe: &Path,
+    job_dir: &Path,
+    target: &SshTarget,
+    keepalive: Keepalive,
+    idle_timeout: Duration,
+) -> anyhow::Result<()> {
     if !exe.is_file() {
         bail!("`{}` is missing: install all binaries together", exe.display());
     }
@@ -111,7 +118,7 @@ pub fn start(exe: &Path, job_dir: &Path, target: &SshTarget, keepalive: Keepaliv
         connect_timeout_ms: target.connect_timeout.as_millis() as u64,
         keepalive_interval_secs: keepalive.interval.as_secs(),
         keepalive_count_max: keepalive.count_max,
-        idle_timeout_secs: IDLE_TIMEOUT.as_secs(),
+        idle_timeout_secs: idle_timeout.as_secs().max(1),
     };
     let sent = serde_json::to_vec(&request)
         .map_err(io::Error::from)

@@ -186,7 +186,8 @@ fn start_keeper(ctx: &Context, target: &SshTarget) {
     let exe = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("aliyun-spot")));
     let started = match exe {
         Some(exe) => {
-            crate::keeper::start(&exe, &ctx.store.job_dir(&ctx.key), target, ctx.config.ssh.keepalive)
+            let dir = ctx.store.job_dir(&ctx.key);
+            crate::keeper::start(&exe, &dir, target, ctx.config.ssh.keepalive, crate::keeper::IDLE_TIMEOUT)
         }
         None => Err(anyhow!("cannot find this executable's directory")),
     };
