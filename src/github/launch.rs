@@ -85,8 +85,12 @@ impl Hooks for StartHooks<'_> {
         None
     }
 
-    fn may_retry(&self) -> bool {
-        Instant::now() + crate::stages::PERSIST_PAUSE < self.deadline && !self.cancel.load(Ordering::SeqCst)
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     fn pause(&self, d: Duration) {

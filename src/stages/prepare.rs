@@ -202,8 +202,12 @@ impl Hooks for PrepareHooks<'_> {
         None
     }
 
-    fn may_retry(&self) -> bool {
-        Instant::now() + super::PERSIST_PAUSE < self.deadline && !self.ctx.terminated()
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn cancelled(&self) -> bool {
+        self.ctx.terminated()
     }
 
     fn pause(&self, d: Duration) {
