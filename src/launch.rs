@@ -71,6 +71,13 @@ pub trait Hooks {
     fn sending(&mut self, sending: &Sending) -> Result<(), Self::Error>;
     /// The walk ended with this error (its text is the one line the user sees).
     fn fail(&self, error: anyhow::Error) -> Self::Error;
+    /// Every offer was refused for capacity, each `RunInstances` by an answer of ECS: no
+    /// instance can come of this walk, and nothing needs looking for later. A repeated
+    /// `ClientToken` is answered with the instance it created ("Ensure idempotence",
+    /// <https://help.aliyun.com/document_detail/25693.html>, cited by the `ClientToken` field
+    /// of the current SDK's `RunInstancesRequest`), so the refusal of a token's last attempt
+    /// holds for its earlier attempts whose answers were lost.
+    fn none_created(&mut self);
     /// The end of the "creating the instance failed: …; ECS stayed busy until …" line, for when
     /// the retries stopped while ECS was still busy (e.g. "prepare had to stop, retry the job
     /// later").
@@ -237,6 +244,7 @@ pub fn create_on_offers<H: Hooks>(
         }
         WalkResult::Fatal { error, .. } => Err(error),
         WalkResult::Exhausted { summary, .. } => {
+            hooks.none_created();
             Err(hooks
                 .fail(anyhow!("no spot capacity: {summary}; retry later, widen the shape, or add zones")))
         }

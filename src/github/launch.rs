@@ -112,6 +112,8 @@ impl Hooks for StartHooks<'_> {
         error
     }
 
+    fn none_created(&mut self) {}
+
     fn busy_hint(&self) -> String {
         "github start had to stop, run it again later".into()
     }
