@@ -205,7 +205,8 @@ impl Bed {
     }
 }
 
-/// `config/emulator.toml` for an emulator at `endpoint`, paths under `dir`, plus overrides.
+/// `config/emulator.toml` for an emulator at `endpoint`, paths under `dir`, plus overrides (an
+/// integer where the value is one, else a string).
 fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> String {
     let base = include_str!("../config/emulator.toml");
     let text = aliyun_spot_executor::demo::config_for(base, endpoint, dir).expect("emulator.toml adapts");
@@ -216,7 +217,9 @@ fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> 
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .expect("a table");
-        t.insert(key.to_string(), toml::Value::String(value.to_string()));
+        let value =
+            value.parse().map_or_else(|_| toml::Value::String(value.to_string()), toml::Value::Integer);
+        t.insert(key.to_string(), value);
     }
     toml::to_string(&doc).unwrap()
 }
@@ -307,11 +310,16 @@ fn codes(requests: &[Value]) -> Vec<String> {
 // API faults
 // ---------------------------------------------------------------------------------------------
 
+/// The ECS client's backoff starting at 10 ms instead of 200 ms: the emulator's throttling
+/// needs no real pause, and the retries are the same.
+const SHORT_BACKOFF: [(&str, &str, &str); 1] = [("aliyun", "retry_base_delay_ms", "10")];
+
 #[test]
 fn throttling_on_every_third_call_is_retried_and_jobs_pass() {
     let _seed = Seed::new("throttling");
     let bed = Bed::start(BedOptions {
         faults: Faults { throttle_every: Some(3), ..Faults::default() },
+        overrides: SHORT_BACKOFF.to_vec(),
         ..BedOptions::default()
     });
     for id in ["3101", "3102"] {
@@ -485,8 +493,8 @@ fn an_instance_that_never_boots_fails_prepare_which_releases_it() {
     let _seed = Seed::new("never-boot");
     let bed = Bed::start(BedOptions {
         faults: Faults { never_boot: vec!["*@*".into()], ..Faults::default() },
-        // The shortest boot timeout the configuration accepts.
-        overrides: vec![("ssh", "boot_timeout", "30s")],
+        // The shortest boot timeout the configuration accepts: the instance never boots anyway.
+        overrides: vec![("ssh", "boot_timeout", "1s")],
         ..BedOptions::default()
     });
     let job = bed.job("3501", "echo NEVER-RUNS");
@@ -790,6 +798,7 @@ fn twenty_concurrent_jobs_under_throttling_all_pass_without_duplicates() {
     const JOBS: usize = 20;
     let bed = Bed::start(BedOptions {
         faults: Faults { throttle_every: Some(3), ..Faults::default() },
+        overrides: SHORT_BACKOFF.to_vec(),
         ..BedOptions::default()
     });
     let ids: Vec<String> = (0..JOBS).map(|i| format!("{}", 5000 + i)).collect();
