@@ -188,6 +188,12 @@ fn doctor_live_deletes_the_instance_when_ssh_never_comes_up() {
         )),
         "{all}"
     );
+    assert!(
+        last.contains(
+            "; check that the security group allows port 22 from this host, or raise `ssh.boot_timeout`"
+        ),
+        "{all}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("step  delete: ")), "{all}");
     assert_eq!(emu.live_instances(), 0, "the instance was deleted: {all}");
 }

@@ -383,7 +383,7 @@ fn wait_until_ready(
             }
             Err(e) if Instant::now() >= boot_deadline => {
                 return Err(StageError::System(anyhow!(e).context(format!(
-                    "SSH on {id} did not become ready within {}s; check that the security group allows port {} from this host",
+                    "SSH on {id} did not become ready within {}s; check that the security group allows port {} from this host, or raise `ssh.boot_timeout`",
                     started.elapsed().as_secs(),
                     ctx.config.ssh.port
                 ))))
