@@ -995,6 +995,42 @@ fn a_request_still_in_progress_is_sent_again_with_the_same_client_token() {
 }
 
 #[test]
+fn ecs_busy_until_the_prepare_deadline_ends_prepare_with_one_line_and_no_other_offer() {
+    let _seed = Seed::new("run-error-busy");
+    let bed = Bed::start(BedOptions {
+        faults: Faults { run_error: vec!["*@*=ServiceUnavailable".into()], ..Faults::default() },
+        // Rounds of the client's retries (10 ms backoff) 2 s apart until a 5 s prepare deadline.
+        overrides: vec![
+            ("aliyun", "retry_base_delay_ms", "10"),
+            ("ssh", "boot_timeout", "1s"),
+            ("timeouts", "prepare", "5s"),
+        ],
+        ..BedOptions::default()
+    });
+    let job = bed.job("3804", "echo NEVER-RUNS");
+    let mut attempt = bed.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let errors = error_lines(&log);
+    assert_eq!(errors.len(), 1, "one clear line:\n{log}");
+    assert!(errors[0].starts_with("ERROR: creating the instance failed: "), "{log}");
+    assert!(errors[0].ends_with("; ECS stayed busy until prepare had to stop, retry the job later"), "{log}");
+    assert!(!log.contains("trying the next offer"), "a busy API is not a capacity error:\n{log}");
+    // The same request, in whole rounds of the client's policy, more than one round.
+    let tokens = run_instances_by_token(&bed.http_requests());
+    assert_eq!(tokens.len(), 1, "one offer, one ClientToken: {tokens:?}");
+    let per_round = RetryPolicy::default().max_attempts as usize;
+    let (sent, ok) = tokens.values().next().copied().unwrap_or_default();
+    assert!(
+        sent >= 2 * per_round && sent % per_round == 0 && ok == 0,
+        "{sent} RunInstances, {ok} answered 200"
+    );
+    assert!(bed.emu().instances().is_empty());
+    bed.finish();
+}
+
+#[test]
 fn a_booting_instance_is_deleted_once_ecs_allows_it() {
     let _seed = Seed::new("initializing");
     let bed = Bed::start(BedOptions {
