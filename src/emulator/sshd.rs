@@ -59,9 +59,14 @@ pub(crate) const PRIVATE_DIRS: &[(&str, &str)] = &[
     ("/usr/local/bin", "usr-local-bin"),
 ];
 
+/// Host directories a booting instance sees copy-on-write (overlayfs, `overlayfs(5)` of the
+/// kernel's `Documentation/filesystems/overlayfs.rst`): the host's files show through, the
+/// instance's writes stay in its work directory ([`super::boot`] runs the boot in them).
+pub(crate) const BOOT_OVERLAYS: &[&str] = &["/etc", "/var", "/run", "/opt", "/home", "/srv", "/usr"];
+
 /// Writes the instance's sshd files under `dir` and starts sshd; `isolate` puts it into its
 /// own namespaces (needs root), `boot` adds the copy-on-write views of a booting instance
-/// ([`super::boot::BOOT_OVERLAYS`]). Called by the supervisor thread only (see
+/// ([`BOOT_OVERLAYS`]). Called by the supervisor thread only (see
 /// [`super::instances`] for why).
 pub(crate) fn spawn(inst: &Machine<'_>, dir: &Path, isolate: bool, boot: bool) -> anyhow::Result<Child> {
     let etc = dir.join("etc-ssh");
@@ -257,7 +262,7 @@ impl Mounts {
 /// current contents are copied into its upper layer.
 fn overlays(dir: &Path) -> anyhow::Result<Vec<(CString, CString)>> {
     let mut out = Vec::new();
-    for target in super::boot::BOOT_OVERLAYS {
+    for target in BOOT_OVERLAYS {
         let target = Path::new(target);
         if !target.is_dir() || dir.starts_with(target) {
             continue;
