@@ -20,7 +20,8 @@
 //!
 //! Progress lines go to the job log / the action's log through [`Progress`].
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use time::OffsetDateTime;
@@ -29,9 +30,10 @@ use crate::config::Config;
 use crate::cooldown::Cooldown;
 use crate::ecs::{CreateAction, EcsClient, EcsError, ErrorKind, RunInstancesRequest, SpotStrategy};
 use crate::pricing::PerHour;
+use crate::retry::{SystemClock, Verdict};
 use crate::secret::Secret;
 use crate::selection::{self, Attempt, Offer, Shape, WalkResult};
-use crate::stages::{Progress, PERSIST_PAUSE};
+use crate::stages::Progress;
 
 /// What every `RunInstances` of one walk carries besides the offer.
 pub struct Template {
@@ -54,10 +56,12 @@ pub trait Hooks {
     type Error;
     /// Checked before each offer: an error (a signal, a deadline) ends the walk at once.
     fn stop(&mut self) -> Option<Self::Error>;
-    /// Whether ECS, still busy after the client's own retries, may be asked once more after
-    /// [`PERSIST_PAUSE`] (the front end's deadline and signals allow it).
-    fn may_retry(&self) -> bool;
-    /// Waits between those rounds.
+    /// The front end's deadline: ECS, still busy after the client's own retries, gets more
+    /// rounds [`crate::stages::PERSIST_PAUSE`] apart while it allows ([`crate::stages::persist_policy`]).
+    fn deadline(&self) -> Instant;
+    /// Whether a signal asked the front end to stop: no more rounds then.
+    fn cancelled(&self) -> bool;
+    /// Waits between those rounds (cut short by a signal).
     fn pause(&self, d: Duration);
     /// The `ClientToken` of the request for this offer.
     fn client_token(&self, offer: &Offer) -> String;
@@ -67,6 +71,13 @@ pub trait Hooks {
     fn sending(&mut self, sending: &Sending) -> Result<(), Self::Error>;
     /// The walk ended with this error (its text is the one line the user sees).
     fn fail(&self, error: anyhow::Error) -> Self::Error;
+    /// Every offer was refused for capacity, each `RunInstances` by an answer of ECS: no
+    /// instance can come of this walk, and nothing needs looking for later. A repeated
+    /// `ClientToken` is answered with the instance it created ("Ensure idempotence",
+    /// <https://help.aliyun.com/document_detail/25693.html>, cited by the `ClientToken` field
+    /// of the current SDK's `RunInstancesRequest`), so the refusal of a token's last attempt
+    /// holds for its earlier attempts whose answers were lost.
+    fn none_created(&mut self);
     /// The end of the "creating the instance failed: …; ECS stayed busy until …" line, for when
     /// the retries stopped while ECS was still busy (e.g. "prepare had to stop, retry the job
     /// later").
@@ -181,12 +192,20 @@ pub fn create_on_offers<H: Hooks>(
                 return Attempt::Fatal(e);
             }
             // A busy API (throttling, 5xx) gets more rounds of the client's retries while the
-            // front end allows: the same ClientToken makes every repeat safe.
-            let mut answer = client.run_instances(&req);
-            while matches!(&answer, Err(e) if e.is_retriable()) && hooks.may_retry() {
-                hooks.pause(PERSIST_PAUSE);
-                answer = client.run_instances(&req);
-            }
+            // front end allows: the same ClientToken makes every repeat safe. The policy says
+            // when; the front end sleeps, so that its signal cuts the pause short.
+            let rounds = crate::stages::persist_policy(hooks.deadline(), Arc::new(SystemClock));
+            let mut retry = rounds.start();
+            let answer = loop {
+                let answer = client.run_instances(&req);
+                if !matches!(&answer, Err(e) if e.is_retriable()) || hooks.cancelled() {
+                    break answer;
+                }
+                match retry.after_failure() {
+                    Verdict::RetryAfter(pause) => hooks.pause(pause),
+                    Verdict::GiveUp => break answer,
+                }
+            };
             let auto_release = req.auto_release_time.unwrap_or_else(OffsetDateTime::now_utc);
             match answer {
                 Ok(ids) => match ids.into_iter().next() {
@@ -225,6 +244,7 @@ pub fn create_on_offers<H: Hooks>(
         }
         WalkResult::Fatal { error, .. } => Err(error),
         WalkResult::Exhausted { summary, .. } => {
+            hooks.none_created();
             Err(hooks
                 .fail(anyhow!("no spot capacity: {summary}; retry later, widen the shape, or add zones")))
         }

@@ -36,7 +36,6 @@ use time::OffsetDateTime;
 
 use crate::config::Config;
 use crate::credentials::{Credentials, StaticProvider};
-use crate::ecs::retry::RetryPolicy;
 use crate::ecs::{ClientConfig, EcsClient};
 use crate::secret::Secret;
 use crate::ssh::SshTarget;
@@ -255,7 +254,7 @@ pub fn assume_role(config: &Config, instance_id: &str, job_id: &str) -> Result<C
             region_id: region.to_string(),
             endpoint: Some(sd.sts_endpoint(region)),
             timeout: config.timeouts.api_call,
-            retry: RetryPolicy::default(),
+            retry: config.api_retry.clone(),
         },
         creds,
     )?;

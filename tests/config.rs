@@ -762,6 +762,43 @@ fn stock_cooldown_defaults_to_ten_minutes_and_is_bounded() {
 }
 
 #[test]
+fn api_retry_backoff_defaults_and_bounds() {
+    use aliyun_spot_executor::retry::{Backoff, RetryPolicy};
+    let default = RetryPolicy::default();
+    let c = parse("", &no_env()).unwrap();
+    assert_eq!((c.api_retry.max_attempts, c.api_retry.backoff), (default.max_attempts, default.backoff));
+    let c = parse("[aliyun]\nretry_base_delay_ms = 10\n", &no_env()).unwrap();
+    let ms = Duration::from_millis;
+    assert_eq!(c.api_retry.backoff, Backoff::full_jitter(ms(10), ms(5000)));
+    assert_eq!((c.api_retry.max_attempts, c.api_retry.max_elapsed), (6, Duration::from_secs(60)));
+    assert_eq!(
+        parse("[aliyun]\nretry_base_delay_ms = 0\n", &no_env()).unwrap().api_retry.backoff.delay(3),
+        ms(0)
+    );
+    assert_eq!(
+        err("[aliyun]\nretry_base_delay_ms = 5001\n", &no_env()),
+        "`aliyun.retry_base_delay_ms` = `5001` in `/etc/spot.toml` is out of range; set 0 to 5000 (default 200)"
+    );
+    assert!(err("[aliyun]\nretry_base_delay_ms = \"200ms\"\n", &no_env()).contains("retry_base_delay_ms"));
+}
+
+#[test]
+fn ssh_boot_timeout_defaults_and_bounds() {
+    assert_eq!(parse("", &no_env()).unwrap().ssh.boot_timeout, Duration::from_secs(600));
+    let c = parse("[ssh]\nboot_timeout = \"1s\"\n", &no_env()).unwrap();
+    assert_eq!(c.ssh.boot_timeout, Duration::from_secs(1));
+    for (value, shown) in [("0s", "0s"), ("61m", "1h01m")] {
+        assert_eq!(
+            err(&format!("[ssh]\nboot_timeout = \"{value}\"\n"), &no_env()),
+            format!(
+                "`ssh.boot_timeout` = `{shown}` in `/etc/spot.toml` is out of range; set between \"1s\" and \"1h\" \
+                 (default \"10m\")"
+            )
+        );
+    }
+}
+
+#[test]
 fn ssh_keepalive_defaults_and_bounds() {
     use aliyun_spot_executor::ssh::Keepalive;
     let c = parse("", &no_env()).unwrap();

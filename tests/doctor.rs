@@ -173,7 +173,8 @@ fn files_named(dir: &std::path::Path, names: &[&str]) -> Vec<String> {
 
 #[test]
 fn doctor_live_deletes_the_instance_when_ssh_never_comes_up() {
-    let (emu, dir, config) = live_world(Duration::from_secs(3600), "30s");
+    // Long enough to see the instance Running (it boots in 200 ms), and SSH never answers.
+    let (emu, dir, config) = live_world(Duration::from_secs(3600), "5s");
     let out = live_command(&config, dir.path()).output().unwrap();
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_eq!(out.status.code(), Some(1), "{all}");
@@ -185,6 +186,12 @@ fn doctor_live_deletes_the_instance_when_ssh_never_comes_up() {
         last.starts_with(&format!(
             "aliyun-spot: creating the instance as prepare would failed: SSH on {id} did not become ready within "
         )),
+        "{all}"
+    );
+    assert!(
+        last.contains(
+            "; check that the security group allows port 22 from this host, or raise `ssh.boot_timeout`"
+        ),
         "{all}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("step  delete: ")), "{all}");

@@ -205,7 +205,8 @@ impl Bed {
     }
 }
 
-/// `config/emulator.toml` for an emulator at `endpoint`, paths under `dir`, plus overrides.
+/// `config/emulator.toml` for an emulator at `endpoint`, paths under `dir`, plus overrides (an
+/// integer where the value is one, else a string).
 fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> String {
     let base = include_str!("../config/emulator.toml");
     let text = crate::emulator_config(base, endpoint, dir);
@@ -216,7 +217,9 @@ fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> 
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .expect("a table");
-        t.insert(key.to_string(), toml::Value::String(value.to_string()));
+        let value =
+            value.parse().map_or_else(|_| toml::Value::String(value.to_string()), toml::Value::Integer);
+        t.insert(key.to_string(), value);
     }
     toml::to_string(&doc).unwrap()
 }
@@ -307,11 +310,16 @@ fn codes(requests: &[Value]) -> Vec<String> {
 // API faults
 // ---------------------------------------------------------------------------------------------
 
+/// The ECS client's backoff starting at 10 ms instead of 200 ms: the emulator's throttling
+/// needs no real pause, and the retries are the same.
+const SHORT_BACKOFF: [(&str, &str, &str); 1] = [("aliyun", "retry_base_delay_ms", "10")];
+
 #[test]
 fn throttling_on_every_third_call_is_retried_and_jobs_pass() {
     let _seed = Seed::new("throttling");
     let bed = Bed::start(BedOptions {
         faults: Faults { throttle_every: Some(3), ..Faults::default() },
+        overrides: SHORT_BACKOFF.to_vec(),
         ..BedOptions::default()
     });
     for id in ["3101", "3102"] {
@@ -485,8 +493,8 @@ fn an_instance_that_never_boots_fails_prepare_which_releases_it() {
     let _seed = Seed::new("never-boot");
     let bed = Bed::start(BedOptions {
         faults: Faults { never_boot: vec!["*@*".into()], ..Faults::default() },
-        // The shortest boot timeout the configuration accepts.
-        overrides: vec![("ssh", "boot_timeout", "30s")],
+        // The shortest boot timeout the configuration accepts: the instance never boots anyway.
+        overrides: vec![("ssh", "boot_timeout", "1s")],
         ..BedOptions::default()
     });
     let job = bed.job("3501", "echo NEVER-RUNS");
@@ -790,6 +798,7 @@ fn twenty_concurrent_jobs_under_throttling_all_pass_without_duplicates() {
     const JOBS: usize = 20;
     let bed = Bed::start(BedOptions {
         faults: Faults { throttle_every: Some(3), ..Faults::default() },
+        overrides: SHORT_BACKOFF.to_vec(),
         ..BedOptions::default()
     });
     let ids: Vec<String> = (0..JOBS).map(|i| format!("{}", 5000 + i)).collect();
@@ -982,6 +991,42 @@ fn a_request_still_in_progress_is_sent_again_with_the_same_client_token() {
     assert_eq!(tokens.len(), 1, "one ClientToken, the same call: {tokens:?}");
     assert!(tokens.values().all(|(n, ok)| *n >= 9 && *ok == 1), "{tokens:?}");
     assert_eq!(bed.emu().instances().len(), 1);
+    bed.finish();
+}
+
+#[test]
+fn ecs_busy_until_the_prepare_deadline_ends_prepare_with_one_line_and_no_other_offer() {
+    let _seed = Seed::new("run-error-busy");
+    let bed = Bed::start(BedOptions {
+        faults: Faults { run_error: vec!["*@*=ServiceUnavailable".into()], ..Faults::default() },
+        // Rounds of the client's retries (10 ms backoff) 2 s apart until a 5 s prepare deadline.
+        overrides: vec![
+            ("aliyun", "retry_base_delay_ms", "10"),
+            ("ssh", "boot_timeout", "1s"),
+            ("timeouts", "prepare", "5s"),
+        ],
+        ..BedOptions::default()
+    });
+    let job = bed.job("3804", "echo NEVER-RUNS");
+    let mut attempt = bed.attempt(&job);
+    assert!(attempt.config().unwrap().0.success());
+    assert_eq!(attempt.prepare().unwrap(), Exit::Code(2), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    let errors = error_lines(&log);
+    assert_eq!(errors.len(), 1, "one clear line:\n{log}");
+    assert!(errors[0].starts_with("ERROR: creating the instance failed: "), "{log}");
+    assert!(errors[0].ends_with("; ECS stayed busy until prepare had to stop, retry the job later"), "{log}");
+    assert!(!log.contains("trying the next offer"), "a busy API is not a capacity error:\n{log}");
+    // The same request, in whole rounds of the client's policy, more than one round.
+    let tokens = run_instances_by_token(&bed.http_requests());
+    assert_eq!(tokens.len(), 1, "one offer, one ClientToken: {tokens:?}");
+    let per_round = RetryPolicy::default().max_attempts as usize;
+    let (sent, ok) = tokens.values().next().copied().unwrap_or_default();
+    assert!(
+        sent >= 2 * per_round && sent % per_round == 0 && ok == 0,
+        "{sent} RunInstances, {ok} answered 200"
+    );
+    assert!(bed.emu().instances().is_empty());
     bed.finish();
 }
 

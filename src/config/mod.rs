@@ -60,6 +60,9 @@ pub struct Config {
     /// ECS endpoint override (`https://…`, or `http://` on loopback for the emulator); `None`
     /// means the public endpoint of the region ([`Config::endpoint_url`]).
     pub endpoint: Option<String>,
+    /// How ECS and STS calls are retried: [`crate::retry::RetryPolicy::default`] with the
+    /// backoff's base from `aliyun.retry_base_delay_ms`.
+    pub api_retry: crate::retry::RetryPolicy,
     /// Where credentials come from.
     pub credentials: CredentialSpec,
     /// VPC, security group, vswitches, public or private addressing.

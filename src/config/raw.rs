@@ -35,6 +35,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawAliyun {
     pub(super) region_id: Option<String>,
     pub(super) endpoint: Option<String>,
+    pub(super) retry_base_delay_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

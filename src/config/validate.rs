@@ -86,6 +86,8 @@ impl<'a> Validator<'a> {
             Some((e, o)) => Some(crate::ecs::check_endpoint(&e, true).map_err(|why| self.err(o, &e, &why))?),
         };
 
+        let api_retry = self.api_retry(raw.aliyun.retry_base_delay_ms)?;
+
         let credentials = self.credentials(raw.credentials)?;
         let network = self.network(raw.network, region_id.as_deref())?;
 
@@ -123,6 +125,7 @@ impl<'a> Validator<'a> {
             source: self.path.map(Path::to_path_buf),
             region_id,
             endpoint,
+            api_retry,
             credentials,
             network,
             images,
@@ -643,12 +646,16 @@ impl<'a> Validator<'a> {
                 "is out of range; set between \"1s\" and \"5m\" (default \"10s\")",
             ));
         }
+        // No rule of ECS sets a floor: how soon SSH answers depends on the image and the type
+        // (tens of seconds to minutes on ECS, well under a second in the emulator), and a value
+        // too short for them fails prepare with a line that names this key. Only `0s`, which
+        // could never wait at all, is refused.
         let boot_timeout = raw.boot_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(600));
-        if !(Duration::from_secs(30)..=Duration::from_secs(3600)).contains(&boot_timeout) {
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&boot_timeout) {
             return Err(self.err(
                 Origin::File("ssh.boot_timeout"),
                 format_duration(boot_timeout),
-                "is out of range; set between \"30s\" and \"1h\" (default \"10m\")",
+                "is out of range; set between \"1s\" and \"1h\" (default \"10m\")",
             ));
         }
         let key_pair_name =
@@ -681,6 +688,25 @@ impl<'a> Validator<'a> {
             private_key_file,
             keepalive,
             keep_session: raw.keep_session.unwrap_or(true),
+        })
+    }
+
+    /// The retry policy of ECS and STS calls ([`crate::ecs::retry`]) with the backoff's base
+    /// from `aliyun.retry_base_delay_ms`. At most the policy's longest pause (5 s): a larger
+    /// base would make every pause that long. `0` retries at once, which only an endpoint that
+    /// does not mind (the emulator) should get.
+    pub(super) fn api_retry(&self, base_ms: Option<u64>) -> anyhow::Result<crate::retry::RetryPolicy> {
+        let policy = crate::retry::RetryPolicy::default();
+        let (default, max) = (policy.backoff.first.as_millis(), policy.backoff.max.as_millis());
+        let base = base_ms.map_or(default, u128::from);
+        if base > max {
+            let why = format!("is out of range; set 0 to {max} (default {default})");
+            return Err(self.err(Origin::File("aliyun.retry_base_delay_ms"), base, &why));
+        }
+        let base = Duration::from_millis(base as u64);
+        Ok(crate::retry::RetryPolicy {
+            backoff: crate::retry::Backoff { first: base, ..policy.backoff },
+            ..policy
         })
     }
 

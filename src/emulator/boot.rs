@@ -19,7 +19,7 @@
 //! ([`super::sshd`]), entered with `setns(2)` on `/proc/<sshd pid>/ns/{mnt,uts}` — as root,
 //! once sshd is up, with their output appended to the instance's boot log
 //! ([`crate::emulator::Emulator::boot_log`]). Booting instances also get copy-on-write views of
-//! `/etc`, `/var`, `/run`, `/opt`, `/home`, `/srv` and `/usr` ([`BOOT_OVERLAYS`]), so files
+//! `/etc`, `/var`, `/run`, `/opt`, `/home`, `/srv` and `/usr` ([`super::sshd::BOOT_OVERLAYS`]), so files
 //! the user data writes there (and users it adds) stay on the instance, and no init system:
 //! `systemctl` answers as it does in a container without systemd, so a unit the user data
 //! enables can never start on the runner host; user data that falls back to starting its
@@ -44,10 +44,7 @@ use anyhow::Context;
 use base64::Engine;
 use serde_json::Value;
 
-/// Host directories a booting instance sees copy-on-write (overlayfs, `overlayfs(5)` of the
-/// kernel's `Documentation/filesystems/overlayfs.rst`): the host's files show through, the
-/// instance's writes stay in its work directory.
-pub(crate) const BOOT_OVERLAYS: &[&str] = &["/etc", "/var", "/run", "/opt", "/home", "/srv", "/usr"];
+use super::sshd::{BOOT_OVERLAYS, PRIVATE_DIRS};
 
 /// Where cloud-init writes the `runcmd` script (`cloud.get_ipath("scripts")`).
 const RUNCMD_PATH: &str = "/var/lib/cloud/instance/scripts/runcmd";
@@ -281,7 +278,7 @@ pub(crate) fn written_file(dir: &Path, path: &str) -> Option<PathBuf> {
     if !path.is_absolute() || path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return None;
     }
-    for (target, name) in super::sshd::PRIVATE_DIRS {
+    for (target, name) in PRIVATE_DIRS {
         if let Ok(rest) = path.strip_prefix(target) {
             return Some(dir.join("fs").join(name).join(rest)).filter(|p| p.exists());
         }

@@ -520,7 +520,14 @@ impl Core {
     /// Writes the instance's sshd files and starts sshd in its own namespaces when root
     /// (called by the supervisor only; see [`super::sshd`]).
     fn spawn_sshd(&self, inst: &Instance) -> anyhow::Result<Child> {
-        super::sshd::spawn(inst, &self.instance_dir(&inst.id), self.is_root, self.boots())
+        let machine = super::sshd::Machine {
+            id: &inst.id,
+            host_name: &inst.host_name,
+            listen: SocketAddr::new(inst.ip.into(), inst.ssh_port),
+            authorized_keys: &inst.authorized_keys,
+            host_key: inst.host_key.as_ref(),
+        };
+        super::sshd::spawn(&machine, &self.instance_dir(&inst.id), self.is_root, self.boots())
     }
 
     /// Whether instances boot their user data: asked for, and possible (namespaces need root).
@@ -549,16 +556,6 @@ impl Core {
     pub fn boot_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.instance_dir(id).join(super::boot::LOG_NAME)).unwrap_or_default()
     }
-}
-
-/// A fresh ed25519 host key in OpenSSH format.
-pub(crate) fn generate_host_key() -> anyhow::Result<Secret<String>> {
-    let k = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519)
-        .map_err(|e| anyhow::anyhow!("failed to generate a host key: {e}"))?;
-    let pem = k
-        .to_openssh(ssh_key::LineEnding::LF)
-        .map_err(|e| anyhow::anyhow!("failed to encode a host key: {e}"))?;
-    Ok(Secret::new(pem.to_string()))
 }
 
 /// Parent pid of every process, from `/proc/<pid>/stat`.

@@ -32,7 +32,22 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
 
-use super::instances::{generate_host_key, Instance};
+use crate::secret::Secret;
+
+/// What an instance's sshd is made of: plain values copied from the instance record, so that
+/// this module needs nothing of [`super::instances`] (which calls it).
+pub(crate) struct Machine<'a> {
+    /// Instance id (named in the `sshd_config` header).
+    pub id: &'a str,
+    /// `HostName`: the OS hostname inside the instance's namespaces.
+    pub host_name: &'a str,
+    /// The instance's loopback address and sshd port.
+    pub listen: SocketAddr,
+    /// Lines of `authorized_keys`.
+    pub authorized_keys: &'a [String],
+    /// The host key from the user data's `ssh_keys`; `None`: a fresh one.
+    pub host_key: Option<&'a Secret<String>>,
+}
 
 /// The directories each instance has to itself: (path on the instance, name of the backing
 /// directory under the instance's work directory).
@@ -44,16 +59,21 @@ pub(crate) const PRIVATE_DIRS: &[(&str, &str)] = &[
     ("/usr/local/bin", "usr-local-bin"),
 ];
 
+/// Host directories a booting instance sees copy-on-write (overlayfs, `overlayfs(5)` of the
+/// kernel's `Documentation/filesystems/overlayfs.rst`): the host's files show through, the
+/// instance's writes stay in its work directory ([`super::boot`] runs the boot in them).
+pub(crate) const BOOT_OVERLAYS: &[&str] = &["/etc", "/var", "/run", "/opt", "/home", "/srv", "/usr"];
+
 /// Writes the instance's sshd files under `dir` and starts sshd; `isolate` puts it into its
 /// own namespaces (needs root), `boot` adds the copy-on-write views of a booting instance
-/// ([`super::boot::BOOT_OVERLAYS`]). Called by the supervisor thread only (see
+/// ([`BOOT_OVERLAYS`]). Called by the supervisor thread only (see
 /// [`super::instances`] for why).
-pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool, boot: bool) -> anyhow::Result<Child> {
+pub(crate) fn spawn(inst: &Machine<'_>, dir: &Path, isolate: bool, boot: bool) -> anyhow::Result<Child> {
     let etc = dir.join("etc-ssh");
     std::fs::create_dir_all(&etc).with_context(|| format!("failed to create `{}`", etc.display()))?;
     // The same paths inside the namespace as outside (see `Mounts::prepare`).
     let seen = etc.clone();
-    let host_key = match &inst.host_key {
+    let host_key = match inst.host_key {
         Some(k) => k.clone(),
         None => generate_host_key()?,
     };
@@ -69,12 +89,7 @@ pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool, boot: bool) -> a
     let cfg = format!(
         "# sshd of emulated instance {}\n{}",
         inst.id,
-        sshd_config(
-            SocketAddr::new(inst.ip.into(), inst.ssh_port),
-            &seen.join("ssh_host_ed25519_key"),
-            &seen.join("authorized_keys"),
-            "ERROR",
-        )
+        sshd_config(inst.listen, &seen.join("ssh_host_ed25519_key"), &seen.join("authorized_keys"), "ERROR",)
     );
     write_private(&cfg_path, cfg.as_bytes())?;
     let cfg_seen = seen.join("sshd_config");
@@ -122,6 +137,16 @@ pub(crate) fn spawn(inst: &Instance, dir: &Path, isolate: bool, boot: bool) -> a
     cmd.spawn().context("failed to start `/usr/sbin/sshd`")
 }
 
+/// A fresh ed25519 host key in OpenSSH format.
+fn generate_host_key() -> anyhow::Result<Secret<String>> {
+    let k = ssh_key::PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519)
+        .map_err(|e| anyhow::anyhow!("failed to generate a host key: {e}"))?;
+    let pem = k
+        .to_openssh(ssh_key::LineEnding::LF)
+        .map_err(|e| anyhow::anyhow!("failed to encode a host key: {e}"))?;
+    Ok(Secret::new(pem.to_string()))
+}
+
 /// The `sshd_config` of an instance's sshd (and of the SSH tests' own sshd): key-only root
 /// login on `listen` with one host key and one `authorized_keys` file, no PAM and no pid file
 /// (the process is supervised, not daemonized). `log_level` is sshd's `LogLevel`.
@@ -156,7 +181,7 @@ struct Mounts {
 }
 
 impl Mounts {
-    fn prepare(inst: &Instance, dir: &Path, etc: &Path, boot: bool) -> anyhow::Result<Mounts> {
+    fn prepare(inst: &Machine<'_>, dir: &Path, etc: &Path, boot: bool) -> anyhow::Result<Mounts> {
         let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
         let overlays = if boot { overlays(dir)? } else { Vec::new() };
         let mut binds = Vec::new();
@@ -237,7 +262,7 @@ impl Mounts {
 /// current contents are copied into its upper layer.
 fn overlays(dir: &Path) -> anyhow::Result<Vec<(CString, CString)>> {
     let mut out = Vec::new();
-    for target in super::boot::BOOT_OVERLAYS {
+    for target in BOOT_OVERLAYS {
         let target = Path::new(target);
         if !target.is_dir() || dir.starts_with(target) {
             continue;

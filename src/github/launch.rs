@@ -85,8 +85,12 @@ impl Hooks for StartHooks<'_> {
         None
     }
 
-    fn may_retry(&self) -> bool {
-        Instant::now() + crate::stages::PERSIST_PAUSE < self.deadline && !self.cancel.load(Ordering::SeqCst)
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     fn pause(&self, d: Duration) {
@@ -107,6 +111,8 @@ impl Hooks for StartHooks<'_> {
     fn fail(&self, error: anyhow::Error) -> anyhow::Error {
         error
     }
+
+    fn none_created(&mut self) {}
 
     fn busy_hint(&self) -> String {
         "github start had to stop, run it again later".into()

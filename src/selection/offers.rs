@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 
 use crate::config::Config;
 use crate::ecs::{
-    AvailableResourceRequest, ClientConfig, EcsClient, InstanceTypeFilter, RetryPolicy,
-    SpotPriceHistoryRequest, SpotStrategy,
+    AvailableResourceRequest, ClientConfig, EcsClient, InstanceTypeFilter, SpotPriceHistoryRequest,
+    SpotStrategy,
 };
 use crate::selection::cache::PriceCache;
 use crate::selection::{
@@ -28,7 +28,7 @@ pub fn client(config: &Config) -> Result<EcsClient> {
             region_id: config.region()?.to_string(),
             endpoint: config.endpoint.clone(),
             timeout: config.timeouts.api_call,
-            retry: RetryPolicy::default(),
+            retry: config.api_retry.clone(),
         },
         creds,
     )

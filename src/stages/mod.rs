@@ -182,8 +182,7 @@ impl Context {
     /// The rounds a busy API (throttling, 5xx) gets on top of the client's own retries while
     /// `deadline` allows, [`PERSIST_PAUSE`] apart; a signal cuts the pause short.
     pub fn persist_until(&self, deadline: Instant) -> RetryPolicy {
-        let budget = deadline.saturating_duration_since(Instant::now());
-        RetryPolicy::within(budget, Backoff::fixed(PERSIST_PAUSE), Arc::new(self.clock()))
+        persist_policy(deadline, Arc::new(self.clock()))
     }
 
     /// Serialises the stages of one job that must not overlap (prepare, cleanup).
@@ -356,6 +355,14 @@ impl Context {
 pub const PERSIST_ROUNDS: u32 = 10;
 /// The pause between those rounds.
 pub const PERSIST_PAUSE: Duration = Duration::from_secs(2);
+
+/// The rounds a busy API (throttling, 5xx) gets on top of the client's own retries while
+/// `deadline` allows, [`PERSIST_PAUSE`] apart, timed on `clock`: the one rule for every front
+/// end ([`Context::persist_until`], [`crate::launch`]).
+pub fn persist_policy(deadline: Instant, clock: Arc<dyn crate::retry::Clock>) -> RetryPolicy {
+    let budget = deadline.saturating_duration_since(clock.now());
+    RetryPolicy::within(budget, Backoff::fixed(PERSIST_PAUSE), clock)
+}
 
 /// How long releasing one instance keeps trying while ECS refuses for a transient reason (an
 /// instance still `Initializing`, throttling, 5xx). gitlab-runner gives the cleanup stage an

@@ -128,8 +128,9 @@ pub fn run(ctx: &Context) -> Result<(), StageError> {
     // (Offers that just ran out of stock for an earlier job on this host go last.)
     let Created { offer: created, instance_id: id, auto_release } =
         crate::launch::create_on_offers(&ctx.client, &ctx.config, shape, offers, &template, &mut hooks)?;
-    // A Fatal or Exhausted walk returned above and left the state: a RunInstances whose answer
-    // was lost may still have created an instance, and cleanup looks for it by tag.
+    // A Fatal walk returned above and left the state: a RunInstances whose answer was lost may
+    // still have created an instance, and cleanup looks for it by tag (an Exhausted walk
+    // recorded that nothing is on its way, `none_created`).
     state.instance_id = Some(id.clone());
     state.phase = Phase::Created;
     state.instance_created_at = Some(OffsetDateTime::now_utc());
@@ -226,8 +227,12 @@ impl Hooks for PrepareHooks<'_> {
         None
     }
 
-    fn may_retry(&self) -> bool {
-        Instant::now() + super::PERSIST_PAUSE < self.deadline && !self.ctx.terminated()
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn cancelled(&self) -> bool {
+        self.ctx.terminated()
     }
 
     fn pause(&self, d: Duration) {
@@ -251,6 +256,15 @@ impl Hooks for PrepareHooks<'_> {
 
     fn fail(&self, error: anyhow::Error) -> StageError {
         StageError::System(error)
+    }
+
+    fn none_created(&mut self) {
+        // As before the first `RunInstances`: cleanup then looks for an instance by tag once,
+        // instead of waiting for one that may still be on its way.
+        self.state.client_token.clear();
+        if let Err(e) = self.ctx.store.save(&self.ctx.key, self.state) {
+            log::warn!("could not record that no instance was created: {e:#}");
+        }
     }
 
     fn busy_hint(&self) -> String {
@@ -393,7 +407,7 @@ fn wait_until_ready(
             }
             Err(e) if Instant::now() >= boot_deadline => {
                 return Err(StageError::System(anyhow!(e).context(format!(
-                    "SSH on {id} did not become ready within {}s; check that the security group allows port {} from this host",
+                    "SSH on {id} did not become ready within {}s; check that the security group allows port {} from this host, or raise `ssh.boot_timeout`",
                     started.elapsed().as_secs(),
                     ctx.config.ssh.port
                 ))))
