@@ -84,8 +84,5 @@ fn main() {
         Command::Github(GithubCommand::Stop(args)) => github::stop_cli(config, &args),
         Command::Github(GithubCommand::Sweep(args)) => github::sweep_cli(config, &args),
     };
-    if let Err(e) = result {
-        eprintln!("aliyun-spot: {}", exit::one_line(&e));
-        std::process::exit(1);
-    }
+    std::process::exit(exit::admin_code(&result));
 }
