@@ -219,13 +219,7 @@ pub fn start(
     }
 
     let created_at = OffsetDateTime::now_utc();
-    let ts = created_at
-        .format(time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
-        .unwrap_or_default();
-    // The seed's `ci-runner-{arch}-spot-{timestamp}`, plus a random suffix: two starts in the
-    // same second (a matrix) must not collide.
-    let runner_name =
-        format!("{}-{}-spot-{}-{:04x}", config.instance.name_prefix, arch, ts, rand::random::<u16>());
+    let runner_name = config.instance.runner_name(arch, created_at, rand::random::<u16>());
     let mut labels = vec![runner_name.clone()];
     labels.extend(extra_labels);
 
