@@ -134,6 +134,26 @@ impl ExitCodes {
     }
 }
 
+/// The exit status of an `aliyun-spot` command whose stdout was closed by its reader
+/// (`aliyun-spot prices | head -1`): 141, the status a shell reports for a process a closed
+/// pipe ended (128 + SIGPIPE, as `seq 100000 | head -1` under `set -o pipefail` shows), so
+/// scripts treat it as they treat any other tool in a pipeline. Nothing is printed: there is
+/// nobody left to read it.
+pub const STDOUT_CLOSED_EXIT_CODE: i32 = 141;
+
+/// The exit code of an `aliyun-spot` command: 0, [`STDOUT_CLOSED_EXIT_CODE`] quietly when
+/// stdout was closed, else 1 after the one error line on stderr.
+pub fn admin_code(result: &anyhow::Result<()>) -> i32 {
+    let Err(e) = result else { return 0 };
+    let closed =
+        e.chain().any(|c| c.downcast_ref::<crate::logging::StdoutError>().is_some_and(|s| s.closed()));
+    if closed {
+        return STDOUT_CLOSED_EXIT_CODE;
+    }
+    crate::logging::stderr_line(&format!("aliyun-spot: {}", one_line(e)));
+    1
+}
+
 /// Formats an error with its causes on one line: `what failed: why: root cause`.
 pub fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
@@ -180,5 +200,16 @@ mod tests {
         assert_eq!(c.code_for(&Err(err)), 1);
         assert!(!file.exists(), "a stale status must not be read as this failure's");
         assert!(matches!(StageError::from(anyhow::anyhow!("boom")), StageError::System(_)));
+    }
+
+    #[test]
+    fn a_closed_stdout_ends_an_admin_command_quietly() {
+        use crate::logging::StdoutError;
+        use std::io::{Error, ErrorKind};
+        let closed = anyhow::Error::new(StdoutError(Error::from(ErrorKind::BrokenPipe))).context("listing");
+        assert_eq!(admin_code(&Err(closed)), STDOUT_CLOSED_EXIT_CODE);
+        let full = anyhow::Error::new(StdoutError(Error::from(ErrorKind::StorageFull)));
+        assert_eq!(admin_code(&Err(full)), 1, "another write failure is an error");
+        assert_eq!(admin_code(&Ok(())), 0);
     }
 }

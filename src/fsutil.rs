@@ -246,6 +246,16 @@ pub fn check_host_dir(dir: &Path, key: &str) -> Result<()> {
 /// [`check_host_dir`] for a file's directory, plus the file itself when it exists: a regular
 /// file (not a symbolic link), owned by this user or root, writable by nobody else.
 pub fn check_host_file(file: &Path, key: &str) -> Result<()> {
+    check_file(file, key, false)
+}
+
+/// [`check_host_file`] for a file that holds a secret (`ssh.private_key_file`): group and
+/// others may not read it either, as `ssh` itself refuses a readable identity file.
+pub fn check_host_private_file(file: &Path, key: &str) -> Result<()> {
+    check_file(file, key, true)
+}
+
+fn check_file(file: &Path, key: &str, private: bool) -> Result<()> {
     let refuse = |problem: String| anyhow!("refusing `{key}` = `{}`: {problem}", file.display());
     match fs::symlink_metadata(file) {
         Ok(meta) => {
@@ -258,10 +268,16 @@ pub fn check_host_file(file: &Path, key: &str) -> Result<()> {
             if let Some(problem) = ownership_problem(&meta) {
                 return Err(refuse(format!("{problem}; remove it or choose another path")));
             }
-            if meta.permissions().mode() & 0o022 != 0 {
+            let mode = meta.permissions().mode() & 0o7777;
+            if private && mode & 0o077 != 0 {
                 return Err(refuse(format!(
-                    "it is writable by other users (mode {:04o}); run `chmod go-w {}`",
-                    meta.permissions().mode() & 0o7777,
+                    "group or other users can read or write it (mode {mode:04o}); run `chmod 600 {}`",
+                    file.display()
+                )));
+            }
+            if mode & 0o022 != 0 {
+                return Err(refuse(format!(
+                    "it is writable by other users (mode {mode:04o}); run `chmod go-w {}`",
                     file.display()
                 )));
             }

@@ -10,8 +10,6 @@
 //! Administrators may instead use a key pair registered in ECS; its private key file is loaded
 //! with [`load_private_key_file`], which refuses a file others can read (as `ssh` itself does).
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -71,26 +69,21 @@ pub fn public_from_private(private_openssh: &Secret<String>) -> Result<String> {
     key.public_key().to_openssh().map_err(|e| anyhow!("failed to encode a public key: {e}"))
 }
 
-/// Loads a private key file for the configured key-pair mode.
+/// The setting [`load_private_key_file`] reads, named in its refusals.
+pub const PRIVATE_KEY_FILE_KEY: &str = "ssh.private_key_file";
+
+/// Loads a private key file for the configured key-pair mode (`ssh.private_key_file`).
 ///
-/// Refuses a file readable or writable by group or others, a passphrase-protected OpenSSH key
-/// (nobody can type a passphrase in a CI stage) and anything that is not a PEM private key.
-/// The error never contains key material.
+/// Refuses what the runner host's path rule refuses ([`crate::fsutil::check_host_private_file`]:
+/// a symbolic link, a file of another user, one group or others can read or write, a
+/// directory others can write to), a passphrase-protected OpenSSH key (nobody can type a
+/// passphrase in a CI stage) and anything that is not a PEM private key. The file is opened
+/// with `O_NOFOLLOW`, so a link swapped in after the check is not read either. The error never
+/// contains key material.
 pub fn load_private_key_file(path: &Path) -> Result<Secret<String>> {
-    let meta =
-        fs::metadata(path).with_context(|| format!("failed to read private key `{}`", path.display()))?;
-    if !meta.is_file() {
-        bail!("private key `{}` is not a regular file", path.display());
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "private key `{}` is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    let bytes = fs::read(path).with_context(|| format!("failed to read private key `{}`", path.display()))?;
+    crate::fsutil::check_host_private_file(path, PRIVATE_KEY_FILE_KEY)?;
+    let bytes = crate::fsutil::read_nofollow(path)
+        .with_context(|| format!("failed to read private key `{}`", path.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|_| anyhow!("private key `{}` is not a PEM text file", path.display()))?;
     let trimmed = text.trim_start();
@@ -120,7 +113,9 @@ fn abbreviate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn generated_pair_round_trips() {
@@ -175,13 +170,25 @@ mod tests {
         assert_eq!(
             err,
             format!(
-                "private key `{0}` is accessible by group or others (mode 0644); run `chmod 600 {0}`",
+                "refusing `ssh.private_key_file` = `{0}`: group or other users can read or write it (mode 0644); \
+                 run `chmod 600 {0}`",
                 p.display()
             )
         );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         let loaded = load_private_key_file(&p).unwrap();
         assert_eq!(loaded.expose(), kp.private_openssh.expose());
+        // A link to the private file is not followed, even though the target would do.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let err = load_private_key_file(&link).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "refusing `ssh.private_key_file` = `{}`: it is a symbolic link; remove the link or set the real path",
+                link.display()
+            )
+        );
     }
 
     #[test]

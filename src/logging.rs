@@ -21,8 +21,42 @@ use log::{Level, Log, Metadata, Record};
 /// exit code 101 half-way through creating an instance. A progress line nobody can read is
 /// not worth that: the stage goes on and records or releases what it created.
 pub fn stderr_line(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
+    let _ = write_text(&mut std::io::stderr().lock(), &format!("{line}\n"));
+}
+
+/// Writes `line` and a newline to stdout; an error instead of `println!`'s panic when stdout
+/// fails (see [`stderr_line`]; `aliyun-spot prices | head -1` closes it after one line).
+///
+/// Output on stdout is what the caller asked for (the runner JSON of `config`, the tables of
+/// `aliyun-spot`), so a failed write is not ignored: the caller stops, and
+/// [`crate::exit::admin_code`] maps a closed stdout ([`StdoutError::closed`]) to a quiet exit
+/// status.
+pub fn stdout_line(line: &str) -> Result<(), StdoutError> {
+    stdout_text(&format!("{line}\n"))
+}
+
+/// [`stdout_line`] for text that carries its own line ends (or continues a line).
+pub fn stdout_text(text: &str) -> Result<(), StdoutError> {
+    write_text(&mut std::io::stdout().lock(), text).map_err(StdoutError)
+}
+
+/// Writing to stdout failed (a closed pipe, a full disk).
+#[derive(Debug, thiserror::Error)]
+#[error("failed to write to stdout: {0}")]
+pub struct StdoutError(#[source] pub std::io::Error);
+
+impl StdoutError {
+    /// Whether the reader went away (`EPIPE`): nobody is left to tell.
+    pub fn closed(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+/// The one writer of both streams: the text, flushed (so a closed pipe is noticed at this
+/// line, not at exit).
+fn write_text(w: &mut dyn std::io::Write, text: &str) -> std::io::Result<()> {
+    w.write_all(text.as_bytes())?;
+    w.flush()
 }
 
 /// The target prefix of this crate's own records.

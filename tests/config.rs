@@ -188,6 +188,51 @@ fn other_bounds() {
         "`network.vswitches` = `{ \"cn-shanghai-b\" = \"vsw-1\" }` in `/etc/spot.toml` names a zone outside region \
          `cn-hangzhou`; use zone ids of that region, such as `cn-hangzhou-b`"
     );
+    // Names ECS refuses as a `HostName` (no consecutive `-` or `.`, at most 64 characters) or an
+    // `InstanceName`, for a job's instance or a GitHub runner's (`ecs::names` cites the sources).
+    let rule =
+        "use 1 to 33 letters, digits and single `-` between them, starting with a letter and ending with a \
+                letter or digit";
+    assert_eq!(
+        err("[instance]\nname_prefix = \"ci--runner\"\n", &no_env()),
+        format!(
+            "`instance.name_prefix` = `ci--runner` in `/etc/spot.toml` makes the host name \
+             `ci--runner-amd64-spot-19700101000000`, which ECS refuses (a host name cannot hold consecutive `.` or \
+             `-`); {rule} (or set `instance.hostname`)"
+        )
+    );
+    assert_eq!(
+        err("[instance]\nname_prefix = \"ci-\"\n", &no_env()),
+        format!(
+            "`instance.name_prefix` = `ci-` in `/etc/spot.toml` makes the host name `ci--amd64-spot-19700101000000`, \
+             which ECS refuses (a host name cannot hold consecutive `.` or `-`); {rule} (or set `instance.hostname`)"
+        )
+    );
+    let long = "a".repeat(34);
+    assert_eq!(
+        err(&format!("[instance]\nname_prefix = \"{long}\"\n"), &no_env()),
+        format!(
+            "`instance.name_prefix` = `{long}` in `/etc/spot.toml` makes the host name \
+             `{long}-amd64-spot-19700101000000-ffff`, which ECS refuses (a host name has 2 to 64 characters); {rule} \
+             (or set `instance.hostname`)"
+        )
+    );
+    assert_eq!(
+        err("[instance]\nname_prefix = \"1ci\"\n", &no_env()),
+        format!("`instance.name_prefix` = `1ci` in `/etc/spot.toml` is not usable in instance and host names; {rule}")
+    );
+    assert_eq!(
+        err("[instance]\nhostname = \"build..host\"\n", &no_env()),
+        "`instance.hostname` = `build..host` in `/etc/spot.toml` is not a valid host name (a host name cannot hold \
+         consecutive `.` or `-`); use 2 to 64 letters, digits and single `.` or `-` between them, or leave it out to \
+         use the instance name"
+    );
+    // A fixed host name leaves the prefix to the instance-name rule alone.
+    let c =
+        parse("[instance]\nname_prefix = \"ci--runner\"\nhostname = \"build-host\"\n", &no_env()).unwrap();
+    assert_eq!(c.instance.host_name("ci--runner-amd64-spot-1"), "build-host");
+    let c = parse(&format!("[instance]\nname_prefix = \"{}\"\n", "a".repeat(33)), &no_env()).unwrap();
+    assert_eq!(c.instance.name_prefix.len(), 33);
     assert_eq!(
         err("[ssh]\nprivate_key_file = \"id\"\n", &no_env()),
         "`ssh.private_key_file` is set but `ssh.key_pair_name` is not in `/etc/spot.toml`; name the registered key \

@@ -695,6 +695,42 @@ fn run_instances_validates_like_aliyun() {
 }
 
 #[test]
+fn run_instances_refuses_host_and_instance_names_as_ecs_does() {
+    // The rules of `aliyun_spot_executor::ecs::names` (RunInstances reference and request model).
+    let emu = start(Faults::default());
+    let api = Api::new(&emu);
+    let good = vec![
+        ("ZoneId", "cn-hangzhou-j"),
+        ("InstanceType", "ecs.c7.large"),
+        ("ImageId", X86_IMAGE),
+        ("SecurityGroupId", SG),
+        ("VSwitchId", "vsw-bp1emulatorzonej"),
+        ("SpotStrategy", "SpotAsPriceGo"),
+        ("DryRun", "true"),
+    ];
+    let with = |k: &'static str, v: &'static str| {
+        let mut p = good.clone();
+        p.push((k, v));
+        p
+    };
+    let too_long = "a".repeat(65);
+    for host in ["ci--runner-amd64-spot-20260101000000", "-ci", "ci.", "a..b", "a", "ci_runner", &too_long] {
+        let mut p = good.clone();
+        p.push(("HostName", host));
+        let msg = api.err("RunInstances", &p, 400, "InvalidHostName.Malformed");
+        assert_eq!(msg, "The specified parameter \"HostName\" is not valid.", "{host}");
+    }
+    for name in ["1ci", "a", "ci runner", "http://ci"] {
+        let msg = api.err("RunInstances", &with("InstanceName", name), 400, "InvalidInstanceName.Malformed");
+        assert_eq!(msg, "The specified parameter \"InstanceName\" is not valid.", "{name}");
+    }
+    // What the executor sends passes (the dry run answers DryRunOperation only after every check).
+    api.err("RunInstances", &with("HostName", "ci-runner-amd64-spot-20260101000000"), 400, "DryRunOperation");
+    api.err("RunInstances", &with("InstanceName", "ci--runner-amd64-spot-1"), 400, "DryRunOperation");
+    assert!(emu.instances().is_empty());
+}
+
+#[test]
 fn catalogue_answers_have_aliyun_shapes() {
     let emu = start(Faults { no_stock: vec!["ecs.c8y.2xlarge@cn-hangzhou-k".into()], ..Faults::default() });
     let api = Api::new(&emu);

@@ -957,6 +957,46 @@ fn an_account_problem_stops_at_the_first_offer_with_one_line() {
 }
 
 #[test]
+fn a_public_ip_stock_out_stops_with_the_published_answer() {
+    // Documented for instance creation in the ECS API reference (CreateInstance's error table;
+    // provenance and class in tests/data/runinstances-errors.tsv): the public IP stock of the
+    // region or billing method, which no other offer changes.
+    let code = "InvalidOperation.PublicIpAddressNoStock";
+    let spec = format!("*@*={code}");
+    // The check of `--run-error` and `POST /_emulator/faults`.
+    assert_eq!(Faults { run_error: vec![spec.clone()], ..Faults::default() }.validate(), Ok(()));
+    let _seed = Seed::new("run-error-public-ip");
+    let bed = Bed::start(BedOptions {
+        faults: Faults { run_error: vec![spec], ..Faults::default() },
+        ..BedOptions::default()
+    });
+    let job = bed.job("3805", "echo NEVER-RUNS");
+    let mut attempt = bed.attempt(&job);
+    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
+    let prepare = attempt.prepare().unwrap();
+    let log = attempt.log.text();
+    assert_eq!(prepare, Exit::Code(2), "a system failure:\n{log}");
+    let errors = error_lines(&log);
+    assert_eq!(errors.len(), 1, "one clear line:\n{log}");
+    let runs = run_instances_requests(&bed);
+    assert_eq!(runs.len(), 1, "no walk through every offer: {runs:#?}");
+    assert_eq!((runs[0]["status"].as_u64(), runs[0]["code"].as_str()), (Some(403), Some(code)));
+    let request_id = runs[0]["request_id"].as_str().unwrap_or_default();
+    assert!(
+        errors[0].contains(&format!(
+            "creating the instance failed: ECS `RunInstances` failed: {code}: The public IP address for the \
+             specified Region or ChargeType of the instance is out of stock. Please try another Region or ChargeType. \
+             (RequestId: {request_id}); "
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("trying the next offer"), "{log}");
+    assert!(bed.emu().instances().is_empty());
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    bed.finish();
+}
+
+#[test]
 fn a_request_still_in_progress_is_sent_again_with_the_same_client_token() {
     let _seed = Seed::new("run-error-retry");
     let bed = Bed::start(BedOptions {

@@ -148,6 +148,59 @@ fn a_cache_directory_of_another_user_is_refused() {
 }
 
 #[test]
+fn an_ssh_private_key_file_others_can_read_replace_or_own_is_refused_by_every_stage() {
+    let keys = aliyun_spot_executor::keys::generate_ed25519("team-key").unwrap();
+    let dir = crate::private_tempdir();
+    let key = dir.path().join("id_ed25519");
+    std::fs::write(&key, keys.private_openssh.expose()).unwrap();
+    let w = World::with(
+        aliyun_spot_executor::emulator::Faults::default(),
+        &[
+            ("ssh", "key_pair_name", toml::Value::String("ci-team-key".into())),
+            ("ssh", "private_key_file", toml::Value::String(key.display().to_string())),
+        ],
+    );
+    let k = key.display();
+    for mode in [0o644, 0o640, 0o660, 0o604] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        every_stage_refuses(
+            &w,
+            &format!(
+                "refusing `ssh.private_key_file` = `{k}`: group or other users can read or write it (mode \
+                 {mode:04o}); run `chmod 600 {k}`"
+            ),
+        );
+    }
+    // Private, but another user's: they could have put their own key there.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `ssh.private_key_file` = `{k}`: owned by uid 65534, not by this user (uid 0) or root; remove \
+             it or choose another path"
+        ),
+    );
+    // A link to a private key of this user's is not followed either.
+    std::os::unix::fs::chown(&key, Some(0), Some(0)).unwrap();
+    let link = dir.path().join("id_link");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    let mut doc: toml::Table = std::fs::read_to_string(&w.config).unwrap().parse().unwrap();
+    doc["ssh"]
+        .as_table_mut()
+        .unwrap()
+        .insert("private_key_file".into(), toml::Value::String(link.display().to_string()));
+    std::fs::write(&w.config, toml::to_string(&doc).unwrap()).unwrap();
+    every_stage_refuses(
+        &w,
+        &format!(
+            "refusing `ssh.private_key_file` = `{}`: it is a symbolic link; remove the link or set the real path",
+            link.display()
+        ),
+    );
+}
+
+#[test]
 fn trace_logging_never_shows_the_metadata_token_or_role_credentials() {
     use aliyun_spot_executor::emulator::{Emulator, EmulatorOptions};
     let emu = Emulator::start(EmulatorOptions {

@@ -1,5 +1,6 @@
 //! Integration tests: the real binaries, the emulator and real sshd.
 
+mod admin_output;
 mod client_emulator;
 mod config;
 mod credentials_scope;

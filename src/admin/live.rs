@@ -23,6 +23,7 @@ use time::OffsetDateTime;
 use crate::config::JobSpec;
 use crate::env::Env;
 use crate::identity::{JobIdentity, JobSecret};
+use crate::logging::stdout_line;
 use crate::ssh::{self, SshTarget};
 use crate::stages::{cleanup, prepare, Context};
 
@@ -68,7 +69,7 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
         bail!("no spot offer fits the default shape ({arch}); `aliyun-spot prices` shows what is sold");
     };
     let budget = boot_timeout + Duration::from_secs(10 * 60);
-    println!(
+    stdout_line(&format!(
         "doctor --live creates ONE real spot instance and deletes it: the cheapest fitting offer is {} in {} at {:.4} {cur}/hour; \
          a run takes a few minutes and costs about {:.4} {cur} (at most {:.4} {cur} if it took {} minutes)",
         best.instance_type,
@@ -78,7 +79,7 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
         best.spot_price * budget.as_secs_f64() / 3600.0,
         budget.as_secs() / 60,
         cur = best.currency
-    );
+    ))?;
 
     // A panic in the probe must not skip the release below.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| create_probe(&ctx)))
@@ -89,20 +90,23 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
     let t = Instant::now();
     let released = cleanup::run(&ctx);
     let delete_id = ctx.client.last_request_id("DeleteInstance");
-    match &released {
-        Ok(()) => println!(
+    let shown = match &released {
+        Ok(()) => stdout_line(&format!(
             "step  delete: {:.1}s{}",
             t.elapsed().as_secs_f64(),
             delete_id.map(|id| format!(" (RequestId {id})")).unwrap_or_default()
-        ),
-        Err(e) => println!("FAIL  delete: {e:#}"),
-    }
-    let probe = result?;
+        )),
+        Err(e) => stdout_line(&format!("FAIL  delete: {e:#}")),
+    };
+    // A failed release comes first, on stderr: even when stdout is gone (which may be why the
+    // probe stopped), an instance left behind must not end in a quiet exit.
     released
         .map_err(stage_error)
         .context("the instance could not be released; run `aliyun-spot instances` and `aliyun-spot sweep`")?;
+    let probe = result?;
+    shown?;
     let seconds = (OffsetDateTime::now_utc() - probe.created_at).as_seconds_f64().max(0.0);
-    println!(
+    stdout_line(&format!(
         "cost  {} ({} in {}) for {:.0}s at {:.4} {cur}/hour: about {:.4} {cur}",
         probe.instance_id,
         probe.instance_type,
@@ -111,11 +115,11 @@ pub fn doctor_live(config_path: Option<&Path>) -> Result<()> {
         probe.price,
         probe.price * seconds / 3600.0,
         cur = probe.currency
-    );
+    ))?;
     if probe.missing_git {
         bail!("the image has no `git`: jobs cannot fetch their sources; install it in the image");
     }
-    println!("live check passed");
+    stdout_line("live check passed")?;
     Ok(())
 }
 
@@ -136,7 +140,7 @@ fn create_probe(ctx: &Context) -> Result<Probe> {
     prepare::run(ctx).map_err(stage_error).context("creating the instance as prepare would failed")?;
     let state = ctx.store.load(&ctx.key)?.ok_or_else(|| anyhow!("prepare finished without a job state"))?;
     let id = state.instance_id.clone().unwrap_or_default();
-    println!(
+    stdout_line(&format!(
         "step  create and boot: {:.1}s, {} ({} in {}, {:.4} {}/hour){}",
         t.elapsed().as_secs_f64(),
         id,
@@ -145,7 +149,7 @@ fn create_probe(ctx: &Context) -> Result<Probe> {
         state.spot_price.unwrap_or_default(),
         state.currency,
         ctx.client.last_request_id("RunInstances").map(|r| format!(" (RequestId {r})")).unwrap_or_default()
-    );
+    ))?;
 
     let t = Instant::now();
     let target = SshTarget {
@@ -170,16 +174,16 @@ fn create_probe(ctx: &Context) -> Result<Probe> {
         );
     }
     let text = String::from_utf8_lossy(&out).into_owned();
-    println!("step  ssh commands: {:.1}s", t.elapsed().as_secs_f64());
+    stdout_line(&format!("step  ssh commands: {:.1}s", t.elapsed().as_secs_f64()))?;
     let mut missing_git = false;
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         if line == "git: MISSING" {
             missing_git = true;
-            println!("FAIL  {line} (jobs cannot fetch their sources)");
+            stdout_line(&format!("FAIL  {line} (jobs cannot fetch their sources)"))?;
         } else if line == "gitlab-runner: MISSING" {
-            println!("warn  {line} (caches and artifacts are skipped without it)");
+            stdout_line(&format!("warn  {line} (caches and artifacts are skipped without it)"))?;
         } else {
-            println!("ok    {line}");
+            stdout_line(&format!("ok    {line}"))?;
         }
     }
     Ok(Probe {

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use crate::config::{AskedBy, Config, Override, ShapeRequest};
 use crate::ecs::{DescribeInstancesFilter, EcsClient, Instance};
 use crate::env::Env;
+use crate::logging::{stdout_line, stdout_text};
 use crate::selection::{Arch, Offer, Shape};
 use crate::tags;
 
@@ -77,15 +78,14 @@ pub fn prices(config_path: Option<&Path>, args: &ShapeArgs, json: bool, fresh: b
     let shape = shape_of(&config, args)?;
     let offers = crate::selection::offers::ranked(&client, &config, &shape, true)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&offers)?);
+        stdout_line(&serde_json::to_string_pretty(&offers)?)?;
         return Ok(());
     }
-    print_offers(&shape, &offers);
-    Ok(())
+    print_offers(&shape, &offers)
 }
 
-fn print_offers(shape: &Shape, offers: &[Offer]) {
-    println!(
+fn print_offers(shape: &Shape, offers: &[Offer]) -> Result<()> {
+    stdout_line(&format!(
         "{} offers for {} with {}-{} vCPU and {}-{} GiB (cheapest first):",
         offers.len(),
         shape.arch,
@@ -93,12 +93,12 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
         shape.max_cpu,
         shape.min_mem_gib,
         shape.max_mem_gib
-    );
+    ))?;
     // Prices are in the account's currency (`Currency` of DescribeSpotPriceHistory: CNY on the
     // China site, USD on the international one), named in each price column's heading.
     let currency =
         offers.first().map(|o| o.currency.as_str()).unwrap_or(crate::selection::pricing::DEFAULT_CURRENCY);
-    println!(
+    stdout_line(&format!(
         "{:<22} {:<16} {:>5} {:>8} {:>11} {:>10} {:>15} {:>9}  VSWITCH",
         "TYPE",
         "ZONE",
@@ -108,9 +108,9 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
         format!("PER CORE {currency}"),
         format!("ON-DEMAND/h {currency}"),
         "SAVING"
-    );
+    ))?;
     for o in offers {
-        println!(
+        stdout_line(&format!(
             "{:<22} {:<16} {:>5} {:>8} {:>11.4} {:>10.5} {:>15} {:>9}  {}",
             o.instance_type,
             o.zone,
@@ -121,8 +121,9 @@ fn print_offers(shape: &Shape, offers: &[Offer]) {
             o.on_demand_price.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
             o.discount.map(crate::selection::pricing::percent_off).unwrap_or_else(|| "-".into()),
             o.vswitch_id.as_deref().unwrap_or("(none: not used)")
-        );
+        ))?;
     }
+    Ok(())
 }
 
 /// One managed instance, as `instances --json` prints it.
@@ -194,19 +195,19 @@ pub fn instances(config_path: Option<&Path>, json: bool) -> Result<()> {
         .map(|i| InstanceRow::from(i, now, &config.safety))
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        stdout_line(&serde_json::to_string_pretty(&rows)?)?;
         return Ok(());
     }
-    println!("{} managed instance(s) in {}", rows.len(), config.region()?);
+    stdout_line(&format!("{} managed instance(s) in {}", rows.len(), config.region()?))?;
     if rows.is_empty() {
         return Ok(());
     }
-    println!(
+    stdout_line(&format!(
         "{:<24} {:<36} {:<20} {:<16} {:<9} {:>8} {:<8} {:<8} IP",
         "ID", "NAME", "TYPE", "ZONE", "STATUS", "AGE", "PROJECT", "JOB"
-    );
+    ))?;
     for r in rows {
-        println!(
+        stdout_line(&format!(
             "{:<24} {:<36} {:<20} {:<16} {:<9} {:>8} {:<8} {:<8} {}",
             r.id,
             r.name,
@@ -223,7 +224,7 @@ pub fn instances(config_path: Option<&Path>, json: bool) -> Result<()> {
             r.project.unwrap_or_default(),
             r.job.unwrap_or_default(),
             r.public_ips.first().or(r.private_ips.first()).cloned().unwrap_or_default()
-        );
+        ))?;
     }
     Ok(())
 }
@@ -233,23 +234,23 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
     let (config, client) = load(config_path)?;
     let mut failures = 0;
     let mut check = |what: &str, r: Result<String>| match r {
-        Ok(detail) => println!("ok    {what}: {detail}"),
+        Ok(detail) => stdout_line(&format!("ok    {what}: {detail}")),
         Err(e) => {
             failures += 1;
-            println!("FAIL  {what}: {}", crate::exit::one_line(&e));
+            stdout_line(&format!("FAIL  {what}: {}", crate::exit::one_line(&e)))
         }
     };
     check(
         "configuration",
         config.require_for_api().map(|_| format!("region {}", config.region().unwrap_or("?"))),
-    );
+    )?;
     check(
         "credentials and region",
         client
             .describe_zones()
             .map(|z| format!("{} zones visible ({})", z.len(), client.credentials_source()))
             .map_err(Into::into),
-    );
+    )?;
     for (arch, image) in &config.images {
         check(
             &format!("{arch} image"),
@@ -259,7 +260,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                     None => anyhow::bail!("image `{image}` not found in {}", client.region_id()),
                 },
             ),
-        );
+        )?;
     }
     if let Some(sg) = &config.network.security_group_id {
         check(
@@ -273,13 +274,13 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
                     }
                     None => anyhow::bail!("security group `{sg}` not found"),
                 }),
-        );
+        )?;
     }
     let arch = config.instance.default_arch;
     check(
         "prepare settings",
         config.require_for_prepare(arch).map(|_| format!("{arch} jobs can be prepared")),
-    );
+    )?;
     let offers = crate::selection::offers::ranked(&client, &config, &config.default_job_shape(arch), false);
     let first = offers.as_ref().ok().and_then(|o| o.first().cloned());
     check(
@@ -294,7 +295,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             ),
             None => "none fit the default shape".to_string(),
         }),
-    );
+    )?;
     if let Some(offer) = first {
         // RunInstances with DryRun proves permissions, image, group and vswitch fit together.
         let req = crate::ecs::RunInstancesRequest {
@@ -329,7 +330,7 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
         check(
             "RunInstances (DryRun)",
             client.run_instances(&req).map(|_| "allowed".to_string()).map_err(Into::into),
-        );
+        )?;
     }
     if config.safety.watchdog && config.self_destruct.hands_over() {
         // A real AssumeRole, with a session policy naming an instance that cannot exist.
@@ -337,12 +338,12 @@ pub fn doctor(config_path: Option<&Path>) -> Result<()> {
             "watchdog role (STS AssumeRole)",
             crate::sts::assume_role(&config, "i-doctor", "doctor")
                 .map(|c| format!("assumed ({})", crate::credentials::mask_key_id(&c.access_key_id))),
-        );
+        )?;
     }
-    print!("{}", crate::ram_policy::render(&config));
+    stdout_text(&crate::ram_policy::render(&config))?;
     if failures > 0 {
         anyhow::bail!("{failures} check(s) failed");
     }
-    println!("all checks passed");
+    stdout_line("all checks passed")?;
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::config::format_duration;
 use crate::config::Config;
 use crate::ecs::{EcsClient, Instance};
 use crate::env::Env;
+use crate::logging::stdout_line;
 use crate::state::{JobKey, StateStore};
 use crate::tags;
 
@@ -110,19 +111,19 @@ pub fn sweep(config: &Config, client: &EcsClient, this_host: &str, args: &SweepA
                 .unwrap_or_default()
         );
         if args.dry_run {
-            println!("would delete {what}: {reason}");
+            stdout_line(&format!("would delete {what}: {reason}"))?;
             continue;
         }
         // The one release loop: waits out `IncorrectInstanceStatus.Initializing` and throttling.
         match crate::stages::release_instance(client, &inst.id, None) {
             Ok(()) => {
                 deleted += 1;
-                println!("deleted {what}: {reason}");
+                stdout_line(&format!("deleted {what}: {reason}"))?;
             }
-            Err(e) => println!("FAILED to delete {what}: {e}"),
+            Err(e) => stdout_line(&format!("FAILED to delete {what}: {e}"))?,
         }
     }
-    println!("{deleted} deleted, {kept} kept of {} managed instance(s)", managed.len());
+    stdout_line(&format!("{deleted} deleted, {kept} kept of {} managed instance(s)", managed.len()))?;
     Ok(())
 }
 

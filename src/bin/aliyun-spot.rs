@@ -89,8 +89,5 @@ fn main() {
         Command::Github(GithubCommand::Sweep(args)) => github::sweep_cli(config, &args),
         Command::KeepSession => keeper::serve(),
     };
-    if let Err(e) = result {
-        eprintln!("aliyun-spot: {}", exit::one_line(&e));
-        std::process::exit(1);
-    }
+    std::process::exit(exit::admin_code(&result));
 }

@@ -102,6 +102,7 @@ pub use crate::credentials::CredentialSpec;
 mod durations;
 mod helper;
 mod job;
+mod names;
 pub mod perms;
 mod raw;
 mod sections;

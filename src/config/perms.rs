@@ -8,7 +8,10 @@
 //!   cloud account. For a loopback endpoint (the emulator, or a local proxy) it is a warning,
 //!   and none at all for the emulator's public test key, which is no secret;
 //! - the state directory, price cache directory and ledger must not be plantable or
-//!   redirectable by other users ([`crate::fsutil::check_host_dir`]).
+//!   redirectable by other users ([`crate::fsutil::check_host_dir`]);
+//! - the SSH private key file (`ssh.private_key_file`) must be the user's own regular file that
+//!   nobody else can read or replace ([`crate::fsutil::check_host_private_file`]); it is read
+//!   with `O_NOFOLLOW` ([`crate::keys::load_private_key_file`]).
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -17,7 +20,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use super::Config;
-use crate::fsutil::{check_host_dir, check_host_file};
+use crate::fsutil::{check_host_dir, check_host_file, check_host_private_file};
 
 /// Checks the configuration file at `path` (its text `text`) and the configured host paths;
 /// pushes a warning onto `config.warnings` for a loopback endpoint's readable secret.
@@ -27,7 +30,11 @@ pub fn check(config: &mut Config, file: Option<(&Path, &str)>) -> Result<()> {
     }
     check_host_dir(&config.paths.state_dir, "paths.state_dir")?;
     check_host_dir(&config.paths.cache_dir, "paths.cache_dir")?;
-    check_host_file(&config.paths.ledger, "paths.ledger")
+    check_host_file(&config.paths.ledger, "paths.ledger")?;
+    if let Some(key) = &config.ssh.private_key_file {
+        check_host_private_file(key, crate::keys::PRIVATE_KEY_FILE_KEY)?;
+    }
+    Ok(())
 }
 
 fn check_secret_file(config: &mut Config, path: &Path, text: &str) -> Result<()> {

@@ -58,6 +58,13 @@ impl InstanceConfig {
         )
     }
 
+    /// The runner (and instance) name of `aliyun-spot github start` for `arch` at `at`:
+    /// [`Self::instance_name`] and a random `suffix`, so that two starts in the same second (a
+    /// matrix) do not collide.
+    pub fn runner_name(&self, arch: Arch, at: OffsetDateTime, suffix: u16) -> String {
+        format!("{}-{suffix:04x}", self.instance_name(arch, at))
+    }
+
     /// The `HostName` for an instance named `instance_name`.
     pub fn host_name(&self, instance_name: &str) -> String {
         self.hostname.clone().unwrap_or_else(|| instance_name.to_string())

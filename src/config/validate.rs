@@ -337,33 +337,9 @@ impl<'a> Validator<'a> {
                 )
             })?,
         };
+        // Checked with the names made of them, below (`names.rs`).
         let name_prefix = raw.name_prefix.unwrap_or_else(|| "ci-runner".into());
-        let ok = (1..=38).contains(&name_prefix.len())
-            && name_prefix.starts_with(|c: char| c.is_ascii_alphabetic())
-            && name_prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-        if !ok {
-            return Err(self.err(
-                Origin::File("instance.name_prefix"),
-                &name_prefix,
-                "is not usable in instance and host names; use 1 to 38 letters, digits and `-`, starting with a \
-                 letter",
-            ));
-        }
         let hostname = raw.hostname.map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
-        if let Some(h) = &hostname {
-            let ok = (2..=64).contains(&h.len())
-                && !h.starts_with(['.', '-'])
-                && !h.ends_with(['.', '-'])
-                && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-            if !ok {
-                return Err(self.err(
-                    Origin::File("instance.hostname"),
-                    h,
-                    "is not a valid host name; use 2 to 64 letters, digits, `.` and `-`, or leave it out to use the \
-                     instance name",
-                ));
-            }
-        }
         let system_disk_category = raw.system_disk_category.unwrap_or_else(|| "cloud_essd".into());
         if system_disk_category.is_empty()
             || !system_disk_category.chars().all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit())
@@ -408,7 +384,7 @@ impl<'a> Validator<'a> {
                 ));
             }
         }
-        Ok(InstanceConfig {
+        let instance = InstanceConfig {
             default_arch,
             name_prefix,
             hostname,
@@ -416,7 +392,9 @@ impl<'a> Validator<'a> {
             system_disk_size_gib,
             ram_role_name,
             extra_tags,
-        })
+        };
+        self.instance_names(&instance)?;
+        Ok(instance)
     }
 
     pub(super) fn shapes(&self, raw: RawShapes) -> anyhow::Result<BTreeMap<Arch, Shape>> {

@@ -85,8 +85,11 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         config_for(EMULATOR_TOML, &emulator.endpoint(), dir.path())?.as_bytes(),
         0o600,
     )?;
-    println!("Emulator at {} (instances are real sshd processes on loopback addresses)", emulator.endpoint());
-    println!("Configuration: {}", config.display());
+    crate::logging::stdout_line(&format!(
+        "Emulator at {} (instances are real sshd processes on loopback addresses)",
+        emulator.endpoint()
+    ))?;
+    crate::logging::stdout_line(&format!("Configuration: {}", config.display()))?;
 
     let builds = dir.path().join("builds").display().to_string();
     // The sample runs as a job GitLab would send, a hundred predefined variables and all, so
@@ -105,7 +108,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     );
     base_env.insert("HOME".to_string(), dir.path().display().to_string());
 
-    println!("\n======== job log ========");
+    crate::logging::stdout_line("\n======== job log ========")?;
     let attempt = Attempt::new(exes, base_env, &job)?;
     let log = attempt.log.clone();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -118,7 +121,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst);
                 let text = log.text();
                 if text.len() > shown {
-                    print!("{}", &text[shown..]);
+                    if crate::logging::stdout_text(&text[shown..]).is_err() {
+                        break; // the reader went away; `run` notices at its next line
+                    }
                     shown = text.len();
                 }
                 if finished {
@@ -132,20 +137,20 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = printer.join();
     let outcome = outcome?;
-    println!("======== runner log (cleanup) ========\n{}", outcome.runner_log);
+    crate::logging::stdout_line(&format!("======== runner log (cleanup) ========\n{}", outcome.runner_log))?;
     let live = emulator.live_instances();
     let created = emulator.instances().len();
     emulator.shutdown();
     for (stage, exit) in &outcome.stages {
-        println!("stage {stage:<24} {exit:?}");
+        crate::logging::stdout_line(&format!("stage {stage:<24} {exit:?}"))?;
     }
-    println!("instances created: {created}, still running: {live}");
+    crate::logging::stdout_line(&format!("instances created: {created}, still running: {live}"))?;
     if !outcome.passed() {
         bail!("the demo job failed (see the log above)");
     }
     if live != 0 {
         bail!("{live} instance(s) were left running");
     }
-    println!("demo passed: the job ran on a spot instance that no longer exists");
+    crate::logging::stdout_line("demo passed: the job ran on a spot instance that no longer exists")?;
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod client;
 pub mod credentials;
 pub mod endpoint;
 pub mod error;
+pub mod names;
 pub mod paging;
 pub mod retry;
 pub mod sign;

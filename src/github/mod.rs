@@ -174,7 +174,7 @@ pub fn start_cli(config_path: Option<&Path>, args: &StartArgs) -> Result<()> {
     }
     let output = env.value("GITHUB_OUTPUT").map(std::path::PathBuf::from);
     let started = start(&config, &client, &gh, args, output.as_deref(), &cancel)?;
-    print!("{}", started.output_lines());
+    crate::logging::stdout_text(&started.output_lines())?;
     Ok(())
 }
 
@@ -219,13 +219,7 @@ pub fn start(
     }
 
     let created_at = OffsetDateTime::now_utc();
-    let ts = created_at
-        .format(time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
-        .unwrap_or_default();
-    // The seed's `ci-runner-{arch}-spot-{timestamp}`, plus a random suffix: two starts in the
-    // same second (a matrix) must not collide.
-    let runner_name =
-        format!("{}-{}-spot-{}-{:04x}", config.instance.name_prefix, arch, ts, rand::random::<u16>());
+    let runner_name = config.instance.runner_name(arch, created_at, rand::random::<u16>());
     let mut labels = vec![runner_name.clone()];
     labels.extend(extra_labels);
 
@@ -523,31 +517,39 @@ pub fn sweep(config: &Config, client: &EcsClient, gh: &GithubClient, args: &Swee
         let age = i.creation_time.map(|c| Duration::from_secs((now - c).whole_seconds().max(0) as u64));
         let Some(reason) = sweep_verdict(age, runner, args.job_wait, config.safety.max_lifetime) else {
             kept += 1;
-            println!(
+            crate::logging::stdout_line(&format!(
                 "kept {} (runner {name}{})",
                 i.id,
                 if runner.is_some_and(|r| r.busy) { ", busy" } else { "" }
-            );
+            ))?;
             continue;
         };
         if args.dry_run {
-            println!("would delete {} (runner {name}): {reason}", i.id);
+            crate::logging::stdout_line(&format!("would delete {} (runner {name}): {reason}", i.id))?;
             continue;
         }
         match crate::stages::release_instance(client, &i.id, None) {
             Ok(()) => {
                 deleted += 1;
-                println!("deleted {} (runner {name}): {reason}", i.id);
+                crate::logging::stdout_line(&format!("deleted {} (runner {name}): {reason}", i.id))?;
                 if let Some(r) = runner {
                     if let Err(e) = gh.delete_runner(&scope, r.id) {
-                        println!("WARNING: could not deregister runner {name}: {e}");
+                        crate::logging::stdout_line(&format!(
+                            "WARNING: could not deregister runner {name}: {e}"
+                        ))?;
                     }
                 }
             }
-            Err(e) => println!("FAILED to delete {} (runner {name}): {e}", i.id),
+            Err(e) => {
+                crate::logging::stdout_line(&format!("FAILED to delete {} (runner {name}): {e}", i.id))?
+            }
         }
     }
-    println!("{deleted} deleted, {kept} kept of {} runner instance(s) of {}", instances.len(), scope.path());
+    crate::logging::stdout_line(&format!(
+        "{deleted} deleted, {kept} kept of {} runner instance(s) of {}",
+        instances.len(),
+        scope.path()
+    ))?;
     Ok(())
 }
 

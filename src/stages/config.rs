@@ -61,10 +61,9 @@ pub fn main(config_path: Option<PathBuf>) -> ! {
     let env = Env::from_process();
     let codes = env.exit_codes();
     let result = runner_json(&env, config_path).and_then(|json| {
-        use std::io::Write;
         // A failed write is an error, not a panic: gitlab-runner needs the whole JSON.
-        writeln!(std::io::stdout().lock(), "{json}")
-            .map_err(|e| StageError::system(format!("failed to write the runner JSON to stdout: {e}")))
+        crate::logging::stdout_line(&json.to_string())
+            .map_err(|e| StageError::system(format!("failed to write the runner JSON: {e}")))
     });
     std::process::exit(codes.code_for(&result));
 }

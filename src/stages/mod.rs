@@ -285,12 +285,9 @@ impl Context {
         self.store.job_dir(&self.key).join("instance-credentials-expiry")
     }
 
-    /// `ci-runner-{arch}-spot-{timestamp}` (prefix configurable).
+    /// The job's instance name ([`crate::config::InstanceConfig::instance_name`]).
     pub fn instance_name(&self, at: OffsetDateTime) -> String {
-        let ts = at
-            .format(time::macros::format_description!("[year][month][day]-[hour][minute][second]"))
-            .unwrap_or_default();
-        format!("{}-{}-spot-{}", self.config.instance.name_prefix, self.spec.shape.arch, ts)
+        self.config.instance.instance_name(self.spec.shape.arch, at)
     }
 
     /// Tags for a new instance: the managed marker, runner, project, job, attempt binding,

@@ -106,12 +106,13 @@ def main():
     req.set_ImageId("ubuntu_24_04_x64_20G_alibase_20250101.vhd")
     req.set_SecurityGroupId("sg-bp1emulator0000000001")
     req.set_VSwitchId("vsw-bp1emulatorzonej")
-    req.set_InstanceName("conformance 构建")
+    # UTF-8 in the name, and a space too in a tag value: ECS refuses a space in an InstanceName.
+    req.set_InstanceName("conformance-构建")
     req.set_SpotStrategy("SpotAsPriceGo")
     req.set_InternetMaxBandwidthOut(1)
     req.set_Amount(1)
     req.set_UserData(base64.b64encode(b"#cloud-config\nssh_authorized_keys: []\n").decode())
-    req.set_Tags([{"Key": "managed-by", "Value": "conformance"}, {"Key": "job", "Value": "42"}])
+    req.set_Tags([{"Key": "managed-by", "Value": "conformance 构建"}, {"Key": "job", "Value": "42"}])
     req.set_ClientToken(token)
     r = call(c, req)
     ids = r["InstanceIdSets"]["InstanceIdSet"]
@@ -129,8 +130,8 @@ def main():
     expect("DescribeInstances", len(insts) == 1 and r["TotalCount"] == 1, str(r))
     i = insts[0]
     tags = {t["TagKey"]: t["TagValue"] for t in i["Tags"]["Tag"]}
-    expect("DescribeInstances", tags == {"managed-by": "conformance", "job": "42"}, str(tags))
-    expect("DescribeInstances", i["InstanceName"] == "conformance 构建" and i["ZoneId"] == "cn-hangzhou-j", str(i))
+    expect("DescribeInstances", tags == {"managed-by": "conformance 构建", "job": "42"}, str(tags))
+    expect("DescribeInstances", i["InstanceName"] == "conformance-构建" and i["ZoneId"] == "cn-hangzhou-j", str(i))
     ip = i["VpcAttributes"]["PrivateIpAddress"]["IpAddress"]
     expect("DescribeInstances", len(ip) == 1 and i["PublicIpAddress"]["IpAddress"] == ip, str(i))
     ok("DescribeInstances", f"{i['InstanceId']} {i['Status']} {ip[0]}")

@@ -173,12 +173,13 @@ def main():
         image_id="ubuntu_24_04_x64_20G_alibase_20250101.vhd",
         security_group_id="sg-bp1emulator0000000001",
         v_switch_id="vsw-bp1emulatorzonej",
-        instance_name="conformance v3 构建",
+        # UTF-8 in the name, and a space too in a tag value: ECS refuses a space in an InstanceName.
+        instance_name="conformance-v3-构建",
         spot_strategy="SpotAsPriceGo",
         internet_max_bandwidth_out=1,
         amount=1,
         user_data=base64.b64encode(b"#cloud-config\nssh_authorized_keys: []\n").decode(),
-        tag=[ecs.RunInstancesRequestTag(key="managed-by", value="conformance"), ecs.RunInstancesRequestTag(key="job", value="43")],
+        tag=[ecs.RunInstancesRequestTag(key="managed-by", value="conformance 构建"), ecs.RunInstancesRequestTag(key="job", value="43")],
         client_token=token,
     )
     r = body(c.run_instances_with_options(req, RUNTIME))
@@ -196,8 +197,8 @@ def main():
     expect("DescribeInstances", len(insts) == 1 and r["TotalCount"] == 1, str(r))
     i = insts[0]
     tags = {t["TagKey"]: t["TagValue"] for t in i["Tags"]["Tag"]}
-    expect("DescribeInstances", tags == {"managed-by": "conformance", "job": "43"}, str(tags))
-    expect("DescribeInstances", i["InstanceName"] == "conformance v3 构建" and i["ZoneId"] == "cn-hangzhou-j", str(i))
+    expect("DescribeInstances", tags == {"managed-by": "conformance 构建", "job": "43"}, str(tags))
+    expect("DescribeInstances", i["InstanceName"] == "conformance-v3-构建" and i["ZoneId"] == "cn-hangzhou-j", str(i))
     ok("DescribeInstances", f"{i['InstanceId']} {i['Status']}")
 
     req = ecs.DeleteInstanceRequest(instance_id=ids[0], force=True)

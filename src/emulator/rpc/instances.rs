@@ -190,6 +190,14 @@ fn validate_run<'a>(
         let row = crate::ecs::published_error(code).expect("a code of the published table");
         ApiError::new(row.http_status, row.code, row.message)
     };
+    // `HostName` and `InstanceName` by the rules the configuration validator also applies
+    // (`crate::ecs::names`, which cites the RunInstances reference and request model).
+    if get(p, "HostName").is_some_and(|h| crate::ecs::names::host_name_problem(h).is_some()) {
+        return Err(published("InvalidHostName.Malformed"));
+    }
+    if get(p, "InstanceName").is_some_and(|n| crate::ecs::names::instance_name_problem(n).is_some()) {
+        return Err(published("InvalidInstanceName.Malformed"));
+    }
     let spot_limit = num_param::<f64>(p, "SpotPriceLimit").map_err(|_| published("InvalidSpotPriceLimit"))?;
     // At most three decimals (`RunInstances` request model, see `crate::pricing`). Aliyun's
     // RunInstances error table names no code of its own for this, so the emulator answers the
