@@ -267,10 +267,14 @@ fn an_idle_keeper_exits_on_its_own() {
     };
     let dir = job_dir(&w);
     let exe = Path::new(env!("CARGO_BIN_EXE_aliyun-spot"));
-    aliyun_spot_executor::keeper::start(exe, &dir, &target, Keepalive::default(), Duration::from_secs(1)).unwrap();
+    aliyun_spot_executor::keeper::start(exe, &dir, &target, Keepalive::default(), Duration::from_secs(1))
+        .unwrap();
     assert!(dir.join("keeper.sock").exists());
     assert_no_keeper(&w);
-    assert_eq!(fs::read_to_string(dir.join("keeper.log")).unwrap(), "session keeper: exiting: no stage for 1s\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("keeper.log")).unwrap(),
+        "session keeper: exiting: no stage for 1s\n"
+    );
     assert!(!dir.join("keeper.sock").exists(), "it removes its socket");
     assert!(attempt.run_stage("build_script", "echo direct").unwrap().success(), "{}", attempt.log.text());
     assert!(attempt.cleanup().unwrap().success());
