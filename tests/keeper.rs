@@ -281,6 +281,70 @@ fn an_idle_keeper_exits_on_its_own() {
     w.assert_nothing_left();
 }
 
+/// The processes descended from `root` (not `root` itself).
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parent = std::collections::HashMap::<i32, Vec<i32>>::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()) {
+            parent.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for &c in parent.get(&p).into_iter().flatten() {
+            out.push(c);
+            stack.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_kept_session_that_stalled_unnoticed_starts_nothing_and_the_stage_connects_on_its_own() {
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("ssh", "keep_session", toml::Value::Boolean(true)),
+            ("ssh", "connect_timeout", toml::Value::String("2s".into())),
+        ],
+    );
+    let attempt = prepared(&w, "3111");
+    // The instance's listening sshd; between stages its only connection is the keeper's.
+    let work = w.emulator.work_dir().display().to_string();
+    let listener: Vec<i32> = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = String::from_utf8_lossy(&fs::read(e.path().join("cmdline")).ok()?).into_owned();
+            (cmd.contains("sshd") && cmd.contains(&work)).then_some(pid)
+        })
+        .collect();
+    assert_eq!(listener.len(), 1, "one instance, one sshd");
+    let session = descendants(listener[0]);
+    assert!(!session.is_empty(), "the keeper's session is served by sshd's per-connection processes");
+    // The server side of the kept session stops answering, the TCP connection stays up.
+    for &p in &session {
+        // SAFETY: plain syscall on sshd processes of this test's instance.
+        unsafe { libc::kill(p, libc::SIGSTOP) };
+    }
+    let exit = attempt.run_stage("build_script", "echo ran-once").unwrap();
+    for &p in &session {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    let log = attempt.log.text();
+    assert!(exit.success(), "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "ran-once").count(), 1, "{log}");
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    assert_no_keeper(&w);
+    w.assert_nothing_left();
+}
+
 #[test]
 fn a_socket_others_could_use_is_not_trusted_and_stages_go_direct() {
     let w = world(true);

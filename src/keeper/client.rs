@@ -66,6 +66,11 @@ pub fn run_stage(
     }
     log::debug!("stage over the kept session to {}", t.addr());
     let end = relay(&mut s, t, stdout, stderr, cancel);
+    if end.not_started {
+        // The kept session had died unnoticed: nothing ran, so a connection of our own may.
+        log::debug!("the kept session could not start the stage: {:?}", end.result);
+        return None;
+    }
     Some(finish_over_new_connection(t, token, end))
 }
 
@@ -129,6 +134,7 @@ fn relay(
                 return StageEnd {
                     result: Ok(RunOutcome { exit_status: None, signal: None, cancelled: true }),
                     stop_remote: true,
+                    not_started: false,
                 }
             }
             Read::Gone => {
@@ -138,6 +144,7 @@ fn relay(
                         message: "the session keeper stopped during the stage".into(),
                     }),
                     stop_remote: true,
+                    not_started: false,
                 }
             }
             Read::Frame(kind, payload) => (kind, payload),
@@ -147,10 +154,10 @@ fn relay(
             (wire::STDERR, data) => deliver(stderr, &data, t, &mut local_error, s),
             (wire::DONE, json) => {
                 let report: Option<StageReport> = serde_json::from_slice(&json).ok();
-                let (result, stop_remote) = match report {
+                let (result, stop_remote, not_started) = match report {
                     Some(r) => {
-                        let stop = r.stop_remote;
-                        (r.result(), stop)
+                        let (stop, not_started) = (r.stop_remote, r.not_started);
+                        (r.result(), stop, not_started)
                     }
                     None => (
                         Err(SshError::Lost {
@@ -158,11 +165,12 @@ fn relay(
                             message: "the session keeper's report is unreadable".into(),
                         }),
                         true,
+                        false,
                     ),
                 };
                 return match local_error {
-                    Some(e) => StageEnd { result: Err(e), stop_remote },
-                    None => StageEnd { result, stop_remote },
+                    Some(e) => StageEnd { result: Err(e), stop_remote, not_started: false },
+                    None => StageEnd { result, stop_remote, not_started },
                 };
             }
             _ => {}

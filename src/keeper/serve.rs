@@ -216,7 +216,7 @@ impl Keeper {
         let end =
             self.session.run(token, &script, &req.interpreter, &options, &mut out, &mut err, &mut control);
         let stop = control.stop;
-        let report = StageReport::new(&end.result, end.stop_remote);
+        let report = StageReport::new(&end);
         if let Ok(json) = serde_json::to_vec(&report) {
             let _ = wire::write_frame(&mut &s, wire::DONE, &json);
         }

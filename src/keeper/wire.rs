@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ssh::{RunOutcome, SshError};
+use crate::ssh::{RunOutcome, SshError, StageEnd};
 
 /// `run` → keeper: run a stage ([`StageRequest`] JSON).
 pub const RUN: u8 = b'R';
@@ -63,6 +63,9 @@ pub struct StageReport {
     pub error: Option<(String, String, String)>,
     /// The script's processes still need stopping over a new connection.
     pub stop_remote: bool,
+    /// Nothing ran ([`crate::ssh::StageEnd::not_started`]): `run` may connect on its own.
+    #[serde(default)]
+    pub not_started: bool,
 }
 
 /// [`RunOutcome`] on the wire.
@@ -77,8 +80,9 @@ pub struct Outcome {
 }
 
 impl StageReport {
-    /// The report of a stage's result.
-    pub fn new(result: &Result<RunOutcome, SshError>, stop_remote: bool) -> StageReport {
+    /// The report of a stage's end.
+    pub fn new(end: &StageEnd) -> StageReport {
+        let (result, stop_remote, not_started) = (&end.result, end.stop_remote, end.not_started);
         match result {
             Ok(o) => StageReport {
                 outcome: Some(Outcome {
@@ -88,6 +92,7 @@ impl StageReport {
                 }),
                 error: None,
                 stop_remote,
+                not_started,
             },
             Err(e) => {
                 let (kind, addr, message) = match e {
@@ -95,7 +100,12 @@ impl StageReport {
                     SshError::Lost { addr, message } => ("lost", addr.clone(), message.clone()),
                     other => ("lost", String::new(), other.to_string()),
                 };
-                StageReport { outcome: None, error: Some((kind.into(), addr, message)), stop_remote }
+                StageReport {
+                    outcome: None,
+                    error: Some((kind.into(), addr, message)),
+                    stop_remote,
+                    not_started,
+                }
             }
         }
     }
@@ -193,11 +203,12 @@ mod tests {
     #[test]
     fn reports_carry_outcomes_and_errors() {
         let ok = RunOutcome { exit_status: Some(3), signal: None, cancelled: false };
-        assert_eq!(StageReport::new(&Ok(ok.clone()), false).result().unwrap(), ok);
+        let end = StageEnd { result: Ok(ok.clone()), stop_remote: false, not_started: false };
+        assert_eq!(StageReport::new(&end).result().unwrap(), ok);
         let lost =
             Err(SshError::Lost { addr: "10.0.0.1:22".into(), message: "reading output: reset".into() });
-        let back = StageReport::new(&lost, true);
-        assert!(back.stop_remote);
+        let back = StageReport::new(&StageEnd { result: lost, stop_remote: true, not_started: false });
+        assert!(back.stop_remote && !back.not_started);
         assert_eq!(
             back.result().unwrap_err().to_string(),
             "SSH connection to 10.0.0.1:22 was lost: reading output: reset"

@@ -64,6 +64,10 @@ pub struct StageEnd {
     pub result: Result<RunOutcome, SshError>,
     /// Stop the script's process group over a new connection.
     pub stop_remote: bool,
+    /// Nothing of the stage reached the instance but a command with no script to run: the
+    /// channel could not be opened, or its command not started. Running the stage again over
+    /// another connection is safe.
+    pub not_started: bool,
 }
 
 /// A new random name for one stage's script directory on the instance ([`script_dir`]).
@@ -188,7 +192,8 @@ pub(crate) fn run_on(
         addr: addr.clone(),
         message: format!("{what}: {}", msg(e)),
     };
-    let failed = |error| StageEnd { result: Err(error), stop_remote: false };
+    let failed = |error| StageEnd { result: Err(error), stop_remote: false, not_started: false };
+    let not_started = |error| StageEnd { result: Err(error), stop_remote: false, not_started: true };
     let dir = script_dir(token);
     let connect_timeout = Duration::from_millis(u64::from(c.session.timeout().max(100)));
     // The steps before the script runs may take longer than a connect (a large script).
@@ -199,10 +204,12 @@ pub(crate) fn run_on(
     let command = wrapper_command(&dir, script.len(), interpreter, &options.hooks);
     let mut ch = match drive(&c.session, c.fd, setup_deadline, || c.session.channel_session()) {
         Ok(ch) => ch,
-        Err(e) => return failed(lost("opening a channel", &e)),
+        Err(e) => return not_started(lost("opening a channel", &e)),
     };
+    // A wrapper started here without its script never runs one: it gets fewer bytes than it
+    // was told (none).
     if let Err(e) = step(&mut || ch.exec(&command)) {
-        return failed(lost("starting the script", &e));
+        return not_started(lost("starting the script", &e));
     }
     if let Err(e) = write_all_by(c, &mut ch, script, setup_deadline) {
         return failed(SshError::Lost { addr: addr.clone(), message: format!("uploading the script: {e}") });
@@ -356,5 +363,5 @@ pub(crate) fn run_on(
         // Its own grace loop ends by itself on the instance; closing our end is all we owe.
         let _ = k.close();
     }
-    StageEnd { result, stop_remote }
+    StageEnd { result, stop_remote, not_started: false }
 }
