@@ -306,16 +306,18 @@ fn main() {
     };
     println!("API calls per job:");
     println!(
-        "  cold cache: prepare {} ({}), cleanup {}",
+        "  cold cache: prepare {} ({}), cleanup {} ({})",
         total(&prepare_calls),
         list(&prepare_calls),
-        total(&cleanup.0)
+        total(&cleanup.0),
+        list(&cleanup.0)
     );
     println!(
-        "  warm cache: prepare {} ({}), cleanup {}",
+        "  warm cache: prepare {} ({}), cleanup {} ({})",
         total(&warm_prepare.0),
         list(&warm_prepare.0),
-        total(&warm_cleanup.0)
+        total(&warm_cleanup.0),
+        list(&warm_cleanup.0)
     );
     println!("  run: {} calls in {rounds} stages", total(&run_calls));
     println!(
