@@ -20,7 +20,12 @@ fn world(keep: bool) -> World {
 /// Live keeper processes started for `world` (their working directory is a job's state
 /// directory under the world's), by pid.
 fn keepers(world: &World) -> Vec<i32> {
-    let root = world.dir.path().display().to_string();
+    keepers_under(world.dir.path())
+}
+
+/// Keeper processes whose working directory is under `root`.
+fn keepers_under(root: &Path) -> Vec<i32> {
+    let root = root.display().to_string();
     let mut out = Vec::new();
     for entry in fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
@@ -43,6 +48,13 @@ fn assert_no_keeper(world: &World) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(keepers(world), Vec::<i32>::new(), "keeper processes left");
+}
+
+/// Runs `cleanup`, which must pass, and checks that neither a keeper nor an instance is left.
+fn cleaned_up(w: &World, attempt: &Attempt) {
+    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
+    assert_no_keeper(w);
+    w.assert_nothing_left();
 }
 
 /// Live processes whose command line contains `needle` (a job's `sleep` with a unique length).
@@ -110,9 +122,7 @@ fn stages_share_one_kept_session_and_the_keeper_ends_with_the_job() {
     assert!(conns.iter().all(|c| *c == conns[0]), "one session for every stage: {conns:?}");
     assert!(!attempt.log.text().contains("could not keep an SSH session"), "{}", attempt.log.text());
 
-    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 #[test]
@@ -136,10 +146,7 @@ fn a_keeper_killed_between_stages_is_replaced_by_direct_connections() {
     let w = world(true);
     let attempt = prepared(&w, "3103");
     assert!(attempt.run_stage("get_sources", SHOW_CONNECTION).unwrap().success());
-    for pid in keepers(&w) {
-        // SAFETY: plain syscall on a keeper of this test.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    assert!(kill_keepers_under(w.dir.path()));
     assert_no_keeper(&w);
     assert!(job_dir(&w).join("keeper.sock").exists(), "a killed keeper leaves its socket behind");
     for stage in ["build_script", "after_script"] {
@@ -161,10 +168,7 @@ fn a_keeper_killed_mid_stage_loses_no_output_and_leaves_nothing_running() {
         "for i in $(seq 1 300); do echo \"line-$i\"; done\necho all-written\nsleep 3104.5\necho NEVER";
     let running = attempt.start_stage("build_script", script).unwrap();
     assert!(attempt.log.wait_for("all-written", Duration::from_secs(30)), "{}", attempt.log.text());
-    for pid in keepers(&w) {
-        // SAFETY: plain syscall on a keeper of this test.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+    assert!(kill_keepers_under(w.dir.path()));
     let exit = running.wait().unwrap();
     let log = attempt.log.text();
     assert_eq!(exit, Exit::Code(2), "a system failure, as for any lost connection: {log}");
@@ -179,9 +183,7 @@ fn a_keeper_killed_mid_stage_loses_no_output_and_leaves_nothing_running() {
         "{log}"
     );
     assert_eq!(processes_with("sleep 3104.5"), Vec::<String>::new(), "the stage's processes were stopped");
-    assert!(attempt.cleanup().unwrap().success());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 #[test]
@@ -197,9 +199,7 @@ fn a_cancelled_stage_over_the_keeper_stops_its_processes_and_the_keeper_serves_o
     assert_eq!(processes_with("sleep 3105.5"), Vec::<String>::new());
     assert_eq!(keepers(&w).len(), 1, "the keeper still serves the job");
     assert!(attempt.run_stage("after_script", SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
-    assert!(attempt.cleanup().unwrap().success());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 #[test]
@@ -216,9 +216,7 @@ fn a_run_killed_mid_stage_counts_as_a_cancel_for_the_keeper() {
     }
     assert_eq!(processes_with("sleep 3106.5"), Vec::<String>::new(), "the keeper stopped the orphaned stage");
     assert!(attempt.run_stage("after_script", "echo after").unwrap().success(), "{}", attempt.log.text());
-    assert!(attempt.cleanup().unwrap().success());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 #[test]
@@ -340,9 +338,7 @@ fn a_kept_session_that_stalled_unnoticed_starts_nothing_and_the_stage_connects_o
     let log = attempt.log.text();
     assert!(exit.success(), "{log}");
     assert_eq!(log.lines().filter(|l| *l == "ran-once").count(), 1, "{log}");
-    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 #[test]
@@ -361,9 +357,7 @@ fn a_socket_others_could_use_is_not_trusted_and_stages_go_direct() {
         )),
         "{log}"
     );
-    assert!(attempt.cleanup().unwrap().success());
-    assert_no_keeper(&w);
-    w.assert_nothing_left();
+    cleaned_up(&w, &attempt);
 }
 
 /// Kills the keeper at a random moment of a job's stages, job after job: every job either
@@ -414,17 +408,10 @@ fn chaos_keepers_killed_at_random_moments() {
 
 /// SIGKILLs every keeper whose working directory is under `root`; whether there was one.
 fn kill_keepers_under(root: &Path) -> bool {
-    let root = root.display().to_string();
-    let mut any = false;
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = fs::read(entry.path().join("cmdline")) else { continue };
-        let cwd = fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-        if cmd.ends_with(b"\0keep-session\0") && cwd.display().to_string().starts_with(&root) {
-            // SAFETY: plain syscall on a keeper of this test.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            any = true;
-        }
+    let pids = keepers_under(root);
+    for &pid in &pids {
+        // SAFETY: plain syscall on a keeper of this test.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    any
+    !pids.is_empty()
 }

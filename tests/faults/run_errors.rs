@@ -60,17 +60,19 @@ fn a_type_or_zone_condition_moves_to_the_next_offer() {
     bed.finish();
 }
 
-#[test]
-fn an_account_problem_stops_at_the_first_offer_with_one_line() {
-    let _seed = Seed::new("run-error-stop");
+/// Prepares a job whose every `RunInstances` fails with `code` (a `stop` class), checks that
+/// prepare stops at the first offer as a system failure with one error line, cleans up, and
+/// returns that line and the one `RunInstances` the emulator saw.
+fn prepare_stopped_by(code: &str, seed: &'static str, job_id: &str) -> (String, Value) {
+    let spec = format!("*@*={code}");
+    // The check of `--run-error` and `POST /_emulator/faults`.
+    assert_eq!(Faults { run_error: vec![spec.clone()], ..Faults::default() }.validate(), Ok(()));
+    let _seed = Seed::new(seed);
     let bed = Bed::start(BedOptions {
-        faults: Faults {
-            run_error: vec!["*@*=InvalidAccountStatus.NotEnoughBalance".into()],
-            ..Faults::default()
-        },
+        faults: Faults { run_error: vec![spec], ..Faults::default() },
         ..BedOptions::default()
     });
-    let job = bed.job("3802", "echo NEVER-RUNS");
+    let job = bed.job(job_id, "echo NEVER-RUNS");
     let mut attempt = bed.attempt(&job);
     assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
     let prepare = attempt.prepare().unwrap();
@@ -80,17 +82,23 @@ fn an_account_problem_stops_at_the_first_offer_with_one_line() {
     assert_eq!(errors.len(), 1, "one clear line:\n{log}");
     let runs = run_instances_requests(&bed);
     assert_eq!(runs.len(), 1, "no walk through every offer: {runs:#?}");
-    let request_id = runs[0]["request_id"].as_str().unwrap_or_default().to_string();
-    assert!(
-        errors[0].ends_with(&format!(
-            "creating the instance failed: ECS `RunInstances` failed: InvalidAccountStatus.NotEnoughBalance: Your account does not have enough balance. (RequestId: {request_id}); top up the Aliyun account (it has too little balance or an outstanding payment)"
-        )),
-        "{log}"
-    );
     assert!(!log.contains("trying the next offer"), "{log}");
     assert!(bed.emu().instances().is_empty());
     assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
     bed.finish();
+    (errors[0].to_string(), runs[0].clone())
+}
+
+#[test]
+fn an_account_problem_stops_at_the_first_offer_with_one_line() {
+    let (line, run) = prepare_stopped_by("InvalidAccountStatus.NotEnoughBalance", "run-error-stop", "3802");
+    let request_id = run["request_id"].as_str().unwrap_or_default();
+    assert!(
+        line.ends_with(&format!(
+            "creating the instance failed: ECS `RunInstances` failed: InvalidAccountStatus.NotEnoughBalance: Your account does not have enough balance. (RequestId: {request_id}); top up the Aliyun account (it has too little balance or an outstanding payment)"
+        )),
+        "{line}"
+    );
 }
 
 #[test]
@@ -99,38 +107,17 @@ fn a_public_ip_stock_out_stops_with_the_published_answer() {
     // provenance and class in tests/data/runinstances-errors.tsv): the public IP stock of the
     // region or billing method, which no other offer changes.
     let code = "InvalidOperation.PublicIpAddressNoStock";
-    let spec = format!("*@*={code}");
-    // The check of `--run-error` and `POST /_emulator/faults`.
-    assert_eq!(Faults { run_error: vec![spec.clone()], ..Faults::default() }.validate(), Ok(()));
-    let _seed = Seed::new("run-error-public-ip");
-    let bed = Bed::start(BedOptions {
-        faults: Faults { run_error: vec![spec], ..Faults::default() },
-        ..BedOptions::default()
-    });
-    let job = bed.job("3805", "echo NEVER-RUNS");
-    let mut attempt = bed.attempt(&job);
-    assert!(attempt.config().unwrap().0.success(), "{}", attempt.log.text());
-    let prepare = attempt.prepare().unwrap();
-    let log = attempt.log.text();
-    assert_eq!(prepare, Exit::Code(2), "a system failure:\n{log}");
-    let errors = error_lines(&log);
-    assert_eq!(errors.len(), 1, "one clear line:\n{log}");
-    let runs = run_instances_requests(&bed);
-    assert_eq!(runs.len(), 1, "no walk through every offer: {runs:#?}");
-    assert_eq!((runs[0]["status"].as_u64(), runs[0]["code"].as_str()), (Some(403), Some(code)));
-    let request_id = runs[0]["request_id"].as_str().unwrap_or_default();
+    let (line, run) = prepare_stopped_by(code, "run-error-public-ip", "3805");
+    assert_eq!((run["status"].as_u64(), run["code"].as_str()), (Some(403), Some(code)));
+    let request_id = run["request_id"].as_str().unwrap_or_default();
     assert!(
-        errors[0].contains(&format!(
+        line.contains(&format!(
             "creating the instance failed: ECS `RunInstances` failed: {code}: The public IP address for the \
              specified Region or ChargeType of the instance is out of stock. Please try another Region or ChargeType. \
              (RequestId: {request_id}); "
         )),
-        "{log}"
+        "{line}"
     );
-    assert!(!log.contains("trying the next offer"), "{log}");
-    assert!(bed.emu().instances().is_empty());
-    assert!(attempt.cleanup().unwrap().success(), "{}", attempt.runner_log.text());
-    bed.finish();
 }
 
 #[test]
