@@ -21,7 +21,7 @@ use crate::ssh::{Health, Keepalive, KeptSession, RunOptions, SshError, SshTarget
 /// Longest wait between two looks at the state directory, the socket and the session.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Runs the keeper: reads its [`StartRequest`] on stdin, opens the session, says `ready` on
+/// Runs the keeper: reads its settings (`StartRequest`) on stdin, opens the session, says `ready` on
 /// stdout, and serves stages until one of the reasons to exit (see [`super`]). Returns why it
 /// exited; it also writes that to stderr (the keeper's log).
 pub fn serve() -> anyhow::Result<()> {

@@ -70,7 +70,7 @@ pub struct StageEnd {
     pub not_started: bool,
 }
 
-/// A new random name for one stage's script directory on the instance ([`script_dir`]).
+/// A new random name for one stage's script directory on the instance.
 pub fn new_script_token() -> u128 {
     rand::random::<u128>()
 }
