@@ -58,6 +58,11 @@ impl Bed {
 
     /// A preparation attempt of job `job_id` whose script is `true`.
     pub fn attempt(&self, job_id: &str) -> Attempt {
+        self.attempt_with(job_id, &[])
+    }
+
+    /// [`Bed::attempt`] with more variables in gitlab-runner's own environment (e.g. `RUST_LOG`).
+    pub fn attempt_with(&self, job_id: &str, vars: &[(&str, &str)]) -> Attempt {
         let builds = self.dir.path().join("builds").display().to_string();
         let job = Job::new(100, job_id.parse().expect("a numeric job id"), &builds, "true");
         let mut env = BTreeMap::new();
@@ -66,6 +71,7 @@ impl Bed {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         );
         env.insert("HOME".to_string(), self.dir.path().display().to_string());
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Attempt::new(self.executables(), env, &job).expect("job directory")
     }
 }

@@ -421,6 +421,7 @@ fn wait_until_ready(
             "prepare was terminated (SIGTERM) while waiting for SSH on {id}"
         )));
     }
+    log::debug!("SSH answered on {id}");
     crate::sts::hand_over_at_prepare(ctx, &target, id);
     state.phase = Phase::Ready;
     state.ready_at = Some(OffsetDateTime::now_utc());
