@@ -187,6 +187,46 @@ fn a_keeper_killed_mid_stage_loses_no_output_and_leaves_nothing_running() {
 }
 
 #[test]
+fn a_stage_quiet_for_longer_than_the_heartbeat_limit_is_not_taken_for_a_hung_keeper() {
+    let w = world(true);
+    let attempt = prepared(&w, "3113");
+    assert!(attempt.run_stage("get_sources", SHOW_CONNECTION).unwrap().success(), "{}", attempt.log.text());
+    // Nothing on stdout or stderr for longer than `HEARTBEAT_LIMIT` (10 s): the keeper's
+    // heartbeats keep `run` waiting.
+    let body = format!("sleep 11\n{SHOW_CONNECTION}");
+    assert!(attempt.run_stage("build_script", &body).unwrap().success(), "{}", attempt.log.text());
+    let conns = connections(&attempt.log.text());
+    assert_eq!(conns.len(), 2, "{}", attempt.log.text());
+    assert_eq!(conns[0], conns[1], "both over the kept session");
+    cleaned_up(&w, &attempt);
+}
+
+#[test]
+fn a_keeper_that_hangs_mid_stage_is_killed_and_the_stage_ends_as_a_lost_connection() {
+    let w = world(true);
+    let attempt = prepared(&w, "3112");
+    let running = attempt.start_stage("build_script", "echo started\nsleep 3112.5\necho NEVER").unwrap();
+    assert!(attempt.log.wait_for("started", Duration::from_secs(30)), "{}", attempt.log.text());
+    let pids = keepers(&w);
+    assert_eq!(pids.len(), 1);
+    // SAFETY: plain syscall on this test's keeper.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    let exit = running.wait().unwrap();
+    let log = attempt.log.text();
+    assert_eq!(exit, Exit::Code(2), "{log}");
+    assert!(
+        log.contains(
+            "the session keeper stopped answering during the stage; stopped the script's processes over a new connection"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("NEVER"), "{log}");
+    assert_eq!(processes_with("sleep 3112.5"), Vec::<String>::new());
+    assert_eq!(keepers(&w), Vec::<i32>::new(), "run killed the hung keeper");
+    cleaned_up(&w, &attempt);
+}
+
+#[test]
 fn a_cancelled_stage_over_the_keeper_stops_its_processes_and_the_keeper_serves_on() {
     let w = world(true);
     let attempt = prepared(&w, "3105");

@@ -59,13 +59,24 @@ pub fn run_stage(
     wire::write_frame(&mut s, wire::SCRIPT, script).ok()?;
     // Until the keeper accepts, nothing has run, and a keeper that is gone (or busy) means
     // "connect directly".
-    match read_within(&mut s, cancel, None) {
+    let keeper = super::peer_cred(&s).map(|c| c.pid).unwrap_or(0);
+    let accept_by = Instant::now() + t.connect_timeout + Duration::from_secs(10);
+    match read_within(&mut s, Some(cancel), accept_by) {
         Read::Frame(wire::ACCEPTED, _) => {}
         Read::Cancelled => return Some(Ok(RunOutcome { exit_status: None, signal: None, cancelled: true })),
+        Read::TimedOut => {
+            // A hung keeper: once it is dead, what it said before tells whether it started.
+            log::warn!("the session keeper of this job does not answer; stopping it");
+            stop_hung(keeper);
+            match read_within(&mut s, None, Instant::now() + Duration::from_secs(5)) {
+                Read::Frame(wire::ACCEPTED, _) => {}
+                _ => return None,
+            }
+        }
         _ => return None,
     }
     log::debug!("stage over the kept session to {}", t.addr());
-    let end = relay(&mut s, t, stdout, stderr, cancel);
+    let end = relay(&mut s, keeper, t, stdout, stderr, cancel);
     if end.not_started {
         // The kept session had died unnoticed: nothing ran, so a connection of our own may.
         log::debug!("the kept session could not start the stage: {:?}", end.result);
@@ -83,26 +94,21 @@ enum Read {
     TimedOut,
 }
 
-/// Waits for the next frame, waking for `cancel` (a signal interrupts the wait); with
-/// `cancel` already sent, pass `until` to bound the wait instead.
-fn read_within(s: &mut UnixStream, cancel: &AtomicBool, until: Option<Instant>) -> Read {
+/// Waits for the next frame until `until`, waking for `cancel` when given (a signal interrupts
+/// the wait).
+fn read_within(s: &mut UnixStream, cancel: Option<&AtomicBool>, until: Instant) -> Read {
     loop {
-        if until.is_none() && cancel.load(Ordering::SeqCst) {
+        if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
             return Read::Cancelled;
         }
-        let wait = match until {
-            Some(u) => {
-                let left = u.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Read::TimedOut;
-                }
-                left.min(Duration::from_millis(500))
-            }
-            None => Duration::from_millis(500),
-        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Read::TimedOut;
+        }
+        let wait = left.min(Duration::from_millis(500));
         let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd; poll only writes its `revents`.
-        let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+        let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis().max(1) as libc::c_int) };
         if ready <= 0 {
             continue;
         }
@@ -113,43 +119,74 @@ fn read_within(s: &mut UnixStream, cancel: &AtomicBool, until: Option<Instant>) 
     }
 }
 
+/// Kills a keeper that stopped answering (its pid from `SO_PEERCRED`, a process of this user),
+/// so that it can neither go on with the stage nor outlive the job.
+fn stop_hung(pid: libc::pid_t) {
+    if pid > 0 {
+        // SAFETY: plain syscall; the pid is the live peer of our connection.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
 /// Relays the stage's output until the keeper's report, sending a cancel when `cancel` is set.
+///
+/// The keeper says when the script starts and then sends a heartbeat every
+/// [`wire::HEARTBEAT_INTERVAL`]; silence past [`wire::HEARTBEAT_LIMIT`] (before the start: past
+/// its own bound on storing the script) means it hangs, and it is killed: the stage then ends as
+/// with a keeper that died, after what it had sent is relayed.
 fn relay(
     s: &mut UnixStream,
+    keeper: libc::pid_t,
     t: &SshTarget,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
     cancel: &AtomicBool,
 ) -> StageEnd {
+    let setup_limit = t.connect_timeout.max(Duration::from_secs(30)) + Duration::from_secs(10);
+    let mut started = false;
+    let mut last = Instant::now();
+    let mut hung = false;
     let mut give_up_at: Option<Instant> = None;
     let mut local_error: Option<SshError> = None;
+    let lost = |message: &str| StageEnd {
+        result: Err(SshError::Lost { addr: t.addr(), message: message.into() }),
+        stop_remote: true,
+        not_started: false,
+    };
     loop {
-        let frame = match read_within(s, cancel, give_up_at) {
+        let alive_until = last + if started || hung { wire::HEARTBEAT_LIMIT } else { setup_limit };
+        let until = give_up_at.map_or(alive_until, |g| g.min(alive_until));
+        let asking = if give_up_at.is_none() { Some(cancel) } else { None };
+        let frame = match read_within(s, asking, until) {
             Read::Cancelled => {
                 let _ = wire::write_frame(s, wire::CANCEL, b"");
                 give_up_at = Some(Instant::now() + t.connect_timeout + CANCEL_REPORT_MARGIN);
                 continue;
             }
-            Read::TimedOut => {
+            Read::TimedOut if give_up_at.is_some_and(|g| Instant::now() >= g) => {
                 return StageEnd {
                     result: Ok(RunOutcome { exit_status: None, signal: None, cancelled: true }),
                     stop_remote: true,
                     not_started: false,
                 }
             }
-            Read::Gone => {
-                return StageEnd {
-                    result: Err(SshError::Lost {
-                        addr: t.addr(),
-                        message: "the session keeper stopped during the stage".into(),
-                    }),
-                    stop_remote: true,
-                    not_started: false,
-                }
+            Read::TimedOut if hung => return lost("the session keeper stopped answering during the stage"),
+            Read::TimedOut => {
+                log::warn!("the session keeper of this job does not answer; stopping it");
+                stop_hung(keeper);
+                hung = true;
+                last = Instant::now();
+                continue;
             }
-            Read::Frame(kind, payload) => (kind, payload),
+            Read::Gone if hung => return lost("the session keeper stopped answering during the stage"),
+            Read::Gone => return lost("the session keeper stopped during the stage"),
+            Read::Frame(kind, payload) => {
+                last = Instant::now();
+                (kind, payload)
+            }
         };
         match frame {
+            (wire::STARTED, _) => started = true,
             (wire::STDOUT, data) => deliver(stdout, &data, t, &mut local_error, s),
             (wire::STDERR, data) => deliver(stderr, &data, t, &mut local_error, s),
             (wire::DONE, json) => {

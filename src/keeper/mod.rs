@@ -14,6 +14,8 @@
 //!   before that has run nothing, so `run` goes direct. One that dies after it has been told
 //!   the script's directory by `run`, which stops the script over a connection of its own and
 //!   fails the stage as a lost connection (a system failure, which gitlab-runner may retry).
+//!   A keeper that hangs instead (no heartbeat, [`wire::HEARTBEAT_LIMIT`]) is killed by `run`
+//!   and counts as dead.
 //! - It never outlives its job: it exits when `cleanup` asks, when the session is closed or the
 //!   server stops answering keepalives (the instance is gone), after [`IDLE_TIMEOUT`] without a
 //!   stage, when the state directory or its socket is removed or replaced, and on SIGTERM,
@@ -191,8 +193,8 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The user id of the process at the other end of `s` (`SO_PEERCRED`).
-fn peer_uid(s: &impl AsRawFd) -> io::Result<u32> {
+/// The process and user ids at the other end of `s` (`SO_PEERCRED`).
+fn peer_cred(s: &impl AsRawFd) -> io::Result<libc::ucred> {
     let mut cred = libc::ucred { pid: 0, uid: u32::MAX, gid: u32::MAX };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
@@ -208,12 +210,12 @@ fn peer_uid(s: &impl AsRawFd) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 /// Whether the process at the other end of `s` runs as this user.
 fn peer_is_us(s: &impl AsRawFd) -> bool {
-    peer_uid(s).is_ok_and(|uid| uid == euid())
+    peer_cred(s).is_ok_and(|c| c.uid == euid())
 }
 
 /// Connects to the keeper of `job_dir`. `Ok(None)` when there is none to connect to (no

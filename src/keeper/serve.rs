@@ -210,6 +210,7 @@ impl Keeper {
             terminated: &self.terminated,
             cancel: false,
             stop: false,
+            beat: None,
         };
         let mut out = FrameWriter { inner: &s, kind: wire::STDOUT };
         let mut err = FrameWriter { inner: &s, kind: wire::STDERR };
@@ -261,6 +262,16 @@ struct Relay<'a> {
     terminated: &'a AtomicBool,
     cancel: bool,
     stop: bool,
+    /// When the last heartbeat went out, once the script runs.
+    beat: Option<Instant>,
+}
+
+impl Relay<'_> {
+    /// Tells `run` something; a `run` that is gone is noticed by [`StageControl::cancelled`].
+    fn say(&mut self, kind: u8) {
+        let _ = wire::write_frame(&mut &*self.client, kind, b"");
+        self.beat = Some(Instant::now());
+    }
 }
 
 impl StageControl for Relay<'_> {
@@ -303,6 +314,16 @@ impl StageControl for Relay<'_> {
             }
         }
         self.cancel
+    }
+
+    fn started(&mut self) {
+        self.say(wire::STARTED);
+    }
+
+    fn tick(&mut self) {
+        if self.beat.is_some_and(|b| b.elapsed() >= wire::HEARTBEAT_INTERVAL) {
+            self.say(wire::HEARTBEAT);
+        }
     }
 
     fn wake_fds(&self) -> Vec<std::os::fd::RawFd> {

@@ -5,7 +5,9 @@
 //! keeper answers `ACCEPTED` just before it opens the channel, relays `STDOUT` / `STDERR` as the
 //! script writes, and ends with `DONE` (a [`StageReport`]). Anything `run` sends after the
 //! request means "cancel" (it sends `CANCEL`), and so does `run` going away. `cleanup` sends
-//! `STOP`. A keeper already running a stage answers a second `RUN` with `BUSY`.
+//! `STOP`. A keeper already running a stage answers a second `RUN` with `BUSY`. Once the
+//! script runs (`STARTED`), the keeper sends a `HEARTBEAT` every [`HEARTBEAT_INTERVAL`], so that
+//! `run` can tell a hung keeper from a quiet script.
 
 use std::io::{self, Read, Write};
 
@@ -31,6 +33,15 @@ pub const STDERR: u8 = b'E';
 pub const DONE: u8 = b'D';
 /// keeper → `run`: another stage is running; connect directly.
 pub const BUSY: u8 = b'B';
+/// keeper → `run`: the script is stored whole and runs.
+pub const STARTED: u8 = b'T';
+/// keeper → `run`: still here ([`HEARTBEAT_INTERVAL`] apart while a script runs).
+pub const HEARTBEAT: u8 = b'H';
+
+/// How often the keeper says it is still there while a script runs.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Silence from the keeper after which `run` takes it for hung, once the script has started.
+pub const HEARTBEAT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest frame accepted: a stage script of gitlab-runner's can be megabytes (every job
 /// variable is in it), never this much.

@@ -46,6 +46,10 @@ pub trait StageControl {
     fn wake_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }
+    /// The script is stored whole and starts now.
+    fn started(&mut self) {}
+    /// Called on every turn of the loop (at least every half second while the script runs).
+    fn tick(&mut self) {}
 }
 
 impl StageControl for &AtomicBool {
@@ -270,6 +274,7 @@ pub(crate) fn run_on(
                 // The first output is the wrapper's [`STORED`]: the script runs from here on,
                 // and what came on stderr before it is the script's too.
                 stored = true;
+                control.started();
                 data = data.strip_prefix(&[STORED]).unwrap_or(data);
                 if let Err(e) = deliver(stderr, &held_err, &addr) {
                     break Err(e);
@@ -353,6 +358,7 @@ pub(crate) fn run_on(
         if let Some(g) = give_up_at {
             wait = wait.min(g.saturating_duration_since(Instant::now()));
         }
+        control.tick();
         wait_socket_or(&c.session, c.fd, &control.wake_fds(), wait.max(Duration::from_millis(1)));
     };
     if stored && matches!(result, Err(SshError::Io { .. })) {
