@@ -381,6 +381,42 @@ fn a_kept_session_that_stalled_unnoticed_starts_nothing_and_the_stage_connects_o
     cleaned_up(&w, &attempt);
 }
 
+/// A keeper stopped (SIGSTOP) between stages, then a stage with a script of `size` bytes: `run`
+/// must kill the keeper and run the stage once over its own connection.
+fn hung_keeper_between_stages(job_id: &str, size: usize) {
+    let w = World::with(
+        Faults::default(),
+        &[
+            ("ssh", "keep_session", toml::Value::Boolean(true)),
+            ("ssh", "connect_timeout", toml::Value::String("1s".into())),
+        ],
+    );
+    let attempt = prepared(&w, job_id);
+    let pids = keepers(&w);
+    assert_eq!(pids.len(), 1);
+    // SAFETY: plain syscall on this test's keeper.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    let body = format!(": '{}'\necho ran-once", "x".repeat(size));
+    assert!(attempt.run_stage("build_script", &body).unwrap().success(), "{}", attempt.log.text());
+    let log = attempt.log.text();
+    assert_eq!(log.lines().filter(|l| *l == "ran-once").count(), 1, "{log}");
+    assert!(log.contains("the session keeper of this job does not answer; stopping it"), "{log}");
+    assert_eq!(keepers(&w), Vec::<i32>::new(), "run killed the hung keeper");
+    cleaned_up(&w, &attempt);
+}
+
+#[test]
+fn a_keeper_that_hangs_between_stages_is_killed_and_the_stage_connects_on_its_own() {
+    // The request fits in the socket's buffer: `run` waits for the keeper to accept it.
+    hung_keeper_between_stages("3114", 10);
+}
+
+#[test]
+fn a_keeper_that_hangs_while_a_large_script_is_sent_is_killed_and_the_stage_connects_on_its_own() {
+    // Larger than the socket's buffer: sending it waits for the keeper too.
+    hung_keeper_between_stages("3115", 1 << 20);
+}
+
 #[test]
 fn a_socket_others_could_use_is_not_trusted_and_stages_go_direct() {
     let w = world(true);

@@ -55,12 +55,22 @@ pub fn run_stage(
         keepalive_count_max: options.keepalive.count_max,
     };
     let json = serde_json::to_vec(&request).ok()?;
-    wire::write_frame(&mut s, wire::RUN, &json).ok()?;
-    wire::write_frame(&mut s, wire::SCRIPT, script).ok()?;
     // Until the keeper accepts, nothing has run, and a keeper that is gone (or busy) means
-    // "connect directly".
+    // "connect directly". One that does not read the request in time hangs: it has accepted
+    // nothing, and once killed it never will.
     let keeper = super::peer_cred(&s).map(|c| c.pid).unwrap_or(0);
     let accept_by = Instant::now() + t.connect_timeout + Duration::from_secs(10);
+    let _ = s.set_write_timeout(Some(accept_by.saturating_duration_since(Instant::now())));
+    let sent = wire::write_frame(&mut s, wire::RUN, &json)
+        .and_then(|()| wire::write_frame(&mut s, wire::SCRIPT, script));
+    if let Err(e) = sent {
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            log::warn!("the session keeper of this job does not answer; stopping it");
+            stop_hung(keeper);
+        }
+        return None;
+    }
+    let _ = s.set_write_timeout(None);
     match read_within(&mut s, Some(cancel), accept_by) {
         Read::Frame(wire::ACCEPTED, _) => {}
         Read::Cancelled => return Some(Ok(RunOutcome { exit_status: None, signal: None, cancelled: true })),
