@@ -141,8 +141,9 @@ fn stop_hung(pid: libc::pid_t) {
 /// Relays the stage's output until the keeper's report, sending a cancel when `cancel` is set.
 ///
 /// The keeper says when the script starts and then sends a heartbeat every
-/// [`wire::HEARTBEAT_INTERVAL`]; silence past [`wire::HEARTBEAT_LIMIT`] (before the start: past
-/// its own bound on storing the script) means it hangs, and it is killed: the stage then ends as
+/// [`wire::HEARTBEAT_INTERVAL`]; silence past [`wire::HEARTBEAT_LIMIT`] (or the connect timeout
+/// and 5 s, when longer; before the start: past its own bound on storing the script) means it
+/// hangs, and it is killed: the stage then ends as
 /// with a keeper that died, after what it had sent is relayed.
 fn relay(
     s: &mut UnixStream,
@@ -153,6 +154,9 @@ fn relay(
     cancel: &AtomicBool,
 ) -> StageEnd {
     let setup_limit = t.connect_timeout.max(Duration::from_secs(30)) + Duration::from_secs(10);
+    // Starting the canceller is the one step of a running stage that may keep the keeper from
+    // its heartbeats, for up to a connect timeout.
+    let beat_limit = wire::HEARTBEAT_LIMIT.max(t.connect_timeout + Duration::from_secs(5));
     let mut started = false;
     let mut last = Instant::now();
     let mut hung = false;
@@ -164,7 +168,7 @@ fn relay(
         not_started: false,
     };
     loop {
-        let alive_until = last + if started || hung { wire::HEARTBEAT_LIMIT } else { setup_limit };
+        let alive_until = last + if started || hung { beat_limit } else { setup_limit };
         let until = give_up_at.map_or(alive_until, |g| g.min(alive_until));
         let asking = if give_up_at.is_none() { Some(cancel) } else { None };
         let frame = match read_within(s, asking, until) {
