@@ -39,6 +39,7 @@ mod script;
 mod stage;
 pub use kept::{Health, KeptSession};
 use script::kill_command;
+pub(crate) use stage::deliver;
 pub use stage::{
     finish_over_new_connection, new_script_token, run_script, run_script_with, RunOptions, StageControl,
     StageEnd, StageHooks,

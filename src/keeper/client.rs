@@ -1,6 +1,6 @@
 //! `run`'s side of the keeper: one stage over the kept session.
 
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -242,12 +242,8 @@ fn deliver(
     if error.is_some() {
         return;
     }
-    match sink.write_all(data).and_then(|()| sink.flush()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-        Err(e) => {
-            *error = Some(SshError::Io { addr: t.addr(), message: format!("writing output: {e}") });
-            let _ = wire::write_frame(s, wire::CANCEL, b"");
-        }
+    if let Err(e) = crate::ssh::deliver(sink, data, &t.addr()) {
+        *error = Some(e);
+        let _ = wire::write_frame(s, wire::CANCEL, b"");
     }
 }

@@ -162,7 +162,7 @@ fn read_some(stream: &mut ssh2::Stream, buf: &mut [u8], addr: &str) -> Result<us
 }
 
 /// Writes `data` to `sink` and flushes it, so the job log shows it at once.
-fn deliver(sink: &mut dyn Write, data: &[u8], addr: &str) -> Result<(), SshError> {
+pub(crate) fn deliver(sink: &mut dyn Write, data: &[u8], addr: &str) -> Result<(), SshError> {
     if data.is_empty() {
         return Ok(());
     }
