@@ -491,3 +491,28 @@ fn kill_keepers_under(root: &Path) -> bool {
     }
     !pids.is_empty()
 }
+
+#[test]
+fn settings_the_keeper_cannot_read_are_refused_without_quoting_them() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    // A mistyped value where serde would quote it back ("invalid type: string …").
+    let secret = "-----BEGIN OPENSSH PRIVATE KEY----- not-to-be-printed";
+    let settings = serde_json::json!({ "job_dir": "/nonexistent", "port": secret, "private_key": secret });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aliyun-spot"))
+        .arg("keep-session")
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(settings.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "never `ready`");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "aliyun-spot: the keeper's settings on stdin are not valid (install all binaries together)\n"
+    );
+}

@@ -31,9 +31,12 @@ pub fn serve() -> anyhow::Result<()> {
     }
     let mut input = Vec::new();
     io::stdin().take(1 << 20).read_to_end(&mut input).context("cannot read the keeper's settings")?;
-    let request: StartRequest =
-        serde_json::from_slice(&input).context("the keeper's settings are not valid")?;
+    let parsed = serde_json::from_slice::<StartRequest>(&input);
     input.fill(0);
+    // Not serde's message: it may quote a value, and the settings hold the private key.
+    let Ok(request) = parsed else {
+        bail!("the keeper's settings on stdin are not valid (install all binaries together)")
+    };
     let why = match Keeper::open(request, terminated) {
         Ok(mut k) => {
             let why = k.serve();
