@@ -59,19 +59,7 @@ fn cleaned_up(w: &World, attempt: &Attempt) {
 
 /// Live processes whose command line contains `needle` (a job's `sleep` with a unique length).
 fn processes_with(needle: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let me = std::process::id().to_string();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        if entry.file_name().to_string_lossy() == me {
-            continue;
-        }
-        let Ok(raw) = fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
-            out.push(cmd);
-        }
-    }
-    out
+    crate::processes_matching(|cmd| cmd.contains(needle))
 }
 
 /// The job's state directory (the one directory under the runner's).
@@ -319,28 +307,6 @@ fn an_idle_keeper_exits_on_its_own() {
     w.assert_nothing_left();
 }
 
-/// The processes descended from `root` (not `root` itself).
-fn descendants(root: i32) -> Vec<i32> {
-    let mut parent = std::collections::HashMap::<i32, Vec<i32>>::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<i32>().ok()) {
-            parent.entry(ppid).or_default().push(pid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        for &c in parent.get(&p).into_iter().flatten() {
-            out.push(c);
-            stack.push(c);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_kept_session_that_stalled_unnoticed_starts_nothing_and_the_stage_connects_on_its_own() {
     let w = World::with(
@@ -363,7 +329,7 @@ fn a_kept_session_that_stalled_unnoticed_starts_nothing_and_the_stage_connects_o
         })
         .collect();
     assert_eq!(listener.len(), 1, "one instance, one sshd");
-    let session = descendants(listener[0]);
+    let session: Vec<i32> = crate::process_tree(listener[0] as u32)[1..].iter().map(|&p| p as i32).collect();
     assert!(!session.is_empty(), "the keeper's session is served by sshd's per-connection processes");
     // The server side of the kept session stops answering, the TCP connection stays up.
     for &p in &session {

@@ -1,7 +1,6 @@
 //! The SSH session against a real OpenSSH `sshd` on a loopback address: readiness, host-key
 //! pinning, authentication, live output, exit statuses, stdin, cancel and a dying server.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -127,31 +126,9 @@ impl Drop for Sshd {
     }
 }
 
-fn parent_map() -> HashMap<u32, Vec<u32>> {
-    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
-        // The command name is in parentheses and may contain spaces; fields follow the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if let Some(ppid) = fields.get(1).and_then(|p| p.parse::<u32>().ok()) {
-            children.entry(ppid).or_default().push(pid);
-        }
-    }
-    children
-}
-
 /// SIGKILLs `root` and every process descended from it.
 fn kill_tree(root: u32) {
-    let children = parent_map();
-    let mut stack = vec![root];
-    let mut all = Vec::new();
-    while let Some(p) = stack.pop() {
-        all.push(p);
-        stack.extend(children.get(&p).into_iter().flatten().copied());
-    }
-    for p in all {
+    for p in crate::process_tree(root) {
         // SAFETY: plain syscall on a pid we found under our own child.
         unsafe {
             libc::kill(p as libc::pid_t, libc::SIGKILL);
@@ -513,17 +490,9 @@ fn cancel_works_while_output_floods() {
 /// `root` and its descendants whose command name starts with `sshd` (the listener and the
 /// per-connection processes, not the shells they started).
 fn sshd_tree(root: u32) -> Vec<u32> {
-    let children = parent_map();
-    let mut stack = vec![root];
-    let mut found = Vec::new();
-    while let Some(p) = stack.pop() {
-        let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-        if comm.starts_with("sshd") {
-            found.push(p);
-        }
-        stack.extend(children.get(&p).into_iter().flatten().copied());
-    }
-    found
+    let is_sshd =
+        |p: &u32| fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().starts_with("sshd");
+    crate::process_tree(root).into_iter().filter(is_sshd).collect()
 }
 
 fn signal_all(pids: &[u32], sig: i32) {

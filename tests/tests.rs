@@ -81,3 +81,49 @@ pub fn emulator_run_request(
         dry_run: false,
     }
 }
+
+/// Command lines (NULs as spaces) of live processes for which `pred` holds. Zombies have an
+/// empty command line and so never match.
+pub fn processes_matching(pred: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if pred(&cmd) {
+            out.push(format!("{name}: {}", cmd.trim_end()));
+        }
+    }
+    out
+}
+
+/// Every live process's children, by parent pid (from `/proc/<pid>/stat`).
+pub fn children_by_parent() -> std::collections::HashMap<u32, Vec<u32>> {
+    let mut children: std::collections::HashMap<u32, Vec<u32>> = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The command name is in parentheses and may contain spaces; fields follow the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    children
+}
+
+/// `root` and every process descended from it, `root` first.
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let children = children_by_parent();
+    let mut stack = vec![root];
+    let mut all = Vec::new();
+    while let Some(p) = stack.pop() {
+        all.push(p);
+        stack.extend(children.get(&p).into_iter().flatten().copied());
+    }
+    all
+}

@@ -23,6 +23,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use crate::processes_matching;
+
 /// The base seed when `ALIYUN_SPOT_FAULT_SEED` is not set.
 const DEFAULT_SEED: u64 = 20_250_917;
 
@@ -228,25 +230,6 @@ fn config_with(endpoint: &str, dir: &Path, overrides: &[(&str, &str, &str)]) -> 
 fn sshds_under(work_dir: &Path) -> Vec<String> {
     let needle = work_dir.display().to_string();
     processes_matching(|cmd| cmd.contains("sshd") && cmd.contains(&needle))
-}
-
-/// Command lines (NULs as spaces) of live processes for which `pred` holds. Zombies have an
-/// empty command line and so never match.
-fn processes_matching(pred: impl Fn(&str) -> bool) -> Vec<String> {
-    let mut out = Vec::new();
-    let me = std::process::id().to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if pred(&cmd) {
-            out.push(format!("{name}: {}", cmd.trim_end()));
-        }
-    }
-    out
 }
 
 /// Waits until the process has a SIGTERM handler installed, i.e. the stage's own code runs.
