@@ -235,9 +235,13 @@ fn connect(job_dir: &Path) -> anyhow::Result<Option<UnixStream>> {
     }
     // A socket address holds at most 107 bytes; a longer path goes through the directory's
     // descriptor.
-    let dir = fs::File::open(job_dir).with_context(|| format!("cannot open `{}`", job_dir.display()))?;
-    let short = PathBuf::from(format!("/proc/self/fd/{}/{SOCKET}", dir.as_raw_fd()));
-    let address = if path.as_os_str().len() < 100 { path.clone() } else { short };
+    let dir;
+    let address = if path.as_os_str().len() < 100 {
+        path.clone()
+    } else {
+        dir = fs::File::open(job_dir).with_context(|| format!("cannot open `{}`", job_dir.display()))?;
+        PathBuf::from(format!("/proc/self/fd/{}/{SOCKET}", dir.as_raw_fd()))
+    };
     let stream = match UnixStream::connect(&address) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
